@@ -1,0 +1,94 @@
+"""alexnet-bench: each stage against the baseline a user would otherwise write, timed in the same process.
+
+Every figure is the median of `repeats` timed runs after one untimed warm-up run, and is reported with the
+ratio to the baseline measured in the same command, so machines can be compared by ratios.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .environment import report as environment_report
+
+
+def _median_rate(fn, n_images: int, repeats: int) -> float:
+    fn()  # warm-up: page cache, imports, pool start-up code paths
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return n_images / statistics.median(times)
+
+
+def naive_prep(files: list[Path], out: Path, size: int = 256, quality: int = 95) -> int:
+    """What a user writes first: decode whole, resize short side, crop, save; one process. Returns images done."""
+    done = 0
+    for f in files:
+        try:
+            im = Image.open(f).convert("RGB")
+        except (OSError, SyntaxError, ValueError):
+            continue  # the naive loop also survives bad files; it just does not report them
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.Resampling.LANCZOS)
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        buf = io.BytesIO()
+        im.crop((left, top, left + size, top + size)).save(buf, "JPEG", quality=quality)
+        (out / f"{f.stem}.jpg").write_bytes(buf.getvalue())
+        done += 1
+    return done
+
+
+def prep_rates(root: Path, repeats: int = 3, workers: int | None = None) -> dict:
+    """images/s of the naive loop, alexnet-prep with 1 worker and with `workers` (default: all cores)."""
+    from .prep import PrepConfig, run
+
+    workers = workers or len(os.sched_getaffinity(0))
+    files = sorted(p for p in (Path(root) / "train").rglob("*") if p.is_file())
+    tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
+
+    def ours(n):
+        def go():
+            shutil.rmtree(tmp / "shards", ignore_errors=True)
+            run(PrepConfig(root, tmp / "shards", ("train",), workers=n, progress=False))
+        return go
+
+    def naive():
+        shutil.rmtree(tmp / "naive", ignore_errors=True)
+        (tmp / "naive").mkdir()
+        naive_prep(files, tmp / "naive")
+
+    try:
+        rates = {"naive": _median_rate(naive, len(files), repeats),
+                 "prep_1_worker": _median_rate(ours(1), len(files), repeats),
+                 f"prep_{workers}_workers": _median_rate(ours(workers), len(files), repeats)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"images": len(files), "repeats": repeats, "workers": workers, "images_per_s": rates,
+            "ratio_to_naive": {k: v / rates["naive"] for k, v in rates.items()},
+            "ratio_all_to_1_worker": rates[f"prep_{workers}_workers"] / rates["prep_1_worker"]}
+
+
+def prep_main(root: Path, repeats: int, workers: int | None, as_json: bool) -> int:
+    result = prep_rates(root, repeats, workers)
+    result["environment"] = environment_report()
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"prep on {result['images']} files of {root} (median of {repeats} after warm-up)")
+    print(f"{'':<18}{'images/s':>10}{'x naive':>9}")
+    for k, v in result["images_per_s"].items():
+        print(f"{k:<18}{v:>10.1f}{result['ratio_to_naive'][k]:>9.2f}")
+    print(f"all workers / 1 worker: {result['ratio_all_to_1_worker']:.2f}x   "
+          f"({result['environment']['PIL']}, {os.cpu_count()} cores)")
+    return 0

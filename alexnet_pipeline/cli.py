@@ -1,0 +1,147 @@
+"""Command-line parsing only: each command builds its typed config and calls its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _splits(text: str) -> tuple[str, ...]:
+    parts = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not parts or any(p not in ("train", "val") for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected train, val or train,val; got {text!r}")
+    return parts
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG quality must be 1..100, got {value}")
+    return value
+
+
+def _print_table(rows: dict) -> None:
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+
+
+def prep_main(argv=None) -> int:
+    """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
+    p = argparse.ArgumentParser(prog="alexnet-prep", description=prep_main.__doc__.split(": ", 1)[1])
+    p.add_argument("--imagenet-root", type=Path, help="ImageNet as folders and/or the official tar archives")
+    p.add_argument("--out", type=Path, help="output directory for shards, dataset.json and stats.npz")
+    p.add_argument("--verify", type=Path, metavar="SHARDS", help="re-read a prepared directory and check it")
+    p.add_argument("--version", action="store_true", help="print versions, PIL flavour and GPUs, then exit")
+    p.add_argument("--splits", type=_splits, default=("train", "val"), help="train,val (default) or one")
+    p.add_argument("--workers", type=int, default=0, help="processes (default 0: every available core)")
+    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (default 95, as cuda-convnet2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default 0)")
+    p.add_argument("--limit-per-class", type=_positive, help="keep the first N files of each class")
+    p.add_argument("--layout", choices=("auto", "folders", "archives"), default="auto",
+                   help="which layout to read when both are present (default auto: folders first)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    a = p.parse_args(argv)
+    if a.version:
+        from .environment import report
+
+        _print_table(report())
+        return 0
+    if a.verify:
+        return _verify(a.verify)
+    if a.imagenet_root is None or a.out is None:
+        p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
+    if a.workers < 0:
+        p.error("--workers must be 0 (all cores) or more")
+
+    from . import imagenet, prep
+
+    cfg = prep.PrepConfig(a.imagenet_root, a.out, a.splits, a.workers, a.shard_size, a.quality, seed=a.seed,
+                          limit_per_class=a.limit_per_class, layout=a.layout, progress=a.progress)
+    try:
+        report = prep.run(cfg)
+    except (imagenet.LayoutError, prep.PrepError) as e:
+        print(f"alexnet-prep: error: {e}", file=sys.stderr)
+        return 2
+    _print_prep_summary(cfg, report)
+    return 0
+
+
+def _print_prep_summary(cfg, report) -> None:
+    if report.resumed and not report.processed:
+        print(f"{cfg.out}: already complete with these options; nothing to do")
+    done = ", ".join(f"{n} {s}" for s, n in report.samples.items())
+    rate = f", {report.processed / report.seconds:.0f} images/s" if report.processed else ""
+    print(f"wrote {done} samples to {cfg.out} in {report.seconds:.1f} s{rate}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} files (listed in {cfg.out}/dataset.json):")
+        for s in report.skipped[:20]:
+            print(f"  {s['source']}: {s['reason']}")
+        if len(report.skipped) > 20:
+            print(f"  ... and {len(report.skipped) - 20} more")
+
+
+def _verify(path: Path) -> int:
+    import numpy as np
+
+    from . import shards
+
+    problems = shards.verify(path)
+    if problems:
+        print(f"alexnet-prep: verify failed: {problems[0]}", file=sys.stderr)
+        for more in problems[1:10]:
+            print(f"  also: {more}", file=sys.stderr)
+        return 1
+    m = shards.load_manifest(path)
+    print(f"{path}: OK, {len(m['classes'])} classes, " +
+          ", ".join(f"{s} {e['samples']} samples in {len(e['shards'])} shards" for s, e in m["splits"].items()))
+    if (path / shards.STATS).exists():
+        with np.load(path / shards.STATS) as z:
+            np.set_printoptions(precision=3, suppress=True)
+            print(f"  mean_rgb {z['mean_rgb']}  std_rgb {z['std_rgb']}  (0-255, {int(z['n_pixels'])} pixels)")
+            print(f"  PCA eigval {z['eigval']}  eigvec columns\n{z['eigvec']}")
+    return 0
+
+
+def _not_yet(prog: str, issue: int, what: str):
+    def main(argv=None) -> int:
+        p = argparse.ArgumentParser(prog=prog, description=f"{what} (not implemented yet: issue #{issue}).")
+        p.parse_args(argv)
+        print(f"{prog}: not implemented yet (issue #{issue})", file=sys.stderr)
+        return 1
+
+    return main
+
+
+train_main = _not_yet("alexnet-train", 4, "Train AlexNet with the paper's recipe")
+eval_main = _not_yet("alexnet-eval", 4, "Top-1/top-5 error with center and ten-crop evaluation")
+
+
+def bench_main(argv=None) -> int:
+    """alexnet-bench: throughput of each stage against the baseline a user would otherwise pick, as ratios."""
+    p = argparse.ArgumentParser(prog="alexnet-bench", description=bench_main.__doc__.split(": ", 1)[1])
+    sub = p.add_subparsers(dest="stage", required=True)
+    bp = sub.add_parser("prep", help="alexnet-prep (1 and all workers) vs a naive one-process Pillow loop")
+    bp.add_argument("--imagenet-root", type=Path, default=Path("data/sample/extracted"))
+    bp.add_argument("--repeats", type=_positive, default=3)
+    bp.add_argument("--workers", type=_positive, default=None, help="the 'all workers' count (default: cores)")
+    bp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for stage, issue in (("pipeline", 3), ("train", 4)):
+        sub.add_parser(stage, help=f"not implemented yet (issue #{issue})")
+    a = p.parse_args(argv)
+    if a.stage != "prep":
+        print(f"alexnet-bench {a.stage}: not implemented yet", file=sys.stderr)
+        return 1
+    from . import bench
+
+    return bench.prep_main(a.imagenet_root, a.repeats, a.workers, a.json)

@@ -1,0 +1,308 @@
+"""Finding ImageNet images and labels in every layout users have (DESIGN.md section 3).
+
+The result of `find` is a `Source`: the sorted class list and, per split, a list of `Unit`s. A unit is a
+picklable recipe for a few hundred images (a slice of a class folder, a run of val files, one per-class tar
+inside ILSVRC2012_img_train.tar) that a worker turns into `Item`s. Archives are read in place: the outer tar
+is indexed once (headers only) and each worker seeks to its member and streams it, so nothing is extracted.
+
+Labels are indices into the sorted wnid list. The devkit's ground truth holds ILSVRC2012_IDs, which are *not*
+sorted indices; they are mapped through meta.mat's WNID column.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WNID = re.compile(r"^n\d{8}$")
+TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
+KAGGLE_CSV, KAGGLE_DATA = "LOC_val_solution.csv", Path("ILSVRC/Data/CLS-LOC")
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+FILES_PER_UNIT = 250
+
+
+class LayoutError(Exception):
+    """The tree is not ImageNet as we know it; the message says what was expected where."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate image: its sample key, label, where it came from (for reports) and its bytes."""
+
+    key: str
+    label: int
+    source: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A recipe for a group of items. kind: 'files' | 'members' (of a flat tar) | 'inner_tar' (per-class tar)."""
+
+    split: str
+    name: str
+    kind: str
+    entries: tuple = ()  # files: (path, label); members: (offset, size, member name, label)
+    archive: str = ""
+    offset: int = 0
+    size: int = 0
+    label: int = -1
+    limit: int | None = None
+    expected: int | None = None  # number of items, where known without reading
+
+    def items(self):
+        """Yield the unit's `Item`s; unreadable entries come with empty bytes (reported as bad later)."""
+        if self.kind == "files":
+            for path, label in self.entries:
+                try:
+                    data = Path(path).read_bytes()
+                except OSError as e:
+                    data = b""
+                    path = f"{path} ({e.strerror})"
+                yield Item(sample_key(path), label, str(path), data)
+        elif self.kind == "members":
+            with open(self.archive, "rb") as f:
+                for offset, size, member, label in self.entries:
+                    f.seek(offset)
+                    yield Item(sample_key(member), label, f"{self.archive}:{member}", f.read(size))
+        else:
+            yield from self._inner_tar_items()
+
+    def _inner_tar_items(self):
+        with open(self.archive, "rb") as f:
+            f.seek(self.offset)
+            window = _Window(f, self.size)
+            where = f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
+            with tarfile.open(fileobj=window, mode="r|") as inner:
+                members = ((m.name, inner.extractfile(m).read()) for m in inner if m.isfile())
+                if self.limit is not None:  # same rule as folders: the first N names in sorted order
+                    members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
+                for name, data in members:
+                    yield Item(sample_key(name), self.label, f"{where}/{name}", data)
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `size` bytes of an open file from its current position (a tar member)."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.f.readinto(memoryview(b)[: min(len(b), self.left)])
+        self.left -= n
+        return n
+
+
+@dataclass
+class Source:
+    """What `find` found: classes (sorted wnids), units per split, and a description of the layout."""
+
+    root: Path
+    classes: list[str]
+    units: dict[str, list[Unit]] = field(default_factory=dict)
+    layout: dict[str, str] = field(default_factory=dict)
+
+
+def sample_key(name) -> str:
+    """The sample key of a file: its base name up to the first dot (keys must not contain dots)."""
+    return Path(str(name)).name.split(".", 1)[0]
+
+
+def find(root, splits=("train", "val"), layout: str = "auto", limit_per_class: int | None = None) -> Source:
+    """Find classes and images for `splits` under `root`; `layout` is 'auto', 'folders' or 'archives'."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LayoutError(f"{root}: not a directory")
+    data = root / KAGGLE_DATA if (root / KAGGLE_DATA).is_dir() else root  # Kaggle nests the folders
+    use_folders, use_archives = layout in ("auto", "folders"), layout in ("auto", "archives")
+
+    train_dir = data / "train"
+    train_tar = root / TRAIN_TAR
+    classes = None
+    if use_folders and _wnid_dirs(train_dir):
+        classes, train_kind = _wnid_dirs(train_dir), "folders"
+    elif use_archives and train_tar.is_file():
+        inner = _tar_index(train_tar)
+        classes, train_kind = sorted(n.split(".")[0] for n in inner if n.endswith(".tar")), "archives"
+        _check_wnids(classes, train_tar)
+    elif use_folders and _wnid_dirs(data / "val"):
+        classes, train_kind = _wnid_dirs(data / "val"), None
+    if not classes:
+        classes, train_kind = _devkit_classes(root, data), None
+    if not classes:
+        raise LayoutError(
+            f"{root}: no ImageNet classes found. Expected train/<wnid>/ folders, {TRAIN_TAR}, val/<wnid>/ "
+            f"folders or a devkit ({DEVKIT}/ or {DEVKIT}.tar.gz)" + ("" if layout == "auto" else
+                                                                      f" in the '{layout}' layout"))
+    source = Source(root, classes)
+    index = {w: i for i, w in enumerate(classes)}
+
+    for split in splits:
+        if split == "train":
+            if train_kind == "folders":
+                source.units["train"] = _folder_units("train", train_dir, classes, limit_per_class)
+                source.layout["train"] = f"folders ({train_dir})"
+            elif train_kind == "archives":
+                source.units["train"] = [
+                    Unit("train", f"train/{w}", "inner_tar", archive=str(train_tar), offset=inner[w + ".tar"][0],
+                         size=inner[w + ".tar"][1], label=index[w], limit=limit_per_class) for w in classes]
+                source.layout["train"] = f"archive ({train_tar})"
+            else:
+                raise LayoutError(f"{root}: no training images (train/<wnid>/ folders or {TRAIN_TAR})")
+        elif split == "val":
+            source.units["val"], source.layout["val"] = _val_units(root, data, index, use_folders,
+                                                                   use_archives, limit_per_class)
+        else:
+            raise LayoutError(f"unknown split {split!r} (expected train or val)")
+    return source
+
+
+def _wnid_dirs(d: Path) -> list[str]:
+    if not d.is_dir():
+        return []
+    subdirs = sorted(p.name for p in d.iterdir() if p.is_dir())
+    wnids = [s for s in subdirs if WNID.match(s)]
+    if wnids and len(wnids) != len(subdirs):
+        others = [s for s in subdirs if not WNID.match(s)]
+        raise LayoutError(f"{d}: folders that are not wnids (like n01440764): {', '.join(others[:5])}")
+    return wnids
+
+
+def _check_wnids(names, where):
+    bad = [n for n in names if not WNID.match(n)]
+    if bad:
+        raise LayoutError(f"{where}: names that are not wnids (like n01440764): {', '.join(bad[:5])}")
+
+
+def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) for the regular files of a tar, reading headers only."""
+    try:
+        with tarfile.open(path, "r:") as tf:
+            return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+    except tarfile.TarError as e:
+        raise LayoutError(f"{path}: not a readable tar archive ({e})") from None
+
+
+def _limited(paths, limit):
+    return paths if limit is None else paths[:limit]
+
+
+def _chunks(entries, n=FILES_PER_UNIT):
+    return [tuple(entries[i:i + n]) for i in range(0, len(entries), n)]
+
+
+def _folder_units(split, top: Path, classes, limit) -> list[Unit]:
+    units = []
+    for label, wnid in enumerate(classes):
+        d = top / wnid
+        files = _limited(sorted(p for p in d.iterdir() if p.is_file()), limit) if d.is_dir() else []
+        for part, chunk in enumerate(_chunks([(str(p), label) for p in files])):
+            units.append(Unit(split, f"{split}/{wnid}-{part:03d}", "files", chunk, expected=len(chunk)))
+    return units
+
+
+def _val_units(root, data, index, use_folders, use_archives, limit):
+    val_dir, val_tar = data / "val", root / VAL_TAR
+    if use_folders and _wnid_dirs(val_dir):
+        unknown = [w for w in _wnid_dirs(val_dir) if w not in index]
+        if unknown:
+            raise LayoutError(f"{val_dir}: class folders not among the training classes: {unknown[:5]}")
+        return _folder_units("val", val_dir, list(index), limit), f"class folders ({val_dir})"
+    if use_folders and val_dir.is_dir() and any(p.is_file() for p in val_dir.iterdir()):
+        labels, how = _val_labels(root, data, index)
+        files = sorted(p for p in val_dir.iterdir() if p.is_file())
+        entries = _limit_by_label([(str(p), labels.get(sample_key(p), -1)) for p in files], limit)
+        units = [Unit("val", f"val/{i:05d}", "files", c, expected=len(c)) for i, c in enumerate(_chunks(entries))]
+        return units, f"flat folder ({val_dir}), labels from {how}"
+    if use_archives and val_tar.is_file():
+        labels, how = _val_labels(root, data, index)
+        members = sorted(_tar_index(val_tar).items())
+        entries = _limit_by_label([(off, size, name, labels.get(sample_key(name), -1))
+                                   for name, (off, size) in members], limit)
+        units = [Unit("val", f"val/{i:05d}", "members", c, archive=str(val_tar), expected=len(c))
+                 for i, c in enumerate(_chunks(entries))]
+        return units, f"archive ({val_tar}), labels from {how}"
+    raise LayoutError(f"{root}: no validation images (val/<wnid>/ folders, flat val/*.JPEG or {VAL_TAR})")
+
+
+def _limit_by_label(entries, limit):
+    if limit is None:
+        return entries
+    seen: dict[int, int] = {}
+    kept = []
+    for e in entries:  # entries are in sorted file order, so this keeps the first N names of each class
+        seen[e[-1]] = seen.get(e[-1], 0) + 1
+        if seen[e[-1]] <= limit or e[-1] < 0:
+            kept.append(e)
+    return kept
+
+
+def _val_labels(root: Path, data: Path, index) -> tuple[dict[str, int], str]:
+    """Validation labels for flat val images: Kaggle's CSV first, else the devkit."""
+    for d in (root, data):
+        path = d / KAGGLE_CSV
+        if path.is_file():
+            labels = {}
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    wnid = (row.get("PredictionString") or "").split(" ")[0]
+                    labels[row["ImageId"]] = index.get(wnid, -1)
+            if not labels:
+                raise LayoutError(f"{path}: no rows (expected ImageId,PredictionString)")
+            return labels, str(path)
+    devkit = _devkit_files(root, data)
+    if devkit is None:
+        raise LayoutError(f"{root}: flat validation images but no labels: put {KAGGLE_CSV} or the devkit "
+                          f"({DEVKIT}/ or {DEVKIT}.tar.gz) next to them")
+    meta, truth, where = devkit
+    id_to_wnid = _meta_ids(meta, where)
+    labels = {}
+    for i, line in enumerate(truth.decode().split()):
+        labels[f"ILSVRC2012_val_{i + 1:08d}"] = index.get(id_to_wnid.get(int(line), ""), -1)
+    return labels, f"{where} (ILSVRC2012_IDs mapped to sorted wnids)"
+
+
+def _devkit_files(root: Path, data: Path):
+    """(meta.mat bytes, ground-truth bytes, where) from an extracted devkit or its .tar.gz, or None."""
+    for d in (root, data):
+        folder = d / DEVKIT
+        if (folder / "data" / "meta.mat").is_file() and (folder / GROUND_TRUTH).is_file():
+            return (folder / "data" / "meta.mat").read_bytes(), (folder / GROUND_TRUTH).read_bytes(), str(folder)
+        archive = d / f"{DEVKIT}.tar.gz"
+        if archive.is_file():
+            try:
+                with tarfile.open(archive, "r:gz") as tf:
+                    files = {m.name: m for m in tf if m.isfile()}
+                    meta = files.get(f"{DEVKIT}/data/meta.mat")
+                    truth = files.get(f"{DEVKIT}/{GROUND_TRUTH}")
+                    if meta is None or truth is None:
+                        raise LayoutError(f"{archive}: no data/meta.mat or ground truth inside")
+                    return tf.extractfile(meta).read(), tf.extractfile(truth).read(), str(archive)
+            except (tarfile.TarError, OSError) as e:
+                raise LayoutError(f"{archive}: unreadable ({e})") from None
+    return None
+
+
+def _meta_ids(meta: bytes, where) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid for the 1,000 leaf synsets of meta.mat."""
+    from scipy.io import loadmat
+
+    try:
+        synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
+        leaves = synsets[synsets["num_children"] == 0]
+        return {int(i): str(w) for i, w in zip(leaves["ILSVRC2012_ID"], leaves["WNID"])}
+    except (KeyError, ValueError, TypeError) as e:
+        raise LayoutError(f"{where}: meta.mat has no usable 'synsets' table ({e})") from None
+
+
+def _devkit_classes(root, data) -> list[str]:
+    devkit = _devkit_files(root, data)
+    return sorted(_meta_ids(devkit[0], devkit[2]).values()) if devkit else []

@@ -1,0 +1,303 @@
+"""alexnet-prep: ImageNet (folders or archives) -> shuffled WebDataset shards + index + stats, in one pass.
+
+Two stages, both resumable and both independent of the worker count:
+
+1. Work: each `Unit` (a few hundred source images) is decoded, resized, cropped and re-encoded by one worker,
+   which writes the JPEGs to ``.work/<split>/<unit>.bin`` and their keys, offsets, skipped files and exact
+   statistics sums to ``<unit>.npz``. The .npz is renamed into place last, so it marks a finished unit;
+   a killed run redoes at most the units that were in flight.
+2. Shards: with every unit done, the samples are sorted by key, permuted with the seed (train only: DALI's
+   reader shuffles only inside a buffer) and cut into shards, each written atomically with its index.
+   A shard already on disk is finished (it was renamed into place complete), so it is kept.
+
+Output bytes depend only on the inputs and the options that change them (`PrepConfig.fingerprint`).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, imagenet, shards
+from .image import BadImage, prepare
+from .stats import Moments, summarize
+
+WORK = ".work"
+
+
+@dataclass
+class PrepConfig:
+    """Everything alexnet-prep needs; `fingerprint` is the part that determines the output bytes."""
+
+    imagenet_root: Path
+    out: Path
+    splits: tuple[str, ...] = ("train", "val")
+    workers: int = 0  # 0: every core this process may use
+    shard_size: int = 1000
+    quality: int = 95
+    image_size: int = 256
+    seed: int = 0
+    limit_per_class: int | None = None
+    layout: str = "auto"
+    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+    def fingerprint(self) -> dict:
+        return {"imagenet_root": str(Path(self.imagenet_root).resolve()), "splits": list(self.splits),
+                "shard_size": self.shard_size, "quality": self.quality, "image_size": self.image_size,
+                "seed": self.seed, "limit_per_class": self.limit_per_class, "layout": self.layout,
+                "format_version": shards.FORMAT_VERSION}
+
+    def n_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
+
+
+@dataclass
+class PrepReport:
+    """What a run did, for the summary line and for benchmarks."""
+
+    samples: dict[str, int] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
+    processed: int = 0  # images decoded in this run (0 when everything was already done)
+    seconds: float = 0.0
+    resumed: bool = False
+
+
+class PrepError(Exception):
+    """A problem with the whole run (not one image): wrong tree, clashing output directory, nothing usable."""
+
+
+# ---- stage 1: units -> work files ---------------------------------------------------------------------
+
+_counter = None  # images done, shared with the parent for a progress bar that moves within units
+
+
+def _init_worker(counter):
+    global _counter
+    _counter = counter
+
+
+def _work_paths(work: Path, unit: imagenet.Unit) -> tuple[Path, Path]:
+    base = work / unit.name  # unit names are "<split>/<part>"
+    return base.with_suffix(".bin"), base.with_suffix(".npz")
+
+
+def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tuple[int, int]:
+    """Prepare every image of `unit` into its work files; returns (usable, skipped)."""
+    bin_path, npz_path = _work_paths(work, unit)
+    keys, labels, offsets, sizes, skipped = [], [], [], [], []
+    moments = Moments(size) if unit.split == "train" else None
+    offset = 0
+    tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as out:
+        try:
+            for item in unit.items():
+                try:
+                    if item.label < 0:
+                        raise BadImage("no label for this image")
+                    if not item.key:
+                        raise BadImage("file name has no stem to use as a sample key")
+                    jpeg, pixels = prepare(item.data, size, quality)
+                except BadImage as e:
+                    skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
+                else:
+                    out.write(jpeg)
+                    keys.append(item.key), labels.append(item.label)
+                    offsets.append(offset), sizes.append(len(jpeg))
+                    offset += len(jpeg)
+                    if moments is not None:
+                        moments.add(pixels)
+                if _counter is not None:
+                    with _counter.get_lock():
+                        _counter.value += 1
+        except (OSError, EOFError, imagenet.tarfile.TarError) as e:
+            # a damaged archive loses the rest of this unit only; what was read so far is kept
+            skipped.append({"split": unit.split, "source": unit.archive or unit.name,
+                            "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, bin_path)
+    arrays = {"keys": np.array(keys, dtype=str), "labels": np.array(labels, np.int64),
+              "offsets": np.array(offsets, np.int64), "sizes": np.array(sizes, np.int64),
+              "skipped": np.array(json.dumps(skipped))}
+    if moments is not None:
+        arrays.update(moments.to_arrays())
+    shards.save_npz(npz_path, arrays)
+    return len(keys), len(skipped)
+
+
+def _process_star(args):
+    return process_unit(*args)
+
+
+def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool) -> int:
+    """Process the units of `split` not yet done; returns how many images were processed."""
+    todo = [u for u in units if not _work_paths(work, u)[1].exists()]
+    if not todo:
+        return 0
+    (work / split).mkdir(parents=True, exist_ok=True)
+    known = [u.expected for u in todo]
+    total = None if None in known else sum(known)
+    counter = _counter
+    counter.value = 0
+    bar = _bar(cfg, total, f"{split} images", "img")
+    args = [(u, work, cfg.image_size, cfg.quality) for u in todo]
+    if pool is None:
+        for a in args:
+            process_unit(*a)
+            bar.update(counter.value - bar.n)
+    else:
+        results = pool.imap_unordered(_process_star, args)
+        for _ in range(len(args)):
+            while True:  # poll so the bar also moves while long units are in flight
+                try:
+                    results.next(timeout=0.25)
+                    break
+                except mp.TimeoutError:
+                    bar.update(counter.value - bar.n)
+            bar.update(counter.value - bar.n)
+    bar.close()
+    return counter.value
+
+
+# ---- stage 2: work files -> shards --------------------------------------------------------------------
+
+def _collect(units, work: Path):
+    """Samples (key, label, bin file, offset, size) of all units, skipped files, and merged moments."""
+    samples, skipped, moments, seen = [], [], None, {}
+    for u in units:
+        bin_path, npz_path = _work_paths(work, u)
+        with np.load(npz_path) as z:
+            skipped += json.loads(str(z["skipped"]))
+            for key, label, off, size in zip(z["keys"], z["labels"], z["offsets"], z["sizes"]):
+                key = str(key)
+                if key in seen:
+                    skipped.append({"split": u.split, "source": f"{u.name}:{key}",
+                                    "reason": f"duplicate sample key (kept the one from {seen[key]})"})
+                    continue
+                seen[key] = u.name
+                samples.append((key, int(label), str(bin_path), int(off), int(size)))
+            if "pixel_sum" in z.files:
+                part = Moments.from_arrays(z)
+                if moments is None:
+                    moments = part
+                else:
+                    moments.merge(part)
+    return samples, skipped, moments
+
+
+def _write_shard_task(args) -> shards.ShardInfo:
+    path, members = args
+    if path.exists():  # renamed into place complete by an earlier run
+        return shards.describe_shard(path)
+    files = {}
+
+    def read(bin_path, offset, size):
+        f = files.get(bin_path) or files.setdefault(bin_path, open(bin_path, "rb"))
+        f.seek(offset)
+        return f.read(size)
+
+    try:
+        return shards.write_shard(path, ((k, read(b, o, s), lab) for k, lab, b, o, s in members))
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _write_shards(cfg: PrepConfig, split: str, samples, pool) -> list[shards.ShardInfo]:
+    samples.sort(key=lambda s: s[0])
+    if split == "train":
+        order = np.random.default_rng(cfg.seed).permutation(len(samples))
+        samples = [samples[i] for i in order]
+    out = Path(cfg.out) / split
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [(out / f"{split}-{i // cfg.shard_size:06d}.tar", samples[i:i + cfg.shard_size])
+             for i in range(0, len(samples), cfg.shard_size)]
+    bar = _bar(cfg, len(tasks), f"{split} shards", "shard")
+    infos = []
+    for info in (map if pool is None else pool.imap)(_write_shard_task, tasks):
+        infos.append(info)
+        bar.update(1)
+    bar.close()
+    return infos
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+def _bar(cfg: PrepConfig, total, desc, unit):
+    from tqdm import tqdm
+
+    disable = (not sys.stderr.isatty()) if cfg.progress is None else not cfg.progress
+    return tqdm(total=total, desc=desc, unit=unit, disable=disable, smoothing=0.1, dynamic_ncols=True)
+
+
+def _check_out(cfg: PrepConfig) -> bool:
+    """True if `out` already holds this exact run, finished. Raises if it holds a different one."""
+    out = Path(cfg.out)
+    for marker in (out / shards.MANIFEST, out / WORK / "plan.json"):
+        if marker.exists():
+            theirs = json.loads(marker.read_text())
+            theirs = theirs.get("fingerprint", theirs)
+            if theirs != cfg.fingerprint():
+                diff = sorted(k for k in theirs.keys() | cfg.fingerprint().keys()
+                              if theirs.get(k) != cfg.fingerprint().get(k))
+                raise PrepError(f"{marker}: {out} holds a run with other options ({', '.join(diff)} differ); "
+                                "use another --out or delete it")
+            return marker.name == shards.MANIFEST
+    if out.exists() and any(out.iterdir()):
+        raise PrepError(f"{out}: exists, is not empty and was not written by alexnet-prep")
+    return False
+
+
+def run(cfg: PrepConfig) -> PrepReport:
+    """Run (or resume) a prep; returns the report. Raises PrepError / imagenet.LayoutError for the whole run."""
+    global _counter
+    t0 = time.perf_counter()
+    if _check_out(cfg):
+        manifest = shards.load_manifest(cfg.out)
+        return PrepReport({s: e["samples"] for s, e in manifest["splits"].items()}, manifest["skipped"],
+                          0, time.perf_counter() - t0, resumed=True)
+    source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class)
+    out, work = Path(cfg.out), Path(cfg.out) / WORK
+    resumed = work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+    if not resumed:
+        shards.atomic_write(work / "plan.json", json.dumps(cfg.fingerprint(), indent=1).encode())
+
+    report = PrepReport(resumed=resumed)
+    manifest = {"format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
+                "classes": source.classes, "layout": source.layout, "splits": {}, "skipped": [],
+                "fingerprint": cfg.fingerprint(), "created_by": f"alexnet-pipeline {__version__}"}
+    _counter = mp.get_context("fork").Value("q", 0)
+    pool = None
+    if cfg.n_workers() > 1:
+        pool = mp.get_context("fork").Pool(cfg.n_workers(), initializer=_init_worker, initargs=(_counter,))
+    try:
+        for split in cfg.splits:
+            report.processed += _run_units(cfg, split, source.units[split], work, pool)
+            samples, skipped, moments = _collect(source.units[split], work)
+            if not samples:
+                raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
+                                f"({len(skipped)} files skipped; first: {skipped[:1]})")
+            infos = _write_shards(cfg, split, samples, pool)
+            manifest["splits"][split] = {"samples": len(samples), "shards": [asdict(i) for i in infos]}
+            manifest["skipped"] += sorted(skipped, key=lambda s: s["source"])
+            report.samples[split] = len(samples)
+            if split == "train":
+                shards.save_npz(out / shards.STATS, summarize(moments))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    report.skipped = manifest["skipped"]
+    shards.atomic_write(out / shards.MANIFEST, json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(work)
+    report.seconds = time.perf_counter() - t0
+    return report

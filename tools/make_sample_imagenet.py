@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Build a small ImageNet look-alike in every layout alexnet-prep must read (DESIGN.md section 3).
+
+    python tools/make_sample_imagenet.py --out data/sample
+
+writes, from one set of synthetic photos (classes are learnable: each has its own colours, stripe angle and
+frequency, with random placement, scale, lighting and noise):
+
+    extracted/  train/<wnid>/*.JPEG, val/<wnid>/*.JPEG           (after the popular valprep script)
+    kaggle/     ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/*.JPEG}, LOC_val_solution.csv, LOC_synset_mapping.txt
+    devkit/     train/<wnid>/, val/*.JPEG, ILSVRC2012_devkit_t12/data/{meta.mat, ..._ground_truth.txt}
+    archives/   ILSVRC2012_img_train.tar (a tar of per-class tars), ILSVRC2012_img_val.tar, devkit .tar.gz
+
+The devkit's ILSVRC2012_IDs are deliberately not the sorted order of the wnids (as in the real devkit).
+Planted quirks (in train unless noted): CMYK JPEG, PNG named .JPEG, grayscale, progressive JPEG (also val),
+tiny (40x30), huge (3200x2400), extreme aspect ratio (12:1), truncated JPEG, empty file, stray non-image.
+QUIRKS below lists them with whether prep should keep them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
+         "n01514668", "n01514859", "n01518878", "n01530575", "n01531178", "n01532829", "n01534433",
+         "n01537544", "n01558993", "n01560419", "n01580077", "n01582220", "n01592084"]
+# Typical ImageNet shapes: most photos are about 500x375, a tail is larger.
+SHAPES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480), (800, 600), (1024, 768),
+          (1600, 1200), (450, 300)]
+# (file stem suffix, kind, kept by prep?) planted in train class 0 (val gets the progressive one too).
+QUIRKS = [("cmyk", "cmyk", True), ("png", "png", True), ("gray", "gray", True), ("progressive", "progressive", True),
+          ("tiny", "tiny", True), ("huge", "huge", True), ("wide", "wide", True), ("truncated", "truncated", False),
+          ("empty", "empty", False)]
+STRAY = "Thumbs.db"  # a stray non-image in class 0's folder, not kept
+
+
+def photo(rng: np.random.Generator, label: int, n_classes: int, shape) -> Image.Image:
+    """A synthetic 'photo' of class `label`: class colours and stripes, random everything else."""
+    w, h = shape
+    angle = np.pi * label / n_classes + rng.normal(0, 0.08)
+    freq = (3 + 2 * (label % 4)) * rng.uniform(0.85, 1.15) / min(w, h) * 2 * np.pi
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq + rng.uniform(0, 2 * np.pi))
+    hue = np.array([np.cos(2 * np.pi * label / n_classes + k * 2.1) for k in range(3)], np.float32)
+    base = 128 + 70 * hue * rng.uniform(0.7, 1.1)
+    img = base + 45 * stripes[..., None] * np.roll(hue, 1)
+    # an off-centre blob of the class's second colour, at a random place and size
+    cx, cy, r = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, rng.uniform(0.1, 0.3) * min(w, h)
+    blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
+    img = img + 60 * blob[..., None] * np.roll(hue, 2)
+    img = img * rng.uniform(0.75, 1.25) + rng.normal(0, 9, (h, w, 3))  # lighting and sensor noise
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def jpeg(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, kw.pop("format", "JPEG"), quality=kw.pop("quality", 90), **kw)
+    return buf.getvalue()
+
+
+def quirk_bytes(kind: str, rng, n_classes) -> bytes:
+    if kind == "cmyk":
+        return jpeg(photo(rng, 0, n_classes, (500, 375)).convert("CMYK"))
+    if kind == "png":  # ImageNet's n02105855_2933.JPEG is really a PNG
+        return jpeg(photo(rng, 0, n_classes, (500, 375)), format="PNG")
+    if kind == "gray":
+        return jpeg(photo(rng, 0, n_classes, (375, 500)).convert("L"))
+    if kind == "progressive":
+        return jpeg(photo(rng, 0, n_classes, (500, 375)), progressive=True)
+    if kind == "tiny":
+        return jpeg(photo(rng, 0, n_classes, (40, 30)))
+    if kind == "huge":
+        return jpeg(photo(rng, 0, n_classes, (3200, 2400)))
+    if kind == "wide":
+        return jpeg(photo(rng, 0, n_classes, (1200, 100)))
+    if kind == "truncated":
+        data = jpeg(photo(rng, 0, n_classes, (500, 375)))
+        return data[: len(data) * 3 // 5]
+    if kind == "empty":
+        return b""
+    raise ValueError(kind)
+
+
+def write_meta_mat(path: Path, wnids: list[str], ids: dict[str, int]) -> None:
+    """A devkit meta.mat: 'synsets' with the real field names; leaves have num_children == 0."""
+    from scipy.io import savemat
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = [(ids[w], w, f"class {w}", f"synthetic class {w}", 0, np.zeros((1, 0)), 0, 40) for w in wnids]
+    n = len(wnids)  # two inner nodes, as the real file has 860 of them after the 1,000 leaves
+    rows += [(n + 1, "n00001740", "entity", "root", 2, np.array([1, 2]), 19, 0),
+             (n + 2, "n00021939", "artifact", "inner", 1, np.array([3]), 17, 0)]
+    table = np.zeros((len(rows), 1), dtype=[(f, "O") for f in fields])
+    for i, row in enumerate(rows):
+        table[i, 0] = row
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(path, {"synsets": table})
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 1330000000, 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class: int = 10, seed: int = 0) -> dict:
+    """Write every layout under `out`; returns the ground truth {"train": {name: label}, "val": {...}}."""
+    rng = np.random.default_rng(seed)
+    wnids = WNIDS[:classes]
+    if out.exists():
+        shutil.rmtree(out)
+    ext = out / "extracted"
+    truth = {"train": {}, "val": {}}
+    train_files: dict[str, list[tuple[str, bytes]]] = {}
+    for label, wnid in enumerate(wnids):
+        files = []
+        for i in rng.choice(100000, train_per_class, replace=False):
+            shape = SHAPES[rng.integers(len(SHAPES))]
+            files.append((f"{wnid}_{i}.JPEG", jpeg(photo(rng, label, classes, shape))))
+        if label == 0:
+            files += [(f"{wnid}_9{k:03d}.JPEG", quirk_bytes(kind, rng, classes))
+                      for k, (q, kind, _) in enumerate(QUIRKS)]
+            files.append((STRAY, b"\x00\x01not an image\xff" * 8))
+        train_files[wnid] = sorted(files)
+        for name, data in files:
+            (ext / "train" / wnid).mkdir(parents=True, exist_ok=True)
+            (ext / "train" / wnid / name).write_bytes(data)
+            truth["train"][name] = label
+
+    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
+    val_files = []
+    for i, label in enumerate(val_labels):
+        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
+        im = photo(rng, int(label), classes, SHAPES[rng.integers(len(SHAPES))])
+        data = jpeg(im, progressive=True) if i == 3 else jpeg(im.convert("L")) if i == 5 else jpeg(im)
+        val_files.append((name, data))
+        truth["val"][name] = int(label)
+        (ext / "val" / wnids[label]).mkdir(parents=True, exist_ok=True)
+        (ext / "val" / wnids[label] / name).write_bytes(data)
+
+    # Kaggle: nested folders, flat val, CSV of 'wnid x y x y ...' boxes (wnid first).
+    kag = out / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
+    (kag / "val").mkdir(parents=True)
+    os.symlink((ext / "train").resolve(), kag / "train")
+    for name, _ in val_files:
+        os.symlink((ext / "val" / wnids[truth["val"][name]] / name).resolve(), kag / "val" / name)
+    with open(out / "kaggle" / "LOC_val_solution.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["ImageId", "PredictionString"])
+        for name, _ in reversed(val_files):  # row order is not file order in the real CSV either
+            wn = wnids[truth["val"][name]]
+            w.writerow([name.split(".")[0], f"{wn} 10 20 200 220 {wn} 5 5 50 60"])
+    (out / "kaggle" / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
+
+    # Devkit: flat val, ground truth as ILSVRC2012_IDs that are NOT sorted-wnid order (the trap).
+    dev = out / "devkit"
+    (dev / "val").mkdir(parents=True)
+    os.symlink((ext / "train").resolve(), dev / "train")
+    for name, data in val_files:
+        (dev / "val" / name).write_bytes(data)
+    ids = {w: i + 1 for i, w in enumerate(reversed(wnids))}
+    kit = dev / "ILSVRC2012_devkit_t12" / "data"
+    write_meta_mat(kit / "meta.mat", wnids, ids)
+    (kit / "ILSVRC2012_validation_ground_truth.txt").write_text(
+        "".join(f"{ids[wnids[truth['val'][n]]]}\n" for n, _ in val_files))
+
+    # Official archives: a tar of per-class tars, a flat val tar, the devkit as .tar.gz.
+    arc = out / "archives"
+    arc.mkdir()
+    (arc / "ILSVRC2012_img_train.tar").write_bytes(
+        tar_bytes([(f"{w}.tar", tar_bytes(train_files[w])) for w in wnids]))
+    (arc / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(val_files))
+    with tarfile.open(arc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
+        tf.add(dev / "ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12")
+    return truth
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("data/sample"))
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=40)
+    p.add_argument("--val-per-class", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if not 2 <= a.classes <= len(WNIDS):
+        p.error(f"--classes must be between 2 and {len(WNIDS)}")
+    truth = make(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed)
+    print(f"wrote {len(truth['train'])} train and {len(truth['val'])} val files in 4 layouts under {a.out}")
+
+
+if __name__ == "__main__":
+    main()
