@@ -267,6 +267,8 @@ def run(cfg: PrepConfig) -> PrepReport:
     source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class)
     out, work = Path(cfg.out), Path(cfg.out) / WORK
     resumed = work.exists()
+    if resumed:
+        shards.remove_partials(out)  # files a killed run was writing; their units/shards are redone
     work.mkdir(parents=True, exist_ok=True)
     if not resumed:
         shards.atomic_write(work / "plan.json", json.dumps(cfg.fingerprint(), indent=1).encode())

@@ -39,12 +39,20 @@ class ShardInfo:
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either nothing or the whole file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pattern remove_partials sweeps
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def remove_partials(directory: Path) -> int:
+    """Delete the temporary files a killed `atomic_write` left under `directory`; returns how many."""
+    partials = [p for p in Path(directory).rglob(".*.tmp*") if p.is_file()]
+    for p in partials:
+        p.unlink()
+    return len(partials)
 
 
 def tar_member(name: str, data: bytes) -> bytes:

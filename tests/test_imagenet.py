@@ -1,0 +1,71 @@
+import re
+
+import pytest
+
+from alexnet_pipeline import imagenet
+from conftest import CLASSES, sample_maker
+
+
+def _labels(source, split):
+    """{file name: label} of every item the units yield."""
+    return {re.split("[/:]", item.source)[-1]: item.label for u in source.units[split] for item in u.items()}
+
+
+@pytest.mark.parametrize("layout", ["extracted", "kaggle", "devkit", "archives"])
+def test_every_layout_gives_the_true_labels(sample, layout):
+    root, truth = sample
+    source = imagenet.find(root / layout)
+    assert source.classes == sorted(sample_maker.WNIDS[:CLASSES])
+    assert _labels(source, "val") == truth["val"]
+    assert _labels(source, "train") == truth["train"]
+
+
+def test_the_devkit_trap_is_real_in_the_sample_and_avoided(sample):
+    root, truth = sample
+    gt = (root / "devkit/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read_text().split()
+    names = sorted(truth["val"])
+    # the raw IDs (minus one) are not the sorted-index labels, so using them directly would be wrong
+    assert sum(int(i) - 1 != truth["val"][n] for i, n in zip(gt, names)) > len(names) // 2
+    assert _labels(imagenet.find(root / "devkit"), "val") == truth["val"]
+
+
+def test_devkit_archive_is_read_without_extraction(sample, tmp_path):
+    root, truth = sample
+    (tmp_path / "val").mkdir()
+    for p in (root / "devkit/val").iterdir():
+        (tmp_path / "val" / p.name).symlink_to(p)
+    (tmp_path / "train").symlink_to(root / "extracted/train")
+    (tmp_path / "ILSVRC2012_devkit_t12.tar.gz").symlink_to(root / "archives/ILSVRC2012_devkit_t12.tar.gz")
+    assert _labels(imagenet.find(tmp_path), "val") == truth["val"]
+
+
+def test_limit_per_class_takes_the_same_first_names_from_folders_and_archives(sample):
+    root, _ = sample
+    a = _labels(imagenet.find(root / "extracted", limit_per_class=2), "train")
+    b = _labels(imagenet.find(root / "archives", limit_per_class=2), "train")
+    assert a == b and len(a) == 2 * CLASSES
+    assert len(_labels(imagenet.find(root / "kaggle", limit_per_class=1), "val")) == CLASSES
+
+
+def test_forced_layout_and_missing_pieces(sample, tmp_path):
+    root, _ = sample
+    assert "archive" in imagenet.find(root / "archives", layout="archives").layout["train"]
+    with pytest.raises(imagenet.LayoutError, match="no training images"):
+        imagenet.find(root / "archives", layout="folders")
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"x")
+    (tmp_path / "train").symlink_to(root / "extracted/train")
+    with pytest.raises(imagenet.LayoutError, match="no labels"):
+        imagenet.find(tmp_path)
+
+
+@pytest.mark.parametrize("make", ["empty", "cats", "file"])
+def test_trees_that_are_not_imagenet_are_refused_clearly(tmp_path, make):
+    if make == "cats":
+        (tmp_path / "train" / "cats").mkdir(parents=True)
+        (tmp_path / "train" / "n01440764").mkdir()
+    root = tmp_path / "f.txt" if make == "file" else tmp_path
+    if make == "file":
+        root.write_text("x")
+    with pytest.raises(imagenet.LayoutError, match=str(root.name) if make != "cats" else "cats"):
+        imagenet.find(root)

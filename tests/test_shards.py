@@ -1,0 +1,82 @@
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from alexnet_pipeline import shards
+from conftest import read_samples
+
+
+def test_index_equals_what_wds2idx_writes(prepped, tmp_path):
+    wds2idx = shutil.which("wds2idx") or str(__import__("pathlib").Path(sys.executable).parent / "wds2idx")
+    for tar in shards.shard_paths(prepped, "train")[:2]:
+        subprocess.run([wds2idx, str(tar), str(tmp_path / "x.idx")], check=True, capture_output=True)
+        assert (tmp_path / "x.idx").read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_readable_by_the_webdataset_library(prepped, sample):
+    import webdataset as wds
+
+    urls = [str(p) for p in shards.shard_paths(prepped, "val")]
+    seen = {}
+    for s in wds.WebDataset(urls, shardshuffle=False).decode("rgb8"):
+        assert s["jpg"].shape == (256, 256, 3)
+        seen[s["__key__"]] = int(s["cls"])
+    assert seen == {k.split(".")[0]: v for k, v in sample[1]["val"].items()}
+
+
+def test_readable_by_dali_with_the_written_index(prepped):
+    from nvidia.dali import fn, pipeline_def, types
+
+    tars = [str(p) for p in shards.shard_paths(prepped, "train")]
+    expected = read_samples(prepped, "train")
+
+    @pipeline_def(batch_size=8, num_threads=2, device_id=None)
+    def pipe():
+        jpg, lbl = fn.readers.webdataset(paths=tars, index_paths=[t[:-3] + "idx" for t in tars],
+                                         ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT64],
+                                         missing_component_behavior="error", name="r")
+        return fn.decoders.image(jpg, device="cpu"), lbl
+
+    p = pipe()
+    p.build()
+    n = p.epoch_size("r")
+    assert n == len(expected)
+    labels = []
+    for _ in range((n + 7) // 8):
+        images, lbl = p.run()
+        assert all(np.array(images[i]).shape == (256, 256, 3) for i in range(len(images)))
+        labels += [int(np.array(lbl[i])[0]) for i in range(len(lbl))]
+    assert sorted(labels[:n]) == sorted(v[0] for v in expected.values())
+
+
+def test_verify_passes_then_names_a_flipped_byte_and_a_deleted_shard(prepped, tmp_path):
+    assert shards.verify(prepped) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(prepped, copy)
+    tar = shards.shard_paths(copy, "train")[1]
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0x40
+    tar.write_bytes(bytes(data))
+    problems = shards.verify(copy)
+    assert problems and tar.name in problems[0] and "sha256" in problems[0]
+    victim = shards.shard_paths(copy, "val")[0]
+    victim.unlink()
+    assert any(victim.name in p and "missing" in p for p in shards.verify(copy))
+
+
+def test_verify_names_a_bad_index_and_a_missing_manifest(prepped, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(prepped, copy)
+    idx = shards.shard_paths(copy, "val")[0].with_suffix(".idx")
+    idx.write_text(idx.read_text().replace("jpg 512 ", "jpg 1024 ", 1))
+    assert any(idx.name in p for p in shards.verify(copy))
+    assert "no manifest" in shards.verify(tmp_path)[0]
+
+
+def test_tar_bytes_depend_only_on_content():
+    a = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
+    b = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
+    assert a == b and a[1].startswith("v1.2 2\n")
