@@ -1,0 +1,76 @@
+"""The loader a user would otherwise write: a torch DataLoader whose workers read the same tar shards,
+decode with PIL (Pillow-SIMD after `make install`) and apply the numpy reference augmentation. It is the
+baseline of `alexnet-bench pipeline`, and produces the same tensors as the DALI loaders.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import augment, shards
+
+
+class ShardDataset(torch.utils.data.IterableDataset):
+    """Samples of a split's shards, split across DataLoader workers by shard, with the paper's augmentation
+    (train) or the center / ten crops (eval)."""
+
+    def __init__(self, shards_dir, split="train", train=True, mean="channel", lighting_sigma=0.1,
+                 lighting_form="sqrt", tencrop=False, seed=0, shuffle_buffer=1024):
+        self.paths = shards.shard_paths(shards_dir, split)
+        with np.load(f"{shards_dir}/{shards.STATS}") as z:
+            self.stats = {k: z[k] for k in z.files}
+        self.mean = augment.mean_to_subtract(self.stats, mean).astype(np.float32)
+        self.train, self.sigma, self.form, self.tencrop = train, lighting_sigma, lighting_form, tencrop
+        self.seed, self.buffer, self.epoch = seed, shuffle_buffer, 0
+
+    def _samples(self, paths):
+        for path in paths:
+            members = list(shards.iter_tar(path.read_bytes()))
+            for (_, jpeg), (_, cls), _ in (members[i:i + 3] for i in range(0, len(members), 3)):
+                yield jpeg, int(cls)
+
+    def _transform(self, jpeg, rng):
+        image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        if not self.train:
+            return augment.ten_crop(image, self.mean) if self.tencrop else augment.augment(image, 16, 16, False,
+                                                                                            self.mean)
+        x, y, flip, alpha = augment.random_params(rng, self.sigma)
+        shift = augment.lighting_shift(alpha, self.stats["eigval"], self.stats["eigvec"], self.form)
+        return augment.augment(image, x, y, flip, self.mean, shift)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng([self.seed, self.epoch, wid])
+        paths = self.paths[wid::workers]
+        samples = self._samples(paths)
+        if self.train:  # the usual shuffle buffer, as webdataset's .shuffle(n)
+            pyrng, buf = random.Random(int(rng.integers(1 << 31))), []
+            for s in samples:
+                buf.append(s)
+                if len(buf) >= self.buffer:
+                    yield self._pop(buf, pyrng, rng)
+            while buf:
+                yield self._pop(buf, pyrng, rng)
+        else:
+            for jpeg, label in samples:
+                yield torch.from_numpy(self._transform(jpeg, rng)), label
+        self.epoch += 1
+
+    def _pop(self, buf, pyrng, rng):
+        i = pyrng.randrange(len(buf))
+        buf[i], buf[-1] = buf[-1], buf[i]
+        jpeg, label = buf.pop()
+        return torch.from_numpy(self._transform(jpeg, rng)), label
+
+
+def baseline_loader(shards_dir, batch_size=128, workers=2, split=None, train=True, **options):
+    """torch DataLoader over ShardDataset; yields (float32 NCHW images, int64 labels) like the DALI loaders."""
+    dataset = ShardDataset(shards_dir, split or ("train" if train else "val"), train=train, **options)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -1,0 +1,257 @@
+"""The DALI pipelines (the only module that imports DALI) and the torch loaders around them.
+
+Train: read shards (sharded across ranks, shuffled in a buffer; the shards are globally shuffled already),
+decode (nvJPEG via ``mixed`` on a GPU, libjpeg-turbo on the CPU), then a single fused
+``crop_mirror_normalize`` pass does crop, flip, mean subtraction, lighting, layout and cast: the lighting
+shift is a per-image constant per channel, so it folds into a per-sample mean (DESIGN.md section 4).
+One switch, ``device``, picks every operator's device; the graph is otherwise the same.
+
+Eval: the center crop, or the ten crops stacked as [10, 3, 224, 224] per image. Across ranks every image is
+seen exactly once: DALI pads each rank's shard to the same number of batches by repeating its last sample,
+and the loader marks those repeats with label PAD_LABEL (-100, torch's default ignore_index).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import feed_ndarray
+
+from . import augment, shards
+
+PAD_LABEL = -100
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ShardError(ValueError):
+    """Shards that cannot be read as they are; the message names the file."""
+
+
+@dataclass
+class LoaderConfig:
+    """Options of train_loader / eval_loader (their keyword arguments)."""
+
+    shards: Path
+    split: str
+    batch_size: int = 128
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
+    rank: int = 0  # the global rank when several machines train
+    world_size: int = 1
+    seed: int = 0
+    mean: str = "channel"  # "channel" (mean_rgb) or "pixel" (center patch of mean_image)
+    lighting_sigma: float = 0.1  # 0 disables; train only
+    lighting_form: str = "sqrt"  # "sqrt" (cuda-convnet2) or "eigval" (fb.resnet.torch)
+    dtype: str = "float32"  # float16 / bfloat16 on GPU
+    layout: str = "NCHW"  # or "NHWC": a channels_last NCHW tensor
+    tencrop: bool = False  # eval only
+    num_threads: int | None = None  # default: every core this process may use
+    shuffle_buffer: int = 4096  # samples; train only
+
+    def __post_init__(self):
+        self.shards = Path(self.shards)
+        if self.mean not in augment.MEAN_MODES:
+            raise ValueError(f"mean must be one of {augment.MEAN_MODES}, got {self.mean!r}")
+        if self.lighting_form not in augment.LIGHTING_FORMS:
+            raise ValueError(f"lighting_form must be one of {augment.LIGHTING_FORMS}, got {self.lighting_form!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "float32" and not self.on_gpu:
+            raise ValueError("float16/bfloat16 output is for GPUs; the CPU path gives float32")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be NCHW or NHWC, got {self.layout!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if self.on_gpu and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but torch sees no GPU; use device='cpu'")
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def device_id(self) -> int | None:
+        if not self.on_gpu:
+            return None
+        return int(self.device.split(":")[1]) if ":" in self.device else torch.cuda.current_device()
+
+
+def check_shards(shards_dir: Path, split: str) -> tuple[list[Path], int, dict]:
+    """Shard paths, sample count and manifest, after checks that turn would-be hangs into clear errors."""
+    try:
+        manifest = shards.load_manifest(shards_dir)
+        paths = shards.shard_paths(shards_dir, split, manifest)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ShardError(str(e).strip('"')) from None
+    if not paths:
+        raise ShardError(f"{Path(shards_dir) / split}: no shards listed for {split}")
+    for path, info in zip(paths, manifest["splits"][split]["shards"]):
+        idx = path.with_suffix(".idx")
+        if not path.is_file():
+            raise ShardError(f"{path}: shard missing")
+        if not idx.is_file():
+            raise ShardError(f"{idx}: index missing (alexnet-prep writes it next to the shard)")
+        if path.stat().st_size != info["bytes"]:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, {shards.MANIFEST} says {info['bytes']} "
+                             "(truncated or replaced; alexnet-prep --verify checks everything)")
+        last = idx.read_text().rstrip("\n").rsplit("\n", 1)[-1].split()
+        if len(last) < 4 or int(last[-3]) + int(last[-2]) > info["bytes"]:
+            raise ShardError(f"{idx}: points past the end of {path.name}")
+    return paths, manifest["splits"][split]["samples"], manifest
+
+
+def _shard_size(n: int, shard: int, shards_: int) -> int:
+    """Samples in DALI's reader shard `shard` of `shards_` (contiguous, sizes differ by at most one)."""
+    return n * (shard + 1) // shards_ - n * shard // shards_
+
+
+def _stats(shards_dir: Path) -> dict:
+    path = shards_dir / shards.STATS
+    if not path.exists():
+        raise ShardError(f"{path}: missing (alexnet-prep writes it with the train split)")
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
+    """(per-sample mean argument for crop_mirror_normalize, center patch to subtract after it or None)."""
+    shift = None
+    if train and cfg.lighting_sigma > 0:
+        columns = stats["eigvec"] * augment.lighting_scale(stats["eigval"], cfg.lighting_form)
+        # shift = sum_j alpha_j * eigvec[:, j] * s_j, computed per sample on the CPU (3 numbers per image)
+        for j in range(3):
+            drawn[f"alpha{j}"] = fn.random.normal(stddev=cfg.lighting_sigma)
+            term = drawn[f"alpha{j}"] * types.Constant(columns[:, j].astype(np.float32))
+            shift = term if shift is None else shift + term
+    if cfg.mean == "channel":
+        mean = types.Constant(stats["mean_rgb"].astype(np.float32))
+        return (mean - shift if shift is not None else stats["mean_rgb"].astype(np.float32).tolist()), None
+    patch = augment.mean_to_subtract(stats, "pixel").astype(np.float32)
+    patch = patch if cfg.layout == "NHWC" else patch.transpose(2, 0, 1)
+    return (0.0 - shift if shift is not None else 0.0), types.Constant(np.ascontiguousarray(patch),
+                                                                        device="gpu" if cfg.on_gpu else "cpu")
+
+
+def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
+    """The fused pass: crop at integer (x, y), mirror, subtract mean (+ lighting), layout, cast."""
+    out = fn.crop_mirror_normalize(
+        image, crop=(augment.CROP, augment.CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean,
+        std=1.0, dtype=types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT,
+        output_layout="HWC" if cfg.layout == "NHWC" else "CHW", device="gpu" if cfg.on_gpu else "cpu")
+    return out if patch is None else out - patch
+
+
+def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False):
+    """The DALI pipeline, built. Outputs (images, labels); with `expose`, also the decoded 256x256 image and
+    the random draws (sorted by name: alpha0..2, mirror, x, y as fractions of the 32-pixel span) so tests can replay them through the
+    reference. `decode_only` stops after decoding: the ceiling that benchmarks compare against."""
+    paths, n_samples, manifest = check_shards(cfg.shards, cfg.split)
+    stats = _stats(cfg.shards)
+    span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
+    threads = cfg.num_threads or len(os.sched_getaffinity(0))
+
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
+                  seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=2)
+    def graph():
+        jpg, label = fn.readers.webdataset(
+            paths=[str(p) for p in paths], index_paths=[str(p.with_suffix(".idx")) for p in paths],
+            ext=["jpg", shards.LABEL_EXT], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+            shard_id=cfg.rank, num_shards=cfg.world_size, pad_last_batch=True, random_shuffle=train,
+            initial_fill=max(1, min(cfg.shuffle_buffer, n_samples)), name="reader")
+        image = fn.decoders.image(jpg, device="mixed" if cfg.on_gpu else "cpu", output_type=types.RGB)
+        if decode_only:
+            return image, label
+        drawn = {}
+        mean, patch = _mean_and_shift(cfg, stats, train, drawn)
+        if train:
+            # offsets 0..span, each equally likely; k / span is exact in float, so DALI crops at exactly k
+            offsets = [k / span for k in range(span + 1)]
+            drawn["x"], drawn["y"] = fn.random.uniform(values=offsets), fn.random.uniform(values=offsets)
+            drawn["mirror"] = fn.random.coin_flip(probability=0.5)
+            out = _normalize(cfg, image, drawn["x"], drawn["y"], drawn["mirror"], mean, patch)
+        elif cfg.tencrop:
+            views = [_normalize(cfg, image, cx / span, cy / span, int(flip), mean, patch)
+                     for cx, cy, flip in augment.TEN_CROPS]
+            out = fn.stack(*views, axis=0)
+        else:
+            out = _normalize(cfg, image, 0.5, 0.5, 0, mean, patch)
+        label = label.gpu() if cfg.on_gpu else label
+        if expose:
+            return (out, label, image) + tuple(drawn[k] for k in sorted(drawn))
+        return out, label
+
+    pipe = graph()
+    try:
+        pipe.build()
+    except RuntimeError as e:
+        raise ShardError(f"{cfg.shards / cfg.split}: DALI could not open the shards: {e}") from None
+    return pipe, n_samples, manifest
+
+
+class Loader:
+    """Iterable of (images, labels) torch tensors on the loader's device; len() is batches per epoch.
+
+    Every rank yields the same number of batches. Positions past the end of this rank's part of the epoch
+    (DALI's padding) carry label PAD_LABEL, so losses with ignore_index=-100 and metrics that skip negative
+    labels count each sample exactly once.
+    """
+
+    def __init__(self, cfg: LoaderConfig, train: bool):
+        self.cfg, self.train = cfg, train
+        self.pipe, self.n_samples, manifest = build_pipeline(cfg, train)
+        self.classes = manifest["classes"]
+        self.batches = math.ceil(max(_shard_size(self.n_samples, s, cfg.world_size)
+                                     for s in range(cfg.world_size)) / cfg.batch_size)
+        self.epoch = 0
+        self._torch_device = torch.device(cfg.device if cfg.on_gpu else "cpu")
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def _valid(self, epoch: int) -> int:
+        # DALI readers move to the next shard every epoch (stick_to_shard=False)
+        return _shard_size(self.n_samples, (self.cfg.rank + epoch) % self.cfg.world_size, self.cfg.world_size)
+
+    def _to_torch(self, tensor_list):
+        t = tensor_list.as_tensor()
+        dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}[t.dtype]
+        out = torch.empty(t.shape(), dtype=dtype, device=self._torch_device)
+        stream = torch.cuda.current_stream(self._torch_device) if self.cfg.on_gpu else None
+        feed_ndarray(t, out, cuda_stream=stream)  # on GPU: an async device copy, no host round trip
+        return out
+
+    def __iter__(self):
+        valid = self._valid(self.epoch)
+        for b in range(self.batches):
+            try:
+                images, labels = self.pipe.run()[:2]
+            except RuntimeError as e:
+                raise ShardError(f"{self.cfg.shards / self.cfg.split}: reading failed: {e}") from None
+            images, labels = self._to_torch(images), self._to_torch(labels).view(-1)
+            n_valid = min(max(valid - b * self.cfg.batch_size, 0), self.cfg.batch_size)
+            if n_valid < self.cfg.batch_size:
+                labels[n_valid:] = PAD_LABEL
+            if self.cfg.layout == "NHWC":
+                dims = (0, 1, 4, 2, 3) if images.dim() == 5 else (0, 3, 1, 2)
+                images = images.permute(*dims)  # a channels_last view of NCHW, no copy
+            if self.cfg.dtype == "bfloat16":
+                images = images.to(torch.bfloat16)  # DALI has no bfloat16; one cast kernel on the GPU
+            yield images, labels
+        self.epoch += 1
+
+
+def train_loader(shards_dir, **options) -> Loader:
+    """The paper's training augmentation over SHARDS/train. Options: the fields of LoaderConfig."""
+    return Loader(LoaderConfig(shards_dir, options.pop("split", "train"), **options), train=True)
+
+
+def eval_loader(shards_dir, **options) -> Loader:
+    """Center crops (or ten crops with tencrop=True) over SHARDS/val. Options: the fields of LoaderConfig."""
+    return Loader(LoaderConfig(shards_dir, options.pop("split", "val"), **options), train=False)

@@ -1,0 +1,169 @@
+"""The DALI pipelines on the CPU backend, against the numpy reference (alexnet_pipeline.augment)."""
+
+import io
+import shutil
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_pipeline import augment, shards
+from alexnet_pipeline.pipeline import (PAD_LABEL, LoaderConfig, ShardError, build_pipeline, eval_loader,
+                                       train_loader)
+
+
+def _stats(prepped):
+    with np.load(prepped / "stats.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+def _run(prepped, train, batches=1, **options):
+    """Run the exposed pipeline: list of per-sample dicts with output, label, decoded image and draws."""
+    cfg = LoaderConfig(prepped, "train" if train else "val", batch_size=options.pop("batch_size", 8),
+                       num_threads=2, **options)
+    pipe = build_pipeline(cfg, train, expose=True)[0]
+    names = ["out", "label", "image"] + (["alpha0", "alpha1", "alpha2", "mirror", "x", "y"] if train else [])
+    if train and cfg.lighting_sigma == 0:
+        names = ["out", "label", "image", "mirror", "x", "y"]
+    samples = []
+    for _ in range(batches):
+        outs = pipe.run()
+        for i in range(len(outs[0])):
+            samples.append({n: np.array(o[i]) for n, o in zip(names, outs)})
+    return samples
+
+
+@pytest.mark.parametrize("mean_mode,form", [("channel", "sqrt"), ("pixel", "eigval"), ("channel", "eigval")])
+def test_train_output_equals_the_reference_for_the_same_draws(prepped, mean_mode, form):
+    stats = _stats(prepped)
+    mean = augment.mean_to_subtract(stats, mean_mode)
+    for s in _run(prepped, True, batches=2, mean=mean_mode, lighting_form=form, lighting_sigma=0.5):
+        x, y = int(round(float(s["x"]) * 32)), int(round(float(s["y"]) * 32))
+        alpha = np.array([float(s[f"alpha{j}"]) for j in range(3)])
+        shift = augment.lighting_shift(alpha, stats["eigval"], stats["eigvec"], form)
+        ref = augment.augment(s["image"], x, y, bool(s["mirror"]), mean, shift)
+        np.testing.assert_allclose(s["out"], ref, atol=2e-3)
+
+
+def test_dali_decoding_matches_pil_within_jpeg_decoder_tolerance(prepped):
+    s = _run(prepped, False)[0]
+    key_bytes = next(iter(shards.iter_tar(shards.shard_paths(prepped, "val")[0].read_bytes())))[1]
+    pil = np.asarray(Image.open(io.BytesIO(key_bytes)).convert("RGB"), np.float64)
+    assert np.abs(pil - s["image"]).max() <= 8 and np.abs(pil - s["image"]).mean() < 1.0
+
+
+def test_center_crop_is_at_offset_16(prepped):
+    mean = augment.mean_to_subtract(_stats(prepped), "channel")
+    for s in _run(prepped, False):
+        np.testing.assert_allclose(s["out"], augment.augment(s["image"], 16, 16, False, mean), atol=1e-3)
+
+
+def test_ten_crops_are_the_ten_views_in_documented_order(prepped):
+    mean = augment.mean_to_subtract(_stats(prepped), "pixel")
+    for s in _run(prepped, False, tencrop=True, mean="pixel"):
+        assert s["out"].shape == (10, 3, 224, 224)
+        np.testing.assert_allclose(s["out"], augment.ten_crop(s["image"], mean), atol=1e-3)
+
+
+def test_draws_over_many_samples(prepped):
+    stats = _stats(prepped)
+    samples = _run(prepped, True, batches=50, batch_size=32, lighting_sigma=0.1, lighting_form="sqrt")
+    xs = np.array([round(float(s["x"]) * 32) for s in samples])
+    ys = np.array([round(float(s["y"]) * 32) for s in samples])
+    for v in (xs, ys):
+        counts = np.bincount(v, minlength=33)
+        assert len(counts) == 33 and counts.min() > 0  # every offset 0..32 occurs
+        expected = len(v) / 33  # chi-square against uniform, 32 dof: 99.9% quantile is about 62.5
+        assert ((counts - expected) ** 2 / expected).sum() < 62.5
+    flips = np.mean([bool(s["mirror"]) for s in samples])
+    assert abs(flips - 0.5) < 4 * 0.5 / np.sqrt(len(samples))
+    # the shift actually applied, read back from the output: out - (crop - mean)
+    mean = augment.mean_to_subtract(stats, "channel")
+    shifts = np.array([(s["out"] - augment.augment(s["image"], round(float(s["x"]) * 32), round(float(s["y"]) * 32),
+                                                   bool(s["mirror"]), mean)).mean(axis=(1, 2)) for s in samples])
+    scale = augment.lighting_scale(stats["eigval"], "sqrt")
+    expected_cov = stats["eigvec"] @ np.diag((0.1 * scale) ** 2) @ stats["eigvec"].T
+    np.testing.assert_allclose(np.cov(shifts.T), expected_cov, atol=0.15 * expected_cov.max())
+
+
+def _fingerprints(loader):
+    out = []
+    for images, labels in loader:
+        for img, lab in zip(images, labels):
+            if lab != PAD_LABEL:
+                out.append((int(lab), round(float(img.double().sum()), 1)))
+    return sorted(out)
+
+
+def test_eval_over_1_2_3_ranks_counts_every_image_once(prepped):
+    whole = _fingerprints(eval_loader(prepped, batch_size=4, num_threads=1))
+    assert len(whole) == shards.load_manifest(prepped)["splits"]["val"]["samples"]
+    assert len(set(whole)) == len(whole)
+    for world in (2, 3):
+        loaders = [eval_loader(prepped, batch_size=4, rank=r, world_size=world, num_threads=1) for r in range(world)]
+        assert len({len(lo) for lo in loaders}) == 1  # same number of batches on every rank
+        for epoch in range(2):  # shards rotate between epochs; still exactly once
+            parts = [_fingerprints(lo) for lo in loaders]
+            assert sorted(sum(parts, [])) == whole, (world, epoch)
+
+
+def test_two_train_ranks_see_disjoint_samples_whose_union_is_the_epoch(prepped):
+    def keys(rank, world):
+        seen = []
+        for s in _run(prepped, True, batches=len(train_loader(prepped, batch_size=8, world_size=world,
+                                                                rank=rank, num_threads=1)),
+                      batch_size=8, world_size=world, rank=rank, lighting_sigma=0):
+            seen.append(hash(s["image"].tobytes()))
+        return seen
+
+    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    a, b = keys(0, 2), keys(1, 2)
+    a_set, b_set = set(a), set(b)
+    assert not a_set & b_set
+    assert len(a_set | b_set) == n  # padding only repeats samples already seen
+
+
+def test_loader_outputs_shapes_dtypes_and_layouts(prepped):
+    images, labels = next(iter(train_loader(prepped, batch_size=4, num_threads=1)))
+    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32 and labels.dtype == torch.int64
+    images, _ = next(iter(train_loader(prepped, batch_size=4, num_threads=1, layout="NHWC")))
+    assert images.shape == (4, 3, 224, 224) and images.is_contiguous(memory_format=torch.channels_last)
+    images, _ = next(iter(eval_loader(prepped, batch_size=2, num_threads=1, tencrop=True)))
+    assert images.shape == (2, 10, 3, 224, 224)
+
+
+def test_labels_in_an_epoch_are_the_dataset_labels(prepped):
+    loader = train_loader(prepped, batch_size=16, num_threads=1)
+    labels = torch.cat([y for _, y in loader])
+    valid = labels[labels != PAD_LABEL]
+    manifest_labels = sorted(v[0] for v in __import__("conftest").read_samples(prepped, "train").values())
+    assert len(valid) == len(manifest_labels)
+    assert len(labels) == len(loader) * 16
+
+
+@pytest.mark.parametrize("damage", ["truncate", "no_index", "empty_dir", "bad_option", "gpu_without_gpu"])
+def test_bad_shards_fail_fast_naming_the_file(prepped, tmp_path, damage):
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy)
+    tar = shards.shard_paths(copy, "train")[0]
+    options = {}
+    if damage == "truncate":
+        tar.write_bytes(tar.read_bytes()[:5000])
+    elif damage == "no_index":
+        tar.with_suffix(".idx").unlink()
+    elif damage == "empty_dir":
+        shutil.rmtree(copy)
+        copy.mkdir()
+    elif damage == "bad_option":
+        options = {"mean": "median"}
+    else:
+        options = {"device": "cuda"}
+    t0 = time.time()
+    with pytest.raises((ShardError, ValueError)) as e:
+        next(iter(train_loader(copy, batch_size=4, num_threads=1, **options)))
+    assert time.time() - t0 < 10
+    name = {"truncate": tar.name, "no_index": tar.with_suffix(".idx").name, "empty_dir": "dataset.json",
+            "bad_option": "median", "gpu_without_gpu": "no GPU"}[damage]
+    assert name in str(e.value)
