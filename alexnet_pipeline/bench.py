@@ -92,3 +92,80 @@ def prep_main(root: Path, repeats: int, workers: int | None, as_json: bool) -> i
     print(f"all workers / 1 worker: {result['ratio_all_to_1_worker']:.2f}x   "
           f"({result['environment']['PIL']}, {os.cpu_count()} cores)")
     return 0
+
+
+# ---- pipeline --------------------------------------------------------------------------------------------
+
+def _iter_rate(run_epoch, repeats: int, epochs: int, sync=lambda: None) -> float:
+    """images/s of `run_epoch` (returns images it produced): one warm-up epoch, then the median of repeats."""
+    run_epoch()
+    sync()
+    rates = []
+    for _ in range(repeats):
+        t0, n = time.perf_counter(), 0
+        for _ in range(epochs):
+            n += run_epoch()
+        sync()  # device work is asynchronous: wait before reading the clock
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def _count(loader, device=None):
+    n = 0
+    for images, _ in loader:
+        if device is not None and images.device.type != device.type:
+            images = images.to(device, non_blocking=True)  # the baseline's copy to the GPU counts too
+        n += images.shape[0]
+    return n
+
+
+def pipeline_rates(shards_dir: Path, batch_size: int = 64, threads: int | None = None, repeats: int = 5,
+                   epochs: int = 2, device: str = "cpu", dtype: str = "float32", baseline: bool = True) -> dict:
+    """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
+    import torch
+
+    from .baseline import baseline_loader
+    from .pipeline import LoaderConfig, Loader, build_pipeline
+
+    threads = threads or len(os.sched_getaffinity(0))
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    result = {"batch_size": batch_size, "threads": threads, "device": device, "dtype": dtype, "repeats": repeats,
+              "epochs_per_repeat": epochs}
+    for name, train, split, extra in (("train", True, "train", {}), ("tencrop_eval", False, "val", {"tencrop": True})):
+        cfg = LoaderConfig(shards_dir, split, batch_size, device, num_threads=threads, dtype=dtype, **extra)
+        ours = Loader(cfg, train)
+        ceiling_pipe = build_pipeline(cfg, train, decode_only=True)[0]
+
+        def ceiling():
+            for _ in range(len(ours)):
+                ceiling_pipe.run()
+            return len(ours) * batch_size
+
+        rates = {"dali": _iter_rate(lambda: _count(ours), repeats, epochs, sync),
+                 "decode_only": _iter_rate(ceiling, repeats, epochs, sync)}
+        if baseline:
+            base = baseline_loader(shards_dir, batch_size, workers=threads, train=train, **extra)
+            rates["baseline"] = _iter_rate(lambda: _count(base, dev), repeats, epochs, sync)
+            del base
+        result[name] = {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"]
+                        if baseline else None, "dali_over_decode_only": rates["dali"] / rates["decode_only"]}
+        del ours, ceiling_pipe
+    return result
+
+
+def pipeline_main(shards_dir: Path, batch_size, threads, repeats, epochs, device, dtype, baseline, as_json) -> int:
+    result = pipeline_rates(shards_dir, batch_size, threads, repeats, epochs, device, dtype, baseline)
+    result["environment"] = environment_report()
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"pipeline on {shards_dir}, {device} ({dtype}), batch {batch_size}, {result['threads']} threads/workers, "
+          f"median of {repeats} x {epochs} epochs after a warm-up epoch")
+    print(f"{'':<14}{'DALI':>10}{'baseline':>10}{'decode':>10}{'x base':>8}{'x decode':>9}   (images/s)")
+    for name in ("train", "tencrop_eval"):
+        r, base = result[name]["images_per_s"], result[name]["dali_over_baseline"]
+        print(f"{name:<14}{r['dali']:>10.0f}{r.get('baseline', float('nan')):>10.0f}{r['decode_only']:>10.0f}"
+              f"{base or float('nan'):>8.2f}{result[name]['dali_over_decode_only']:>9.2f}")
+    print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
+    return 0

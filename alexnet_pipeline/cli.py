@@ -136,12 +136,30 @@ def bench_main(argv=None) -> int:
     bp.add_argument("--repeats", type=_positive, default=3)
     bp.add_argument("--workers", type=_positive, default=None, help="the 'all workers' count (default: cores)")
     bp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    for stage, issue in (("pipeline", 3), ("train", 4)):
-        sub.add_parser(stage, help=f"not implemented yet (issue #{issue})")
+    pp = sub.add_parser("pipeline", help="DALI loaders vs a DataLoader + Pillow-SIMD baseline vs decode only")
+    pp.add_argument("--shards", type=Path, default=Path("data/shards"))
+    pp.add_argument("--batch-size", type=_positive, default=64)
+    pp.add_argument("--threads", type=_positive, default=None, help="DALI threads = baseline workers (default: cores)")
+    pp.add_argument("--repeats", type=_positive, default=5)
+    pp.add_argument("--epochs", type=_positive, default=2, help="epochs per timed repeat")
+    pp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    pp.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the (slow) baseline")
+    pp.add_argument("--json", action="store_true")
+    sub.add_parser("train", help="not implemented yet (issue #4)")
     a = p.parse_args(argv)
-    if a.stage != "prep":
-        print(f"alexnet-bench {a.stage}: not implemented yet", file=sys.stderr)
+    if a.stage == "train":
+        print("alexnet-bench train: not implemented yet (issue #4)", file=sys.stderr)
         return 1
     from . import bench
 
+    if a.stage == "pipeline":
+        from .pipeline import ShardError
+
+        try:
+            return bench.pipeline_main(a.shards, a.batch_size, a.threads, a.repeats, a.epochs, a.device, a.dtype,
+                                       a.baseline, a.json)
+        except (ShardError, ValueError) as e:  # a bad directory or option: say which, no traceback
+            print(f"alexnet-bench: error: {e}", file=sys.stderr)
+            return 2
     return bench.prep_main(a.imagenet_root, a.repeats, a.workers, a.json)

@@ -167,3 +167,14 @@ def test_bad_shards_fail_fast_naming_the_file(prepped, tmp_path, damage):
     name = {"truncate": tar.name, "no_index": tar.with_suffix(".idx").name, "empty_dir": "dataset.json",
             "bad_option": "median", "gpu_without_gpu": "no GPU"}[damage]
     assert name in str(e.value)
+
+
+def test_cpu_batches_stay_valid_while_later_batches_are_produced(prepped):
+    """The CPU loader hands out DALI's buffers without copying; that is only sound if DALI never recycles
+    them while torch holds them (DALI's dynamic executor). If this fails, the loader must copy."""
+    loader = train_loader(prepped, batch_size=8, num_threads=2)
+    held = [(images, images.clone()) for images, _ in loader]
+    for _ in loader:  # another epoch of runs that would reuse recycled buffers
+        pass
+    assert len({a.data_ptr() for a, _ in held}) == len(held)
+    assert all(torch.equal(a, b) for a, b in held)
