@@ -1,0 +1,46 @@
+"""The GPU path (mixed decoding, gpu operators). Skipped where torch sees no GPU; run on a lent GPU with
+tools/gpu_check.sh."""
+
+import numpy as np
+import pytest
+import torch
+
+from alexnet_pipeline import augment
+from alexnet_pipeline.pipeline import LoaderConfig, build_pipeline, eval_loader, train_loader
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_gpu_train_output_equals_the_reference_for_the_same_draws(prepped):
+    with np.load(prepped / "stats.npz") as z:
+        stats = {k: z[k] for k in z.files}
+    cfg = LoaderConfig(prepped, "train", batch_size=8, device="cuda", num_threads=2, mean="pixel")
+    outs = build_pipeline(cfg, True, expose=True)[0].run()
+    out, image = outs[0].as_cpu(), outs[2].as_cpu()  # decoded by nvJPEG, so compare with that decode
+    for i in range(8):
+        alpha = np.array([float(np.array(outs[3 + j][i])) for j in range(3)])
+        x, y = (round(float(np.array(outs[k][i])) * 32) for k in (7, 8))
+        shift = augment.lighting_shift(alpha, stats["eigval"], stats["eigvec"], "sqrt")
+        ref = augment.augment(np.array(image[i]), x, y, bool(np.array(outs[6][i])),
+                              augment.mean_to_subtract(stats, "pixel"), shift)
+        np.testing.assert_allclose(np.array(out[i]), ref, atol=2e-3)
+
+
+def test_gpu_and_cpu_center_crops_agree_within_decoder_tolerance(prepped):
+    gpu = next(iter(eval_loader(prepped, batch_size=8, device="cuda", num_threads=2)))[0].cpu()
+    cpu = next(iter(eval_loader(prepped, batch_size=8, device="cpu", num_threads=2)))[0]
+    assert (gpu - cpu).abs().mean() < 1.5 and (gpu - cpu).abs().max() <= 16
+
+
+@pytest.mark.parametrize("dtype,layout", [("float16", "NCHW"), ("bfloat16", "NHWC"), ("float32", "NHWC")])
+def test_gpu_outputs_live_on_the_gpu_with_the_asked_dtype_and_layout(prepped, dtype, layout):
+    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype=dtype, layout=layout,
+                                            num_threads=2)))
+    assert images.is_cuda and labels.is_cuda and images.dtype == getattr(torch, dtype)
+    assert images.shape == (8, 3, 224, 224)
+    assert images.is_contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
+
+
+def test_gpu_tencrop_shape(prepped):
+    images, _ = next(iter(eval_loader(prepped, batch_size=4, device="cuda", tencrop=True, num_threads=2)))
+    assert images.shape == (4, 10, 3, 224, 224) and images.is_cuda
