@@ -27,7 +27,7 @@ CLASSES = 4
 def sample(tmp_path_factory):
     """(root, truth): the sample tree and {split: {file name: label}}."""
     root = tmp_path_factory.mktemp("imagenet") / "sample"
-    truth = sample_maker.make(root, classes=CLASSES, train_per_class=6, val_per_class=3, seed=1)
+    truth = sample_maker.make(root, classes=CLASSES, train_per_class=6, val_per_class=3, seed=1, workers=2)
     return root, truth
 
 

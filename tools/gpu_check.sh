@@ -15,7 +15,8 @@ if [[ $stage == test || $stage == all ]]; then
   python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_pipeline.py 2>&1 | tail -15
 fi
 if [[ $stage == bench || $stage == all ]]; then
-  python3 tools/make_sample_imagenet.py --out /tmp/sample --classes 20 --train-per-class 200 --val-per-class 20 >/dev/null
+  python3 tools/make_sample_imagenet.py --out /tmp/sample --classes 20 --train-per-class 250 --val-per-class 50 \
+    --layouts extracted --workers 16
   python3 -c "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())" \
     --imagenet-root /tmp/sample/extracted --out /tmp/shards --no-progress | head -1
   for bs in 256 512; do

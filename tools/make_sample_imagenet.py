@@ -117,42 +117,82 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class: int = 10, seed: int = 0) -> dict:
-    """Write every layout under `out`; returns the ground truth {"train": {name: label}, "val": {...}}."""
-    rng = np.random.default_rng(seed)
+def _class_files(args) -> list[tuple[str, bytes]]:
+    """The train files of one class (plus the quirks in class 0); its own RNG, so classes run in parallel."""
+    seed, label, classes, n = args
+    rng = np.random.default_rng([seed, label])
+    wnid = WNIDS[label]
+    files = [(f"{wnid}_{i}.JPEG", jpeg(photo(rng, label, classes, SHAPES[rng.integers(len(SHAPES))])))
+             for i in rng.choice(100000, n, replace=False)]
+    if label == 0:
+        files += [(f"{wnid}_9{k:03d}.JPEG", quirk_bytes(kind, rng, classes)) for k, (_, kind, _) in enumerate(QUIRKS)]
+        files.append((STRAY, b"\x00\x01not an image\xff" * 8))
+    return sorted(files)
+
+
+def _val_file(args) -> tuple[str, bytes]:
+    seed, i, label, classes = args
+    rng = np.random.default_rng([seed, 1_000_000 + i])
+    im = photo(rng, label, classes, SHAPES[rng.integers(len(SHAPES))])
+    data = jpeg(im, progressive=True) if i == 3 else jpeg(im.convert("L")) if i == 5 else jpeg(im)
+    return f"ILSVRC2012_val_{i + 1:08d}.JPEG", data
+
+
+LAYOUTS = ("extracted", "kaggle", "devkit", "archives")
+
+
+def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class: int = 10, seed: int = 0,
+         layouts=LAYOUTS, workers: int = 1) -> dict:
+    """Write the layouts under `out` (same bytes for any `workers`); returns {"train"|"val": {name: label}}."""
+    from multiprocessing import get_context
+
     wnids = WNIDS[:classes]
     if out.exists():
         shutil.rmtree(out)
     ext = out / "extracted"
-    truth = {"train": {}, "val": {}}
-    train_files: dict[str, list[tuple[str, bytes]]] = {}
-    for label, wnid in enumerate(wnids):
-        files = []
-        for i in rng.choice(100000, train_per_class, replace=False):
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            files.append((f"{wnid}_{i}.JPEG", jpeg(photo(rng, label, classes, shape))))
-        if label == 0:
-            files += [(f"{wnid}_9{k:03d}.JPEG", quirk_bytes(kind, rng, classes))
-                      for k, (q, kind, _) in enumerate(QUIRKS)]
-            files.append((STRAY, b"\x00\x01not an image\xff" * 8))
-        train_files[wnid] = sorted(files)
+    val_labels = np.random.default_rng([seed, 999]).permutation(np.repeat(np.arange(classes), val_per_class))
+    with get_context("fork").Pool(workers) if workers > 1 else _Serial() as pool:
+        per_class = pool.map(_class_files, [(seed, c, classes, train_per_class) for c in range(classes)])
+        val_files = pool.map(_val_file, [(seed, i, int(c), classes) for i, c in enumerate(val_labels)])
+    train_files = dict(zip(wnids, per_class))
+    truth = {"train": {n: c for c, w in enumerate(wnids) for n, _ in train_files[w]},
+             "val": {n: int(c) for (n, _), c in zip(val_files, val_labels)}}
+    for wnid, files in train_files.items():
+        (ext / "train" / wnid).mkdir(parents=True)
         for name, data in files:
-            (ext / "train" / wnid).mkdir(parents=True, exist_ok=True)
             (ext / "train" / wnid / name).write_bytes(data)
-            truth["train"][name] = label
+    for name, data in val_files:
+        (ext / "val" / wnids[truth["val"][name]]).mkdir(parents=True, exist_ok=True)
+        (ext / "val" / wnids[truth["val"][name]] / name).write_bytes(data)
+    if "kaggle" in layouts:
+        _kaggle(out, ext, wnids, val_files, truth)
+    if "devkit" in layouts or "archives" in layouts:
+        _devkit(out, ext, wnids, val_files, truth)
+    if "archives" in layouts:
+        arc = out / "archives"
+        arc.mkdir()
+        (arc / "ILSVRC2012_img_train.tar").write_bytes(
+            tar_bytes([(f"{w}.tar", tar_bytes(train_files[w])) for w in wnids]))
+        (arc / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(val_files))
+        with tarfile.open(arc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
+            tf.add(out / "devkit" / "ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12")
+    return truth
 
-    val_labels = rng.permutation(np.repeat(np.arange(classes), val_per_class))
-    val_files = []
-    for i, label in enumerate(val_labels):
-        name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
-        im = photo(rng, int(label), classes, SHAPES[rng.integers(len(SHAPES))])
-        data = jpeg(im, progressive=True) if i == 3 else jpeg(im.convert("L")) if i == 5 else jpeg(im)
-        val_files.append((name, data))
-        truth["val"][name] = int(label)
-        (ext / "val" / wnids[label]).mkdir(parents=True, exist_ok=True)
-        (ext / "val" / wnids[label] / name).write_bytes(data)
 
-    # Kaggle: nested folders, flat val, CSV of 'wnid x y x y ...' boxes (wnid first).
+class _Serial:
+    """A stand-in for a pool with one worker."""
+
+    map = staticmethod(lambda f, xs: list(map(f, xs)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _kaggle(out, ext, wnids, val_files, truth):
+    """Kaggle: nested folders, flat val, a CSV of 'wnid x y x y ...' boxes (wnid first)."""
     kag = out / "kaggle" / "ILSVRC" / "Data" / "CLS-LOC"
     (kag / "val").mkdir(parents=True)
     os.symlink((ext / "train").resolve(), kag / "train")
@@ -166,7 +206,9 @@ def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class:
             w.writerow([name.split(".")[0], f"{wn} 10 20 200 220 {wn} 5 5 50 60"])
     (out / "kaggle" / "LOC_synset_mapping.txt").write_text("".join(f"{w} class {w}\n" for w in wnids))
 
-    # Devkit: flat val, ground truth as ILSVRC2012_IDs that are NOT sorted-wnid order (the trap).
+
+def _devkit(out, ext, wnids, val_files, truth):
+    """Devkit: flat val; ground truth as ILSVRC2012_IDs that are NOT sorted-wnid order (the trap)."""
     dev = out / "devkit"
     (dev / "val").mkdir(parents=True)
     os.symlink((ext / "train").resolve(), dev / "train")
@@ -178,16 +220,6 @@ def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class:
     (kit / "ILSVRC2012_validation_ground_truth.txt").write_text(
         "".join(f"{ids[wnids[truth['val'][n]]]}\n" for n, _ in val_files))
 
-    # Official archives: a tar of per-class tars, a flat val tar, the devkit as .tar.gz.
-    arc = out / "archives"
-    arc.mkdir()
-    (arc / "ILSVRC2012_img_train.tar").write_bytes(
-        tar_bytes([(f"{w}.tar", tar_bytes(train_files[w])) for w in wnids]))
-    (arc / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(val_files))
-    with tarfile.open(arc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
-        tf.add(dev / "ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12")
-    return truth
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -196,11 +228,16 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=40)
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated subset of " + ",".join(LAYOUTS))
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: cores)")
     a = p.parse_args(argv)
+    layouts = tuple(x for x in a.layouts.split(",") if x)
+    if not set(layouts) <= set(LAYOUTS) or "extracted" not in layouts:
+        p.error(f"--layouts must include extracted and be among {','.join(LAYOUTS)}")
     if not 2 <= a.classes <= len(WNIDS):
         p.error(f"--classes must be between 2 and {len(WNIDS)}")
-    truth = make(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed)
-    print(f"wrote {len(truth['train'])} train and {len(truth['val'])} val files in 4 layouts under {a.out}")
+    truth = make(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, layouts, max(1, a.workers))
+    print(f"wrote {len(truth['train'])} train and {len(truth['val'])} val files in {len(layouts)} layouts under {a.out}")
 
 
 if __name__ == "__main__":
