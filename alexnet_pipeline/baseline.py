@@ -72,5 +72,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 def baseline_loader(shards_dir, batch_size=128, workers=2, split=None, train=True, **options):
     """torch DataLoader over ShardDataset; yields (float32 NCHW images, int64 labels) like the DALI loaders."""
     dataset = ShardDataset(shards_dir, split or ("train" if train else "val"), train=train, **options)
+    # forkserver, not fork: the benchmark process also runs DALI's thread pools (and CUDA), and forking a
+    # process with live threads can deadlock the children.
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                                       persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                                       multiprocessing_context="forkserver" if workers else None)
