@@ -32,3 +32,9 @@ def test_verify_exit_status(prepped, tmp_path, capsys):
     assert cli.prep_main(["--verify", str(prepped)]) == 0
     assert "OK" in capsys.readouterr().out
     assert cli.prep_main(["--verify", str(tmp_path)]) == 1
+
+
+def test_top_level_loaders_are_lazy():
+    code = ("import sys, alexnet_pipeline as a; assert not any(m.startswith('nvidia.dali') for m in sys.modules); "
+            "from alexnet_pipeline import train_loader, eval_loader; assert callable(train_loader)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
