@@ -212,6 +212,7 @@ class Loader:
         self.batches = math.ceil(max(_shard_size(self.n_samples, s, cfg.world_size)
                                      for s in range(cfg.world_size)) / cfg.batch_size)
         self.epoch = 0
+        self._unfinished = 0  # batches of the current epoch not yet taken from DALI
         self._torch_device = torch.device(cfg.device if cfg.on_gpu else "cpu")
 
     def __len__(self) -> int:
@@ -232,13 +233,23 @@ class Loader:
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._torch_device))
         return out
 
+    def _run(self):
+        try:
+            return self.pipe.run()[:2]
+        except RuntimeError as e:
+            raise ShardError(f"{self.cfg.shards / self.cfg.split}: reading failed: {e}") from None
+
     def __iter__(self):
+        # An epoch abandoned part-way (a `break`) leaves DALI's reader mid-epoch; finish it first so that
+        # epochs, shard rotation and padding marks stay aligned.
+        for _ in range(self._unfinished):
+            self._run()
+        if self._unfinished:
+            self.epoch += 1
         valid = self._valid(self.epoch)
         for b in range(self.batches):
-            try:
-                images, labels = self.pipe.run()[:2]
-            except RuntimeError as e:
-                raise ShardError(f"{self.cfg.shards / self.cfg.split}: reading failed: {e}") from None
+            images, labels = self._run()
+            self._unfinished = self.batches - b - 1
             images, labels = self._to_torch(images), self._to_torch(labels).view(-1)
             n_valid = min(max(valid - b * self.cfg.batch_size, 0), self.cfg.batch_size)
             if n_valid < self.cfg.batch_size:

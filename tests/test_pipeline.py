@@ -180,3 +180,12 @@ def test_cpu_batches_stay_valid_while_later_batches_are_produced(prepped):
         pass
     assert len({a.data_ptr() for a, _ in held}) == len(held)
     assert all(torch.equal(a, b) for a, b in held)
+
+
+def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped):
+    whole = _fingerprints(eval_loader(prepped, batch_size=4, num_threads=1))
+    loader = eval_loader(prepped, batch_size=4, num_threads=1)
+    for _ in loader:
+        break  # abandon the first epoch after one batch
+    assert _fingerprints(loader) == whole
+    assert loader.epoch == 2
