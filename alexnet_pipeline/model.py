@@ -1,0 +1,92 @@
+"""AlexNet as in Krizhevsky, Sutskever & Hinton (2012), and torchvision's single-column variant.
+
+Imports only torch. The paper's two GPU columns are grouped convolutions: conv2, conv4 and conv5 see only
+their own column (groups=2); conv3 and the fully connected layers see both. Local response normalisation
+follows ReLU on conv1 and conv2 and, as on the two GPUs, never crosses the columns (applied per group).
+
+conv1: the paper's 224 input gives 55x55 only with padding. We pad right and bottom by 3 (cuda-convnet2's
+choice, the same as feeding a 227 crop); torchvision's variant pads 2 on every side instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass
+class AlexNetConfig:
+    """variant: "paper" (96-256-384-384-256, two columns, LRN) or "torchvision" (64-192-384-256-256, one
+    column, no LRN). width scales every layer's channels and hidden units (for quick CPU runs)."""
+
+    num_classes: int = 1000
+    variant: str = "paper"
+    width: float = 1.0
+    dropout: float = 0.5
+
+
+class GroupedLRN(nn.Module):
+    """PyTorch's LocalResponseNorm (alpha divided by size, as cuda-convnet2 and Caffe) within each column."""
+
+    def __init__(self, groups: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0):
+        super().__init__()
+        self.groups, self.lrn = groups, nn.LocalResponseNorm(size, alpha, beta, k)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        return self.lrn(x.reshape(n * self.groups, c // self.groups, h, w)).reshape(n, c, h, w)
+
+
+class AlexNet(nn.Module):
+    def __init__(self, cfg: AlexNetConfig = AlexNetConfig()):
+        super().__init__()
+        if cfg.variant not in ("paper", "torchvision"):
+            raise ValueError(f"variant must be 'paper' or 'torchvision', got {cfg.variant!r}")
+        self.cfg = cfg
+        paper = cfg.variant == "paper"
+        g = 2 if paper else 1
+
+        def ch(n):  # channel counts stay divisible by the number of columns
+            return max(g, int(round(n * cfg.width / g)) * g)
+
+        c = [ch(n) for n in ((96, 256, 384, 384, 256) if paper else (64, 192, 384, 256, 256))]
+        hidden = max(1, int(round(4096 * cfg.width)))
+        self.pad1 = (0, 3, 0, 3) if paper else (2, 2, 2, 2)
+        self.conv1 = nn.Conv2d(3, c[0], 11, stride=4)
+        self.conv2 = nn.Conv2d(c[0], c[1], 5, padding=2, groups=g)
+        self.conv3 = nn.Conv2d(c[1], c[2], 3, padding=1)
+        self.conv4 = nn.Conv2d(c[2], c[3], 3, padding=1, groups=g)
+        self.conv5 = nn.Conv2d(c[3], c[4], 3, padding=1, groups=g)
+        self.lrn1 = GroupedLRN(g) if paper else nn.Identity()
+        self.lrn2 = GroupedLRN(g) if paper else nn.Identity()
+        self.fc6 = nn.Linear(c[4] * 6 * 6, hidden)
+        self.fc7 = nn.Linear(hidden, hidden)
+        self.fc8 = nn.Linear(hidden, cfg.num_classes)
+        self.drop = nn.Dropout(cfg.dropout)
+        if paper:
+            self._paper_init()
+
+    def _paper_init(self):
+        """Weights N(0, 0.01); biases 1 on conv2, conv4, conv5, fc6, fc7 (ReLUs start active), else 0."""
+        for name, m in self.named_children():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.constant_(m.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
+
+    def features(self, x):
+        x = F.max_pool2d(self.lrn1(F.relu(self.conv1(F.pad(x, self.pad1)))), 3, 2)
+        x = F.max_pool2d(self.lrn2(F.relu(self.conv2(x))), 3, 2)
+        x = F.relu(self.conv5(F.relu(self.conv4(F.relu(self.conv3(x))))))
+        return F.max_pool2d(x, 3, 2)
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.cfg.variant == "paper":  # dropout on the outputs of fc6 and fc7
+            x = self.drop(F.relu(self.fc6(torch.flatten(x, 1))))
+            return self.fc8(self.drop(F.relu(self.fc7(x))))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 6), 1)  # torchvision: dropout on the inputs of fc6, fc7
+        x = F.relu(self.fc6(self.drop(x)))
+        return self.fc8(F.relu(self.fc7(self.drop(x))))
