@@ -119,38 +119,43 @@ def _count(loader, device=None):
     return n
 
 
-def pipeline_rates(shards_dir: Path, batch_size: int = 64, threads: int | None = None, repeats: int = 5,
-                   epochs: int = 2, device: str = "cpu", dtype: str = "float32", baseline: bool = True) -> dict:
-    """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
+def _stage_rates(cfg, train: bool, repeats: int, epochs: int, baseline: bool, extra: dict) -> dict:
+    """(a), (b) and (c) for one loader configuration; its pipelines are freed when this returns."""
     import torch
 
     from .baseline import baseline_loader
-    from .pipeline import LoaderConfig, Loader, build_pipeline
+    from .pipeline import Loader, build_pipeline
+
+    dev = torch.device(cfg.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    ours = Loader(cfg, train)
+    ceiling_pipe = build_pipeline(cfg, train, decode_only=True)[0]
+
+    def ceiling():
+        for _ in range(len(ours)):
+            ceiling_pipe.run()
+        return len(ours) * cfg.batch_size
+
+    rates = {"dali": _iter_rate(lambda: _count(ours), repeats, epochs, sync),
+             "decode_only": _iter_rate(ceiling, repeats, epochs, sync)}
+    if baseline:
+        base = baseline_loader(cfg.shards, cfg.batch_size, workers=cfg.num_threads, train=train, **extra)
+        rates["baseline"] = _iter_rate(lambda: _count(base, dev), repeats, epochs, sync)
+    return {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"] if baseline else None,
+            "dali_over_decode_only": rates["dali"] / rates["decode_only"]}
+
+
+def pipeline_rates(shards_dir: Path, batch_size: int = 64, threads: int | None = None, repeats: int = 5,
+                   epochs: int = 2, device: str = "cpu", dtype: str = "float32", baseline: bool = True) -> dict:
+    """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
+    from .pipeline import LoaderConfig
 
     threads = threads or len(os.sched_getaffinity(0))
-    dev = torch.device(device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     result = {"batch_size": batch_size, "threads": threads, "device": device, "dtype": dtype, "repeats": repeats,
               "epochs_per_repeat": epochs}
     for name, train, split, extra in (("train", True, "train", {}), ("tencrop_eval", False, "val", {"tencrop": True})):
         cfg = LoaderConfig(shards_dir, split, batch_size, device, num_threads=threads, dtype=dtype, **extra)
-        ours = Loader(cfg, train)
-        ceiling_pipe = build_pipeline(cfg, train, decode_only=True)[0]
-
-        def ceiling():
-            for _ in range(len(ours)):
-                ceiling_pipe.run()
-            return len(ours) * batch_size
-
-        rates = {"dali": _iter_rate(lambda: _count(ours), repeats, epochs, sync),
-                 "decode_only": _iter_rate(ceiling, repeats, epochs, sync)}
-        if baseline:
-            base = baseline_loader(shards_dir, batch_size, workers=threads, train=train, **extra)
-            rates["baseline"] = _iter_rate(lambda: _count(base, dev), repeats, epochs, sync)
-            del base
-        result[name] = {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"]
-                        if baseline else None, "dali_over_decode_only": rates["dali"] / rates["decode_only"]}
-        del ours, ceiling_pipe
+        result[name] = _stage_rates(cfg, train, repeats, epochs, baseline, extra)
     return result
 
 

@@ -23,7 +23,6 @@ import numpy as np
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
 STATS = "stats.npz"
-SPLITS = ("train", "val")
 LABEL_EXT = "lbl"
 
 

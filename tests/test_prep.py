@@ -1,5 +1,4 @@
 import json
-import shutil
 import signal
 import subprocess
 import sys

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from alexnet_pipeline import shards
 from conftest import read_samples
