@@ -30,9 +30,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _samples(self, paths):
         for path in paths:
-            members = list(shards.iter_tar(path.read_bytes()))
-            for (_, jpeg), (_, cls), _ in (members[i:i + 3] for i in range(0, len(members), 3)):
-                yield jpeg, int(cls)
+            for _, jpeg, label in shards.iter_samples(path.read_bytes()):
+                yield jpeg, label
 
     def _transform(self, jpeg, rng):
         image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))

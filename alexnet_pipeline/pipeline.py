@@ -130,13 +130,14 @@ def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
             drawn[f"alpha{j}"] = fn.random.normal(stddev=cfg.lighting_sigma)
             term = drawn[f"alpha{j}"] * types.Constant(columns[:, j].astype(np.float32))
             shift = term if shift is None else shift + term
+    # channel mode subtracts mean_rgb inside crop_mirror_normalize; pixel mode subtracts nothing there
+    base = stats["mean_rgb"] if cfg.mean == "channel" else np.zeros(3)
+    mean = base.astype(np.float32).tolist() if shift is None else types.Constant(base.astype(np.float32)) - shift
     if cfg.mean == "channel":
-        mean = types.Constant(stats["mean_rgb"].astype(np.float32))
-        return (mean - shift if shift is not None else stats["mean_rgb"].astype(np.float32).tolist()), None
+        return mean, None
     patch = augment.mean_to_subtract(stats, "pixel").astype(np.float32)
-    patch = patch if cfg.layout == "NHWC" else patch.transpose(2, 0, 1)
-    return (0.0 - shift if shift is not None else 0.0), types.Constant(np.ascontiguousarray(patch),
-                                                                        device="gpu" if cfg.on_gpu else "cpu")
+    patch = np.ascontiguousarray(patch if cfg.layout == "NHWC" else patch.transpose(2, 0, 1))
+    return mean, types.Constant(patch, device="gpu" if cfg.on_gpu else "cpu")
 
 
 def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
@@ -150,8 +151,8 @@ def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
 
 def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False):
     """The DALI pipeline, built. Outputs (images, labels); with `expose`, also the decoded 256x256 image and
-    the random draws (sorted by name: alpha0..2, mirror, x, y as fractions of the 32-pixel span) so tests can replay them through the
-    reference. `decode_only` stops after decoding: the ceiling that benchmarks compare against."""
+    the random draws, sorted by name (alpha0..2, mirror, x, y; x and y as fractions of the 32-pixel span), so
+    tests can replay them through the reference. `decode_only` stops after decoding: the benchmarks' ceiling."""
     paths, n_samples, manifest = check_shards(cfg.shards, cfg.split)
     stats = _stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span

@@ -15,6 +15,7 @@ Output bytes depend only on the inputs and the options that change them (`PrepCo
 
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing as mp
 import os
@@ -94,36 +95,31 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
     bin_path, npz_path = _work_paths(work, unit)
     keys, labels, offsets, sizes, skipped = [], [], [], [], []
     moments = Moments(size) if unit.split == "train" else None
-    offset = 0
-    tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as out:
-        try:
-            for item in unit.items():
-                try:
-                    if item.label < 0:
-                        raise BadImage("no label for this image")
-                    if not item.key:
-                        raise BadImage("file name has no stem to use as a sample key")
-                    jpeg, pixels = prepare(item.data, size, quality)
-                except BadImage as e:
-                    skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
-                else:
-                    out.write(jpeg)
-                    keys.append(item.key), labels.append(item.label)
-                    offsets.append(offset), sizes.append(len(jpeg))
-                    offset += len(jpeg)
-                    if moments is not None:
-                        moments.add(pixels)
-                if _counter is not None:
-                    with _counter.get_lock():
-                        _counter.value += 1
-        except (OSError, EOFError, imagenet.tarfile.TarError) as e:
-            # a damaged archive loses the rest of this unit only; what was read so far is kept
-            skipped.append({"split": unit.split, "source": unit.archive or unit.name,
-                            "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, bin_path)
+    out = io.BytesIO()  # a unit is at most one class (~1,300 images, ~40 MB of JPEGs)
+    try:
+        for item in unit.items():
+            try:
+                if item.label < 0:
+                    raise BadImage("no label for this image")
+                if not item.key:
+                    raise BadImage("file name has no stem to use as a sample key")
+                jpeg, pixels = prepare(item.data, size, quality)
+            except BadImage as e:
+                skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
+            else:
+                offsets.append(out.tell()), sizes.append(len(jpeg))
+                out.write(jpeg)
+                keys.append(item.key), labels.append(item.label)
+                if moments is not None:
+                    moments.add(pixels)
+            if _counter is not None:
+                with _counter.get_lock():
+                    _counter.value += 1
+    except (OSError, EOFError, imagenet.tarfile.TarError) as e:
+        # a damaged archive loses the rest of this unit only; what was read so far is kept
+        skipped.append({"split": unit.split, "source": unit.archive or unit.name,
+                        "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
+    shards.atomic_write(bin_path, out.getvalue())
     arrays = {"keys": np.array(keys, dtype=str), "labels": np.array(labels, np.int64),
               "offsets": np.array(offsets, np.int64), "sizes": np.array(sizes, np.int64),
               "skipped": np.array(json.dumps(skipped))}
@@ -240,14 +236,13 @@ def _bar(cfg: PrepConfig, total, desc, unit):
 
 def _check_out(cfg: PrepConfig) -> bool:
     """True if `out` already holds this exact run, finished. Raises if it holds a different one."""
-    out = Path(cfg.out)
+    out, ours = Path(cfg.out), cfg.fingerprint()
     for marker in (out / shards.MANIFEST, out / WORK / "plan.json"):
         if marker.exists():
             theirs = json.loads(marker.read_text())
             theirs = theirs.get("fingerprint", theirs)
-            if theirs != cfg.fingerprint():
-                diff = sorted(k for k in theirs.keys() | cfg.fingerprint().keys()
-                              if theirs.get(k) != cfg.fingerprint().get(k))
+            if theirs != ours:
+                diff = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
                 raise PrepError(f"{marker}: {out} holds a run with other options ({', '.join(diff)} differ); "
                                 "use another --out or delete it")
             return marker.name == shards.MANIFEST

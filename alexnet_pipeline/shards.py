@@ -140,6 +140,20 @@ def iter_tar(data: bytes):
                 yield m.name, tf.extractfile(m).read()
 
 
+def iter_samples(data: bytes):
+    """(key, jpeg bytes, label) of each sample of an in-memory shard, checking the member triple."""
+    members = list(iter_tar(data))
+    for i in range(0, len(members), 3):
+        (jn, jpeg), (cn, cls), (ln, lbl) = members[i:i + 3]
+        key = jn.split(".")[0]
+        if (jn, cn, ln) != (f"{key}.jpg", f"{key}.cls", f"{key}.{LABEL_EXT}"):
+            raise ValueError(f"members {jn}, {cn}, {ln} are not one sample's jpg, cls and {LABEL_EXT}")
+        label = int(cls)
+        if int.from_bytes(lbl, "little", signed=True) != label:
+            raise ValueError(f"{cn} says {label} but {ln} disagrees")
+        yield key, jpeg, label
+
+
 def verify(shards: Path, check_images: bool = True) -> list[str]:
     """Re-read a shards directory and return its problems (empty if none), first problem first.
 
@@ -170,21 +184,18 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
                 problems.append(f"{path}: size or sha256 differs from {MANIFEST} (corrupted or replaced)")
                 continue
             try:
-                members = list(iter_tar(data))
-            except tarfile.TarError as e:
-                problems.append(f"{path}: unreadable tar ({e})")
+                samples = list(iter_samples(data))
+            except (tarfile.TarError, ValueError) as e:
+                problems.append(f"{path}: unreadable samples ({e})")
                 continue
-            samples = [members[i:i + 3] for i in range(0, len(members), 3)]
-            expect_idx = build_shard((s[0][0].split(".")[0], s[0][1], int(s[1][1])) for s in samples)[1]
             idx = path.with_suffix(".idx")
-            if not idx.exists() or idx.read_text() != expect_idx:
+            if not idx.exists() or idx.read_text() != build_shard(samples)[1]:
                 problems.append(f"{idx}: missing or does not match its shard")
             if len(samples) != info["samples"]:
                 problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info['samples']}")
-            for (jn, jpeg), (cn, cls), (ln, lbl) in samples:
-                label = int(cls)
-                if not 0 <= label < n_classes or int.from_bytes(lbl, "little", signed=True) != label:
-                    problems.append(f"{path}: {cn}: label {label} out of range or .{LABEL_EXT} disagrees")
+            for key, jpeg, label in samples:
+                if not 0 <= label < n_classes:
+                    problems.append(f"{path}: {key}: label {label} out of range")
                 if check_images:
                     try:
                         im = Image.open(io.BytesIO(jpeg))
@@ -194,7 +205,7 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
                     except (OSError, SyntaxError, ValueError):
                         ok = False
                     if not ok:
-                        problems.append(f"{path}: {jn}: not a {size}x{size} baseline RGB JPEG")
+                        problems.append(f"{path}: {key}.jpg: not a {size}x{size} baseline RGB JPEG")
             total += len(samples)
         if total != entry["samples"]:
             problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry['samples']}")

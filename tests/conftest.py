@@ -45,9 +45,5 @@ def read_samples(shards_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:
     """{key: (label, jpeg bytes)} of a split, read back through the manifest."""
     from alexnet_pipeline import shards
 
-    out = {}
-    for path in shards.shard_paths(shards_dir, split):
-        members = list(shards.iter_tar(path.read_bytes()))
-        for (jn, jpeg), (cn, cls), _ in (members[i:i + 3] for i in range(0, len(members), 3)):
-            out[jn.split(".")[0]] = (int(cls), jpeg)
-    return out
+    return {key: (label, jpeg) for path in shards.shard_paths(shards_dir, split)
+            for key, jpeg, label in shards.iter_samples(path.read_bytes())}

@@ -134,13 +134,17 @@ def test_loader_outputs_shapes_dtypes_and_layouts(prepped):
     assert images.shape == (2, 10, 3, 224, 224)
 
 
-def test_labels_in_an_epoch_are_the_dataset_labels(prepped):
-    loader = train_loader(prepped, batch_size=16, num_threads=1)
-    labels = torch.cat([y for _, y in loader])
-    valid = labels[labels != PAD_LABEL]
-    manifest_labels = sorted(v[0] for v in __import__("conftest").read_samples(prepped, "train").values())
-    assert len(valid) == len(manifest_labels)
-    assert len(labels) == len(loader) * 16
+@pytest.mark.parametrize("seed,batch_size", [(0, 16), (1, 5), (2, 7)])
+def test_unmasked_labels_of_each_shuffled_epoch_are_the_dataset_labels(prepped, seed, batch_size):
+    """With shuffling, DALI's padding repeats must still land where the loader masks them (the tail)."""
+    from conftest import read_samples
+
+    want = sorted(v[0] for v in read_samples(prepped, "train").values())
+    loader = train_loader(prepped, batch_size=batch_size, seed=seed, num_threads=1)
+    for _ in range(2):
+        labels = torch.cat([y for _, y in loader])
+        assert len(labels) == len(loader) * batch_size
+        assert sorted(labels[labels != PAD_LABEL].tolist()) == want
 
 
 @pytest.mark.parametrize("damage", ["truncate", "no_index", "empty_dir", "bad_option", "gpu_without_gpu"])

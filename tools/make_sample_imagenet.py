@@ -237,7 +237,8 @@ def main(argv=None):
     if not 2 <= a.classes <= len(WNIDS):
         p.error(f"--classes must be between 2 and {len(WNIDS)}")
     truth = make(a.out, a.classes, a.train_per_class, a.val_per_class, a.seed, layouts, max(1, a.workers))
-    print(f"wrote {len(truth['train'])} train and {len(truth['val'])} val files in {len(layouts)} layouts under {a.out}")
+    n_train, n_val = len(truth["train"]), len(truth["val"])
+    print(f"wrote {n_train} train and {n_val} val files in {len(layouts)} layouts under {a.out}")
 
 
 if __name__ == "__main__":
