@@ -149,7 +149,8 @@ def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
     return out if patch is None else out - patch
 
 
-def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False):
+def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False,
+                   checkpoint: str | None = None):
     """The DALI pipeline, built. Outputs (images, labels); with `expose`, also the decoded 256x256 image and
     the random draws, sorted by name (alpha0..2, mirror, x, y; x and y as fractions of the 32-pixel span), so
     tests can replay them through the reference. `decode_only` stops after decoding: the benchmarks' ceiling."""
@@ -161,7 +162,8 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
     # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
     # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
-                  seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=2, exec_dynamic=True)
+                  seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=2, exec_dynamic=True,
+                  enable_checkpointing=True, checkpoint=checkpoint)
     def graph():
         jpg, label = fn.readers.webdataset(
             paths=[str(p) for p in paths], index_paths=[str(p.with_suffix(".idx")) for p in paths],
@@ -206,18 +208,29 @@ class Loader:
     labels count each sample exactly once.
     """
 
-    def __init__(self, cfg: LoaderConfig, train: bool):
+    def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None):
         self.cfg, self.train = cfg, train
-        self.pipe, self.n_samples, manifest = build_pipeline(cfg, train)
+        checkpoint = None if state is None else state["dali"].numpy().tobytes()
+        self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint)
         self.classes = manifest["classes"]
         self.batches = math.ceil(max(_shard_size(self.n_samples, s, cfg.world_size)
                                      for s in range(cfg.world_size)) / cfg.batch_size)
-        self.epoch = 0
-        self._unfinished = 0  # batches of the current epoch not yet taken from DALI
+        self.epoch = 0 if state is None else int(state["epoch"])
+        self._position = 0 if state is None else int(state["position"])  # batches of `epoch` taken from DALI
+        self._resuming = state is not None
         self._torch_device = torch.device(cfg.device if cfg.on_gpu else "cpu")
 
     def __len__(self) -> int:
         return self.batches
+
+    def state_dict(self) -> dict:
+        """Where the data stream is: DALI's reader and random-generator states (a uint8 tensor), the epoch and
+        the batches of it already taken. `Loader(cfg, train, state)` continues with exactly the next batch."""
+        epoch, position = self.epoch, self._position
+        if position == self.batches:
+            epoch, position = epoch + 1, 0
+        dali = torch.frombuffer(bytearray(self.pipe.checkpoint()), dtype=torch.uint8)
+        return {"dali": dali, "epoch": epoch, "position": position}
 
     def _valid(self, epoch: int) -> int:
         # DALI readers move to the next shard every epoch (stick_to_shard=False)
@@ -242,15 +255,16 @@ class Loader:
 
     def __iter__(self):
         # An epoch abandoned part-way (a `break`) leaves DALI's reader mid-epoch; finish it first so that
-        # epochs, shard rotation and padding marks stay aligned.
-        for _ in range(self._unfinished):
-            self._run()
-        if self._unfinished:
-            self.epoch += 1
+        # epochs, shard rotation and padding marks stay aligned. A resumed loader continues its epoch instead.
+        if not self._resuming and self._position:
+            for _ in range(self._position, self.batches):
+                self._run()
+            self.epoch, self._position = self.epoch + 1, 0
+        self._resuming = False
         valid = self._valid(self.epoch)
-        for b in range(self.batches):
+        for b in range(self._position, self.batches):
             images, labels = self._run()
-            self._unfinished = self.batches - b - 1
+            self._position = b + 1
             images, labels = self._to_torch(images), self._to_torch(labels).view(-1)
             n_valid = min(max(valid - b * self.cfg.batch_size, 0), self.cfg.batch_size)
             if n_valid < self.cfg.batch_size:
@@ -261,7 +275,7 @@ class Loader:
             if self.cfg.dtype == "bfloat16":
                 images = images.to(torch.bfloat16)  # DALI has no bfloat16; one cast kernel on the GPU
             yield images, labels
-        self.epoch += 1
+        self.epoch, self._position = self.epoch + 1, 0
 
 
 def train_loader(shards_dir, **options) -> Loader:

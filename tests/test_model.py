@@ -56,3 +56,26 @@ def test_grouped_layers_equal_the_explicit_two_column_computation():
     lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
     torch.testing.assert_close(GroupedLRN(2)(y), torch.cat([lrn(y[:, :24]), lrn(y[:, 24:])], 1))
     assert not torch.allclose(GroupedLRN(2)(y * 40), lrn(y * 40))  # it really does not cross the columns
+
+
+def test_two_columns_compute_the_grouped_function():
+    from alexnet_pipeline.model import TwoColumnAlexNet
+
+    torch.manual_seed(0)
+    # float64: the layouts sum in different orders, and float32 gradients of this init differ by ~1% of scale
+    grouped = AlexNet(AlexNetConfig(num_classes=5, width=0.25)).eval().double()
+    split = TwoColumnAlexNet(grouped, devices=("cpu", "cpu")).eval()  # two CPU "devices"
+    x = torch.randn(3, 3, 224, 224, dtype=torch.float64)
+    torch.testing.assert_close(split(x), grouped(x))
+    assert {k: v.shape for k, v in split.grouped_state_dict().items()} == \
+        {k: v.shape for k, v in grouped.state_dict().items()}
+    for k, v in split.grouped_state_dict().items():
+        torch.testing.assert_close(v, grouped.state_dict()[k])
+    # gradients agree too, after mapping the column halves back to the grouped layout
+    for m in (grouped, split):
+        m(x).logsumexp(1).sum().backward()
+    for name in ("conv1", "conv3", "conv5", "fc6"):
+        torch.testing.assert_close(torch.cat([getattr(c, name).weight.grad for c in split.columns]),
+                                   getattr(grouped, name).weight.grad)
+    with pytest.raises(ValueError, match="torchvision"):
+        TwoColumnAlexNet(AlexNet(AlexNetConfig(variant="torchvision", width=0.25)), ("cpu", "cpu"))
