@@ -174,3 +174,62 @@ def pipeline_main(shards_dir: Path, batch_size, threads, repeats, epochs, device
               f"{base or float('nan'):>8.2f}{result[name]['dali_over_decode_only']:>9.2f}")
     print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
     return 0
+
+
+# ---- train -----------------------------------------------------------------------------------------------
+
+def train_rates(shards_dir: Path, batch_size: int = 128, steps: int = 20, repeats: int = 5, device: str = "auto",
+                threads: int | None = None, width: float = 1.0, variant: str = "paper", compile_: bool = False) -> dict:
+    """Training images/s of the same model and step fed by (a) one batch held on the device (synthetic: the
+    ceiling) and (b) the real DALI train pipeline; the ratio says how much the data costs the GPU."""
+    import itertools
+
+    import torch
+
+    from .distributed import World, resolve_device
+    from .model import AlexNet, AlexNetConfig
+    from .pipeline import Loader
+    from .train import TrainConfig, loader_config, train_step
+
+    dev = resolve_device(device)
+    gpu = dev.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    cfg = TrainConfig(shards_dir, Path(tempfile.gettempdir()), batch_size=batch_size, threads=threads)
+    loader = Loader(loader_config(cfg, World(0, 1, 0, dev), "train"), train=True)
+    net = AlexNet(AlexNetConfig(len(loader.classes), variant, width)).to(dev)
+    if gpu:
+        net = net.to(memory_format=torch.channels_last)
+    model = torch.compile(net) if compile_ else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # epoch after epoch
+    held = [t.clone() for t in next(stream)]  # same dtype, layout and device as the pipeline's batches
+
+    def run(source):
+        def steps_of():
+            for _ in range(steps):
+                train_step(model, optimizer, *source())
+            return steps * batch_size
+        return steps_of
+
+    rates = {"synthetic": _iter_rate(run(lambda: held), repeats, 1, sync),
+             "real": _iter_rate(run(lambda: next(stream)), repeats, 1, sync)}
+    return {"batch_size": batch_size, "steps_per_repeat": steps, "repeats": repeats, "device": str(dev),
+            "variant": variant, "width": width, "compile": compile_, "threads": loader.pipe.num_threads,
+            "images_per_s": rates, "real_over_synthetic": rates["real"] / rates["synthetic"]}
+
+
+def train_main(shards_dir: Path, batch_size, steps, repeats, device, threads, width, variant, compile_,
+               as_json) -> int:
+    result = train_rates(shards_dir, batch_size, steps, repeats, device, threads, width, variant, compile_)
+    result["environment"] = environment_report()
+    if as_json:
+        print(json.dumps(result, indent=1))
+        return 0
+    r = result["images_per_s"]
+    print(f"train step, {variant} AlexNet width {width} on {result['device']}, batch {batch_size}, "
+          f"median of {repeats} x {steps} steps after a warm-up")
+    print(f"synthetic (batch held on device) {r['synthetic']:>9.0f} images/s")
+    print(f"real (DALI pipeline)             {r['real']:>9.0f} images/s   "
+          f"{result['real_over_synthetic']:.2f}x synthetic")
+    print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
+    return 0

@@ -113,18 +113,103 @@ def _verify(path: Path) -> int:
     return 0
 
 
-def _not_yet(prog: str, issue: int, what: str):
-    def main(argv=None) -> int:
-        p = argparse.ArgumentParser(prog=prog, description=f"{what} (not implemented yet: issue #{issue}).")
-        p.parse_args(argv)
-        print(f"{prog}: not implemented yet (issue #{issue})", file=sys.stderr)
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _fail(prog: str, e: Exception) -> int:
+    """A bad directory, checkpoint or option: one line naming it, status 2, no traceback."""
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv=None) -> int:
+    """alexnet-train: the paper's AlexNet and recipe on prepared shards (one process, or many with torchrun)."""
+    from .train import TrainConfig
+
+    d = TrainConfig(Path("."), Path("."))
+    p = argparse.ArgumentParser(prog="alexnet-train", description=train_main.__doc__.split(": ", 1)[1],
+                                epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
+    p.add_argument("--shards", type=Path, required=True, help="directory written by alexnet-prep")
+    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, plot")
+    p.add_argument("--epochs", type=_positive, default=d.epochs, help=f"(default {d.epochs})")
+    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="global, over all ranks (default 128)")
+    p.add_argument("--lr", type=_positive_float, help="default 0.01 x batch-size / 128 (linear scaling)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=("plateau", "step"), default=d.schedule,
+                   help="plateau: /10 when val error stops improving (the paper, default); step: every --step-epochs")
+    p.add_argument("--patience", type=_positive, default=d.patience, help="plateau: epochs without improvement")
+    p.add_argument("--step-epochs", type=_positive, default=d.step_epochs)
+    p.add_argument("--max-drops", type=int, default=d.max_drops, help="lr divisions by 10 at most (default 3)")
+    p.add_argument("--variant", choices=("paper", "torchvision"), default=d.variant)
+    p.add_argument("--width", type=_positive_float, default=d.width, help="channel multiplier (quick CPU runs)")
+    p.add_argument("--model-parallel", action="store_true", help="the two columns on two GPUs, as in the paper")
+    p.add_argument("--device", default=d.device, help="auto (default: this rank's GPU, else CPU), cpu, cuda")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--mean", choices=("channel", "pixel"), default=d.mean)
+    p.add_argument("--lighting-sigma", type=float, default=d.lighting_sigma, help="PCA lighting; 0 turns it off")
+    p.add_argument("--lighting-form", choices=("sqrt", "eigval"), default=d.lighting_form)
+    p.add_argument("--threads", type=_positive, help="DALI threads per rank (default: every core)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=_positive, default=d.log_every, help="steps per log line (default 50)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-tencrop", dest="tencrop", action="store_false", help="skip the final ten-crop validation")
+    a = vars(p.parse_args(argv))
+    if a["max_drops"] < 0:
+        p.error("--max-drops must be 0 or more")
+    from .pipeline import ShardError
+    from .train import Diverged, run
+
+    try:
+        cfg = TrainConfig(**a)
+        result = run(cfg)
+    except (ShardError, ValueError, FileNotFoundError) as e:
+        return _fail("alexnet-train", e)
+    except Diverged as e:
+        print(f"alexnet-train: {e}", file=sys.stderr)
         return 1
+    return 128 + result["stopped"] if result.get("stopped") else 0
 
-    return main
 
+def eval_main(argv=None) -> int:
+    """alexnet-eval: top-1/top-5 error of a checkpoint with center crops and (--tencrop) the paper's ten crops."""
+    p = argparse.ArgumentParser(prog="alexnet-eval", description=eval_main.__doc__.split(": ", 1)[1])
+    p.add_argument("--shards", type=Path, required=True, help="directory written by alexnet-prep (uses val)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoint.pt or RUN/best.pt")
+    p.add_argument("--tencrop", action="store_true", help="also ten crops: 4 corners + center, and mirrors")
+    p.add_argument("--batch-size", type=_positive, default=128, help="images per rank (default 128)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--threads", type=_positive, help="DALI threads per rank (default: every core)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    a = p.parse_args(argv)
+    if not a.checkpoint.is_file():
+        return _fail("alexnet-eval", f"{a.checkpoint}: no such checkpoint")
+    import json
 
-train_main = _not_yet("alexnet-train", 4, "Train AlexNet with the paper's recipe")
-eval_main = _not_yet("alexnet-eval", 4, "Top-1/top-5 error with center and ten-crop evaluation")
+    from . import evaluate
+    from .pipeline import ShardError
+
+    try:
+        result = evaluate.run(evaluate.EvalConfig(a.shards, a.checkpoint, a.tencrop, a.batch_size, a.device,
+                                                  a.threads))
+    except (ShardError, ValueError, KeyError, RuntimeError) as e:
+        return _fail("alexnet-eval", e)
+    if not result:  # not rank 0
+        return 0
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{a.checkpoint} (epoch {result['epoch']}) on {result['ranks']} x {result['device']}")
+    print(f"{'':<10}{'images':>8}{'top-1 err':>11}{'top-5 err':>11}")
+    for name in ("center", "tencrop"):
+        if name in result:
+            r = result[name]
+            print(f"{name:<10}{r['images']:>8}{r['top1_error']:>11.2%}{r['top5_error']:>11.2%}")
+    return 0
 
 
 def bench_main(argv=None) -> int:
@@ -146,20 +231,28 @@ def bench_main(argv=None) -> int:
     pp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     pp.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the (slow) baseline")
     pp.add_argument("--json", action="store_true")
-    sub.add_parser("train", help="not implemented yet (issue #4)")
+    tp = sub.add_parser("train", help="training step fed by the DALI pipeline vs by a batch held on the device")
+    tp.add_argument("--shards", type=Path, default=Path("data/shards"))
+    tp.add_argument("--batch-size", type=_positive, default=128)
+    tp.add_argument("--steps", type=_positive, default=20, help="steps per timed repeat")
+    tp.add_argument("--repeats", type=_positive, default=5)
+    tp.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu, cuda")
+    tp.add_argument("--threads", type=_positive, default=None, help="DALI threads (default: cores)")
+    tp.add_argument("--width", type=_positive_float, default=1.0)
+    tp.add_argument("--variant", choices=("paper", "torchvision"), default="paper")
+    tp.add_argument("--compile", action="store_true")
+    tp.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
-    if a.stage == "train":
-        print("alexnet-bench train: not implemented yet (issue #4)", file=sys.stderr)
-        return 1
     from . import bench
+    from .pipeline import ShardError
 
-    if a.stage == "pipeline":
-        from .pipeline import ShardError
-
-        try:
+    try:
+        if a.stage == "pipeline":
             return bench.pipeline_main(a.shards, a.batch_size, a.threads, a.repeats, a.epochs, a.device, a.dtype,
                                        a.baseline, a.json)
-        except (ShardError, ValueError) as e:  # a bad directory or option: say which, no traceback
-            print(f"alexnet-bench: error: {e}", file=sys.stderr)
-            return 2
+        if a.stage == "train":
+            return bench.train_main(a.shards, a.batch_size, a.steps, a.repeats, a.device, a.threads, a.width,
+                                    a.variant, a.compile, a.json)
+    except (ShardError, ValueError) as e:  # a bad directory or option: say which, no traceback
+        return _fail("alexnet-bench", e)
     return bench.prep_main(a.imagenet_root, a.repeats, a.workers, a.json)

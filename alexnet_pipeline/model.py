@@ -13,6 +13,7 @@ choice, the same as feeding a 227 crop); torchvision's variant pads 2 on every s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 @dataclass
 class AlexNetConfig:
     """variant: "paper" (96-256-384-384-256, two columns, LRN) or "torchvision" (64-192-384-256-256, one
-    column, no LRN). width scales every layer's channels and hidden units (for quick CPU runs)."""
+    column, no LRN, PyTorch's default init). width scales every layer's channels and hidden units (for
+    quick CPU runs)."""
 
     num_classes: int = 1000
     variant: str = "paper"
@@ -73,10 +75,12 @@ class AlexNet(nn.Module):
             self._paper_init()
 
     def _paper_init(self):
-        """Weights N(0, 0.01); biases 1 on conv2, conv4, conv5, fc6, fc7 (ReLUs start active), else 0."""
+        """Weights N(0, 0.01); biases 1 on conv2, conv4, conv5, fc6, fc7 (ReLUs start active), else 0.
+        At width w < 1 every layer after conv1 has w times the fan-in, so its std is 0.01 / sqrt(w): each layer
+        then scales the signal as in the full network (a fixed 0.01 makes narrow networks stall at ln(classes))."""
         for name, m in self.named_children():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.normal_(m.weight, 0.0, 0.01)
+                nn.init.normal_(m.weight, 0.0, 0.01 / (1 if name == "conv1" else math.sqrt(self.cfg.width)))
                 nn.init.constant_(m.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
 
     def features(self, x):
@@ -165,3 +169,12 @@ class TwoColumnAlexNet(nn.Module):
                 out[f"{name}.{kind}"] = torch.cat([getattr(c, name).state_dict()[kind].cpu() for c in self.columns])
         out.update({f"fc8.{k}": v.cpu() for k, v in self.fc8.state_dict().items()})
         return out
+
+
+def place(net: AlexNet, device: torch.device, model_parallel: bool):
+    """The network as it runs: on `device`, or split over this device and the next (the paper's columns)."""
+    if not model_parallel:
+        return net.to(device)
+    if device.type == "cuda":
+        return TwoColumnAlexNet(net, (device, torch.device("cuda", device.index + 1)))
+    return TwoColumnAlexNet(net, (device, device))  # two CPU "devices": for tests and CPU-only machines

@@ -223,6 +223,11 @@ class Loader:
     def __len__(self) -> int:
         return self.batches
 
+    @property
+    def position(self) -> int:
+        """Batches of the current epoch already yielded."""
+        return self._position
+
     def state_dict(self) -> dict:
         """Where the data stream is: DALI's reader and random-generator states (a uint8 tensor), the epoch and
         the batches of it already taken. `Loader(cfg, train, state)` continues with exactly the next batch."""

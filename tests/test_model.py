@@ -79,3 +79,13 @@ def test_two_columns_compute_the_grouped_function():
                                    getattr(grouped, name).weight.grad)
     with pytest.raises(ValueError, match="torchvision"):
         TwoColumnAlexNet(AlexNet(AlexNetConfig(variant="torchvision", width=0.25)), ("cpu", "cpu"))
+
+
+def test_narrow_paper_init_keeps_the_full_networks_signal_scale():
+    stds = {}
+    for width in (1.0, 0.25):
+        torch.manual_seed(0)
+        m = AlexNet(AlexNetConfig(width=width)).eval()
+        x = torch.randn(2, 3, 224, 224) * 50  # mean-subtracted 0-255 pixels
+        stds[width] = m.features(x).std().item()
+    assert 0.6 < stds[0.25] / stds[1.0] < 1.6

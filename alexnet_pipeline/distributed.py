@@ -1,0 +1,64 @@
+"""The process group: one process alone, or one of many under torchrun (one or several machines).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a world of one. GPUs use NCCL, the CPU
+gloo. `main` (rank 0) does all printing and writing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), on every rank."""
+        if self.size == 1:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto": this process's GPU (cuda:LOCAL_RANK) if torch sees one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no GPU; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(device: str = "auto") -> World:
+    """Join torchrun's process group if launched by it; pick this rank's device."""
+    size, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    dev = resolve_device(device, local)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    if dev.type == "cpu" and size > 1:
+        # ranks on one machine share its cores; oversubscribed threads make every rank slower
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+    return World(rank, size, local, dev)

@@ -1,0 +1,129 @@
+"""The trainer on CPU: two gloo ranks, interrupt and resume, divergence, checkpoints, logs and plot."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from alexnet_pipeline import train
+from alexnet_pipeline.distributed import World
+from alexnet_pipeline.pipeline import PAD_LABEL, Loader
+
+TINY = dict(width=0.0625, batch_size=8, log_every=1, threads=1, tencrop=False)
+
+
+def _records(run_dir, kind="train"):
+    return [r for r in map(json.loads, (run_dir / train.LOG).read_text().splitlines()) if r["kind"] == kind]
+
+
+def _fingerprints(images, labels):
+    """Per sample: (label, sum of the augmented crop), what the rank was fed."""
+    return [(int(y), round(float(x.double().sum()), 3)) for x, y in zip(images, labels) if y != PAD_LABEL]
+
+
+def _rank(rank, port, shards, out, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    seen = []
+    trainer = train.Trainer(train.TrainConfig(shards, out, epochs=2, device="cpu", **TINY),
+                            on_batch=lambda x, y: seen.extend(_fingerprints(x, y)))
+    trainer.fit()
+    torch.save({"weights": trainer.grouped_weights(), "seen": seen}, result_dir / f"rank{rank}.pt")
+    trainer.world.close()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_end_identical_and_see_different_samples(prepped, tmp_path):
+    mp.spawn(_rank, args=(_free_port(), prepped, tmp_path / "run", tmp_path), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for k, v in r0["weights"].items():
+        assert torch.equal(v, r1["weights"][k]), k
+    start = train.AlexNet(train.AlexNetConfig(4, width=TINY["width"]))
+    assert not torch.equal(start.conv1.weight, r0["weights"]["conv1.weight"])  # it did train
+    # each rank was fed exactly its own loader's stream (rank r of 2), and the two streams differ
+    for r, result in enumerate((r0, r1)):
+        cfg = train.TrainConfig(prepped, tmp_path, **TINY)
+        world = World(r, 2, r, torch.device("cpu"))
+        loader = Loader(train.loader_config(cfg, world, "train"), True)
+        expected = [f for _ in range(2) for x, y in loader for f in _fingerprints(x, y)]
+        assert result["seen"] == expected
+    assert {f for f in r0["seen"]}.isdisjoint(r1["seen"])
+    assert len(r0["seen"]) + len(r1["seen"]) == 2 * loader.n_samples  # every sample once per epoch
+
+
+def _cli(*args):
+    return [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import train_main; sys.exit(train_main())",
+            *map(str, args)]
+
+
+def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, tmp_path):
+    common = ["--shards", prepped, "--epochs", 3, "--width", 0.0625, "--batch-size", 8, "--log-every", 1,
+              "--threads", 1, "--no-tencrop", "--device", "cpu"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    subprocess.run(_cli(*common, "--out", whole), check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_cli(*common, "--out", cut), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((cut / train.LOG).exists() and len(_records(cut)) >= 6):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # mid-way through epoch 2 (4 steps per epoch)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by signal" in out and not list(cut.glob("*.tmp"))
+    stopped_at = torch.load(cut / train.CHECKPOINT, weights_only=True)["step"]
+    assert stopped_at < 12, "the run finished before the signal; the test proves nothing"
+    done = subprocess.run(_cli(*common, "--out", cut, "--resume"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = lambda d: [(r["step"], v) for r in _records(d) for v in r["losses"]]  # noqa: E731
+    assert [s for s, _ in steps(cut)] == [s for s, _ in steps(whole)] == list(range(1, 13))
+    torch.testing.assert_close(torch.tensor([v for _, v in steps(cut)]), torch.tensor([v for _, v in steps(whole)]),
+                               rtol=1e-5, atol=1e-6)
+    a, b = (torch.load(d / train.CHECKPOINT, weights_only=True) for d in (whole, cut))
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7)
+    assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
+
+
+def test_checkpoint_log_and_plot(prepped, tmp_path):
+    out = tmp_path / "run"
+    summary = train.run(train.TrainConfig(prepped, out, epochs=2, device="cpu", **{**TINY, "tencrop": True}))
+    ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
+    assert ckpt["epoch"] == 2 and ckpt["classes"] == json.loads((prepped / "dataset.json").read_text())["classes"]
+    assert set(ckpt["ranks"][0]) >= {"loader", "torch_rng"} and ckpt["ranks"][0]["loader"]["position"] == 0
+    assert torch.load(out / train.BEST, weights_only=True)["model"].keys() == ckpt["model"].keys()
+    epochs = _records(out, "epoch")
+    assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_top1_error"] <= 1 for e in epochs)
+    assert all(0 <= r["data_wait"] <= 1 and r["images_per_s"] > 0 for r in _records(out))
+    assert summary["tencrop"]["images"] == json.loads((prepped / "dataset.json").read_text())["splits"]["val"]["samples"]
+    assert (out / train.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config.json").read_text())["lr"] == pytest.approx(0.01 * 8 / 128)
+
+
+def test_non_finite_loss_stops_naming_the_step(prepped, tmp_path):
+    cfg = train.TrainConfig(prepped, tmp_path / "run", epochs=1, device="cpu", lr=1e9, **TINY)
+    with pytest.raises(train.Diverged, match=r"not finite at step \d+ \(epoch 1\)"):
+        train.run(cfg)
+
+
+def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
+    s = train.Schedule(train.TrainConfig(tmp_path, tmp_path, patience=2, max_drops=2))
+    lrs = []
+    for epoch, err in enumerate([0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]):
+        s.after_epoch(epoch, err)
+        lrs.append(s.lr)
+    assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(0.001) and lrs[-1] == pytest.approx(0.0001)
+    step = train.Schedule(train.TrainConfig(tmp_path, tmp_path, schedule="step", step_epochs=2, batch_size=256))
+    for epoch in range(4):
+        step.after_epoch(epoch, 0.5)
+    assert step.lr == pytest.approx(0.02 / 100)  # batch 256 doubles the default lr; two steps of /10
