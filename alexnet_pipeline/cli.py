@@ -209,6 +209,8 @@ def eval_main(argv=None) -> int:
         if name in result:
             r = result[name]
             print(f"{name:<10}{r['images']:>8}{r['top1_error']:>11.2%}{r['top5_error']:>11.2%}")
+    c = result["classes"]
+    print(f"{'chance':<10}{'':>8}{1 - 1 / c:>11.2%}{max(0, 1 - 5 / c):>11.2%}   ({c} classes)")
     return 0
 
 

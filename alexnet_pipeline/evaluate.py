@@ -6,6 +6,7 @@ padding with label PAD_LABEL, and the counts are summed across ranks (one all-re
 
 from __future__ import annotations
 
+import pickle
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,18 @@ def errors(counts: torch.Tensor) -> dict:
     return {"images": int(n), "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint written by alexnet-train (plain tensors and Python values: weights_only=True)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a checkpoint alexnet-train can read ({str(e).splitlines()[0]})") from None
+    missing = {"model", "model_config", "config", "classes", "epoch"} - set(ckpt if isinstance(ckpt, dict) else ())
+    if missing:
+        raise ValueError(f"{path}: not an alexnet-train checkpoint (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
 def load_model(checkpoint: dict, device: torch.device) -> AlexNet:
     """The grouped AlexNet of a checkpoint written by alexnet-train (any layout it was trained in)."""
     net = AlexNet(AlexNetConfig(**checkpoint["model_config"]))
@@ -81,11 +94,11 @@ def run(cfg: EvalConfig) -> dict:
 
     world = distributed.setup(cfg.device)
     try:
-        ckpt = torch.load(cfg.checkpoint, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(cfg.checkpoint)
         model = load_model(ckpt, world.device)
         gpu = world.device.type == "cuda"
-        result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt["epoch"], "ranks": world.size,
-                  "device": str(world.device)}
+        result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt["epoch"], "classes": len(ckpt["classes"]),
+                  "ranks": world.size, "device": str(world.device)}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
             # the mean the network was trained with; bfloat16 channels_last batches on GPUs, as in training
             lcfg = LoaderConfig(cfg.shards, "val", cfg.batch_size, str(world.device), world.rank, world.size,

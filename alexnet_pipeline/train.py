@@ -231,7 +231,7 @@ class Trainer:
         if not path.exists():
             self.log(f"{path}: no checkpoint yet; starting from scratch")
             return None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = evaluate.read_checkpoint(path)
         shards = json.loads((self.cfg.shards / "dataset.json").read_text())["classes"]
         if ckpt["classes"] != shards:
             raise ValueError(f"{path}: trained on other classes than {self.cfg.shards} has")
@@ -239,8 +239,11 @@ class Trainer:
         return ckpt
 
     def grouped_weights(self) -> dict:
+        """The weights in AlexNet's (grouped) layout, on the CPU: a checkpoint loads on any machine."""
         net = self.net
-        return net.grouped_state_dict() if hasattr(net, "grouped_state_dict") else net.state_dict()
+        if hasattr(net, "grouped_state_dict"):
+            return net.grouped_state_dict()
+        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
 
     def save(self, path: Path, full: bool = True) -> None:
         """All ranks call this (their RNG and data states are gathered); rank 0 writes."""

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -38,3 +39,38 @@ def test_top_level_loaders_are_lazy():
     code = ("import sys, alexnet_pipeline as a; assert not any(m.startswith('nvidia.dali') for m in sys.modules); "
             "from alexnet_pipeline import train_loader, eval_loader; assert callable(train_loader)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("main,argv", [
+    ("train_main", ["--shards", "x"]), ("train_main", ["--shards", "x", "--out", "y", "--epochs", "0"]),
+    ("train_main", ["--shards", "x", "--out", "y", "--schedule", "cosine"]),
+    ("train_main", ["--shards", "x", "--out", "y", "--width", "-1"]),
+    ("eval_main", ["--shards", "x"]), ("bench_main", ["train", "--steps", "0"])])
+def test_bad_training_flags_exit_2(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        getattr(cli, main)(argv)
+    assert e.value.code == 2
+
+
+def test_bad_directories_and_checkpoints_exit_2_naming_them(prepped, tmp_path, capsys):
+    assert cli.train_main(["--shards", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) == 2
+    assert str(tmp_path / "none") in capsys.readouterr().err
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+
+
+def test_train_then_eval_prints_table_and_json(prepped, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.train_main(["--shards", str(prepped), "--out", str(run), "--epochs", "1", "--width", "0.0625",
+                           "--batch-size", "8", "--threads", "1", "--no-tencrop", "--device", "cpu"]) == 0
+    assert "epoch 1:" in capsys.readouterr().out
+    ckpt = ["--shards", str(prepped), "--checkpoint", str(run / "checkpoint.pt"), "--threads", "1"]
+    assert cli.eval_main(ckpt + ["--tencrop"]) == 0
+    table = capsys.readouterr().out
+    assert "center" in table and "tencrop" in table and "top-1 err" in table
+    assert cli.eval_main(ckpt + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["epoch"] == 1 and "tencrop" not in result and 0 <= result["center"]["top1_error"] <= 1
