@@ -162,6 +162,8 @@ class Trainer:
         self.cfg, self.on_batch = cfg, on_batch
         self.world = world = distributed.setup(cfg.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        if not cfg.resume and (cfg.out / CHECKPOINT).exists():
+            raise ValueError(f"{cfg.out} already holds a run; continue it with --resume or choose another --out")
         ckpt = self._load_checkpoint() if cfg.resume else None
         ranks = ckpt["ranks"] if ckpt else None
         if ranks is not None and len(ranks) != world.size:
@@ -182,6 +184,7 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.schedule = Schedule(cfg)
         self.epoch, self.step, self.history = 0, 0, []
+        self.stopping = False  # set when the ranks agree to stop after a signal
         if ckpt:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.schedule.load_state_dict(ckpt["schedule"])
@@ -236,6 +239,10 @@ class Trainer:
         if ckpt["classes"] != shards:
             raise ValueError(f"{path}: trained on other classes than {self.cfg.shards} has")
         self.log(f"resuming {path}: epoch {ckpt['epoch']}, step {ckpt['step']}")
+        log = self.cfg.out / LOG
+        if self.world.main and log.exists():  # steps logged after the checkpoint (a crash) will be run again
+            lines = [line for line in log.read_text().splitlines() if json.loads(line).get("step", 0) <= ckpt["step"]]
+            atomic_write(log, "".join(line + "\n" for line in lines).encode())
         return ckpt
 
     def grouped_weights(self) -> dict:
@@ -309,9 +316,10 @@ class Trainer:
                 self.log(f"epoch {self.epoch + 1} step {self.step}  loss {sum(values) / len(values):.4f}  "
                          f"lr {self.schedule.lr:.2g}  {rate:,.0f} img/s  data wait {wait / dt:.0%}")
                 losses, interval_start, t0, wait = [], self.step, time.perf_counter(), 0.0
-                if signum:
-                    stop.signum = signum
-                    return None
+                if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
+                    stop.signum, self.stopping = signum, True
+                    if not last:
+                        return None
         loss_sum, hits, seen = totals.tolist()
         return {"train_loss": loss_sum / max(1, steps), "train_top1_error": 1 - hits / max(1, seen),
                 "seconds": time.perf_counter() - t_epoch}
@@ -340,6 +348,9 @@ class Trainer:
                 self.save(cfg.out / CHECKPOINT)
                 if val["top1_error"] <= min(h["val_top1_error"] for h in self.history):
                     self.save(cfg.out / BEST, full=False)
+                if self.stopping:
+                    self.log(f"stopped by signal {stop.signum} after epoch {self.epoch}; saved {cfg.out / CHECKPOINT}")
+                    return {"stopped": stop.signum, "step": self.step}
             return self.finish()
         finally:
             stop.restore()

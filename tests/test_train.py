@@ -98,16 +98,25 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, t
 def test_checkpoint_log_and_plot(prepped, tmp_path):
     out = tmp_path / "run"
     summary = train.run(train.TrainConfig(prepped, out, epochs=2, device="cpu", **{**TINY, "tencrop": True}))
+    manifest = json.loads((prepped / "dataset.json").read_text())
     ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
-    assert ckpt["epoch"] == 2 and ckpt["classes"] == json.loads((prepped / "dataset.json").read_text())["classes"]
+    assert ckpt["epoch"] == 2 and ckpt["classes"] == manifest["classes"]
     assert set(ckpt["ranks"][0]) >= {"loader", "torch_rng"} and ckpt["ranks"][0]["loader"]["position"] == 0
     assert torch.load(out / train.BEST, weights_only=True)["model"].keys() == ckpt["model"].keys()
     epochs = _records(out, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_top1_error"] <= 1 for e in epochs)
     assert all(0 <= r["data_wait"] <= 1 and r["images_per_s"] > 0 for r in _records(out))
-    assert summary["tencrop"]["images"] == json.loads((prepped / "dataset.json").read_text())["splits"]["val"]["samples"]
+    assert summary["tencrop"]["images"] == manifest["splits"]["val"]["samples"]
     assert (out / train.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["lr"] == pytest.approx(0.01 * 8 / 128)
+    cfg = train.TrainConfig(prepped, out, epochs=2, device="cpu", **TINY)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.run(cfg)  # never silently over a finished run
+    with open(out / train.LOG, "a") as f:  # as if the run had crashed after logging past its checkpoint
+        f.write(json.dumps({"kind": "train", "step": 999}) + "\n")
+    cfg.resume = True
+    train.run(cfg)
+    assert all(r["step"] <= ckpt["step"] for r in _records(out)) and len(_records(out, "epoch")) == 2
 
 
 def test_non_finite_loss_stops_naming_the_step(prepped, tmp_path):
@@ -127,3 +136,25 @@ def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
     for epoch in range(4):
         step.after_epoch(epoch, 0.5)
     assert step.lr == pytest.approx(0.02 / 100)  # batch 256 doubles the default lr; two steps of /10
+
+
+def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, tmp_path):
+    cfg = train.TrainConfig(prepped, tmp_path / "cut", epochs=2, device="cpu", **TINY)
+    batches = len(Loader(train.loader_config(cfg, World(0, 1, 0, torch.device("cpu")), "train"), True))
+    fed = []
+
+    def signal_at_last_batch(images, labels):
+        fed.append(1)
+        if len(fed) == batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert train.run(cfg, on_batch=signal_at_last_batch)["stopped"] == signal.SIGTERM
+    ckpt = torch.load(cfg.out / train.CHECKPOINT, weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["ranks"][0]["loader"]["position"] == 0
+    cfg.resume = True
+    train.run(cfg)
+    whole = tmp_path / "whole"
+    train.run(train.TrainConfig(prepped, whole, epochs=2, device="cpu", **TINY))
+    losses = [[v for r in _records(d) for v in r["losses"]] for d in (cfg.out, whole)]
+    assert len(losses[0]) == 2 * batches
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
