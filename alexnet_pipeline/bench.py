@@ -187,20 +187,17 @@ def train_rates(shards_dir: Path, batch_size: int = 128, steps: int = 20, repeat
     import torch
 
     from .distributed import World, resolve_device
-    from .model import AlexNet, AlexNetConfig
+    from .model import AlexNet, AlexNetConfig, place
     from .pipeline import Loader
-    from .train import TrainConfig, loader_config, train_step
+    from .train import TrainConfig, loader_config, sgd, train_step
 
     dev = resolve_device(device)
-    gpu = dev.type == "cuda"
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     cfg = TrainConfig(shards_dir, Path(tempfile.gettempdir()), batch_size=batch_size, threads=threads)
     loader = Loader(loader_config(cfg, World(0, 1, 0, dev), "train"), train=True)
-    net = AlexNet(AlexNetConfig(len(loader.classes), variant, width)).to(dev)
-    if gpu:
-        net = net.to(memory_format=torch.channels_last)
+    net = place(AlexNet(AlexNetConfig(len(loader.classes), variant, width)), dev)
     model = torch.compile(net) if compile_ else net
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = sgd(cfg, net)
     stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # epoch after epoch
     held = [t.clone() for t in next(stream)]  # same dtype, layout and device as the pipeline's batches
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .model import AlexNet, AlexNetConfig
+from .model import AlexNet, AlexNetConfig, place
 
 
 @dataclass
@@ -32,6 +32,12 @@ class EvalConfig:
 def autocast(device: torch.device):
     """bfloat16 autocast on GPUs (the trainer's precision); float32 on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def batch_format(device: torch.device) -> dict:
+    """The loader options that match `autocast` and `place`: bfloat16 channels_last batches on GPUs."""
+    gpu = device.type == "cuda"
+    return {"dtype": "bfloat16" if gpu else "float32", "layout": "NHWC" if gpu else "NCHW"}
 
 
 def predictions(model, loader, tencrop: bool):
@@ -83,7 +89,7 @@ def load_model(checkpoint: dict, device: torch.device) -> AlexNet:
     """The grouped AlexNet of a checkpoint written by alexnet-train (any layout it was trained in)."""
     net = AlexNet(AlexNetConfig(**checkpoint["model_config"]))
     net.load_state_dict(checkpoint["model"])
-    return net.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    return place(net, device)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -96,14 +102,12 @@ def run(cfg: EvalConfig) -> dict:
     try:
         ckpt = read_checkpoint(cfg.checkpoint)
         model = load_model(ckpt, world.device)
-        gpu = world.device.type == "cuda"
         result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt["epoch"], "classes": len(ckpt["classes"]),
                   "ranks": world.size, "device": str(world.device)}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
-            # the mean the network was trained with; bfloat16 channels_last batches on GPUs, as in training
             lcfg = LoaderConfig(cfg.shards, "val", cfg.batch_size, str(world.device), world.rank, world.size,
-                                mean=ckpt["config"]["mean"], dtype="bfloat16" if gpu else "float32",
-                                layout="NHWC" if gpu else "NCHW", tencrop=tencrop, num_threads=cfg.threads)
+                                mean=ckpt["config"]["mean"], tencrop=tencrop, num_threads=cfg.threads,
+                                **batch_format(world.device))  # the mean the network was trained with
             loader = Loader(lcfg, train=False)
             if loader.classes != ckpt["classes"]:
                 raise ValueError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")

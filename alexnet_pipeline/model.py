@@ -121,7 +121,7 @@ class _Column(nn.Module):
         self.conv1, self.conv2, self.conv3 = half(net.conv1, True), half(net.conv2, False), half(net.conv3, True)
         self.conv4, self.conv5 = half(net.conv4, False), half(net.conv5, False)
         self.fc6, self.fc7 = half(net.fc6, True), half(net.fc7, True)
-        self.lrn, self.pad1 = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0), net.pad1
+        self.lrn, self.pad1 = net.lrn1.lrn, net.pad1  # the grouped model's LRN, applied to this column alone
 
     def bottom(self, x):  # conv1, conv2: only this column's maps
         x = F.max_pool2d(self.lrn(F.relu(self.conv1(F.pad(x, self.pad1)))), 3, 2)
@@ -171,10 +171,13 @@ class TwoColumnAlexNet(nn.Module):
         return out
 
 
-def place(net: AlexNet, device: torch.device, model_parallel: bool):
-    """The network as it runs: on `device`, or split over this device and the next (the paper's columns)."""
+def place(net: AlexNet, device: torch.device, model_parallel: bool = False):
+    """The network as it runs: on `device`, or split over this device and the next (the paper's columns);
+    channels_last on GPUs, where cuDNN's convolutions are fastest in that layout."""
     if not model_parallel:
-        return net.to(device)
-    if device.type == "cuda":
-        return TwoColumnAlexNet(net, (device, torch.device("cuda", device.index + 1)))
-    return TwoColumnAlexNet(net, (device, device))  # two CPU "devices": for tests and CPU-only machines
+        net = net.to(device)
+    elif device.type == "cuda":
+        net = TwoColumnAlexNet(net, (device, torch.device("cuda", device.index + 1)))
+    else:
+        net = TwoColumnAlexNet(net, (device, device))  # two CPU "devices": for tests and CPU-only machines
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net

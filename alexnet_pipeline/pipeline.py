@@ -54,7 +54,7 @@ class LoaderConfig:
     shuffle_buffer: int = 4096  # samples; train only
     prefetch: int = 2  # batches DALI prepares ahead of the one being consumed
     # Share of each batch given to the hardware JPEG decoder of A100/H100 GPUs. 0 (CUDA decoding, Huffman on
-    # CPU threads) because on an H100 training fed with it ran at 0.98x the synthetic rate, against 0.89x
+    # CPU threads) because on an H100 training fed with it ran at 0.98x the synthetic rate, against 0.88-0.93x
     # with DALI's default 0.9 (alexnet-bench train, batch 128; README).
     hw_decoder_load: float = 0.0
 

@@ -141,10 +141,14 @@ def train_step(model, optimizer, images, labels):
 def loader_config(cfg: TrainConfig, world: distributed.World, split: str, **extra) -> LoaderConfig:
     if cfg.batch_size % world.size:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {world.size} ranks")
-    gpu = world.device.type == "cuda"
     return LoaderConfig(cfg.shards, split, cfg.batch_size // world.size, str(world.device), world.rank, world.size,
-                        cfg.seed, cfg.mean, cfg.lighting_sigma, cfg.lighting_form, "bfloat16" if gpu else "float32",
-                        "NHWC" if gpu else "NCHW", num_threads=cfg.threads, **extra)
+                        cfg.seed, cfg.mean, cfg.lighting_sigma, cfg.lighting_form, num_threads=cfg.threads,
+                        **evaluate.batch_format(world.device), **extra)
+
+
+def sgd(cfg: TrainConfig, model) -> torch.optim.SGD:
+    """The paper's optimizer (momentum and weight decay on every parameter)."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _rank_state(loader: Loader, device: torch.device) -> dict:
@@ -177,11 +181,8 @@ class Trainer:
         net = AlexNet(self.model_config)
         if ckpt:
             net.load_state_dict(ckpt["model"])
-        if world.device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last)
         self.net = place(net, world.device, cfg.model_parallel)
-        self.optimizer = torch.optim.SGD(self.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = sgd(cfg, self.net)
         self.schedule = Schedule(cfg)
         self.epoch, self.step, self.history = 0, 0, []
         self.stopping = False  # set when the ranks agree to stop after a signal
@@ -262,17 +263,15 @@ class Trainer:
                 "history": self.history}
         if full:
             ckpt.update(optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(), ranks=ranks)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(ckpt, tmp)
-        tmp.replace(path)  # atomic: a crash leaves the previous checkpoint whole
+        atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash leaves the previous checkpoint whole
 
     # ---- the loop -------------------------------------------------------------------------------------
 
-    def _agree(self, stop: Stop, losses: list, first_step: int) -> tuple[int, int]:
-        """(first non-finite step or -1, stop signal or 0), the same on every rank (one host sync)."""
-        bad = torch.nonzero(~torch.isfinite(torch.stack(losses))).flatten()
+    def _agree(self, stop: Stop, losses: list[float], first_step: int) -> tuple[int, int]:
+        """(first non-finite step or -1, stop signal or 0), the same on every rank."""
+        bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
         # one MIN reduction agrees on both: the earliest bad step, and (negated) the largest signal number
-        flags = torch.tensor([first_step + int(bad[0]) if len(bad) else 2**62, -stop.signum], dtype=torch.int64)
+        flags = torch.tensor([first_step + bad[0] if bad else 2**62, -stop.signum], dtype=torch.int64)
         if self.world.size > 1:
             flags = flags.to(self.world.device)
             torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MIN)
@@ -284,9 +283,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr
         self.model.train()
-        dev, losses, interval_start, steps = self.world.device, [], self.step, 0
-        # epoch totals stay on the device: loss sum, top-1 hits, real (not padding) samples
-        totals = torch.zeros(3, dtype=torch.float64, device=dev)
+        # per step (loss, top-1 hits, real samples) stay on the device until the interval's one host sync
+        pending, interval_start, epoch_start, totals = [], self.step, self.step, [0.0, 0.0, 0.0]
         t0, wait, t_epoch = time.perf_counter(), 0.0, time.perf_counter()
         batches = iter(self.train_loader)
         while True:
@@ -299,30 +297,32 @@ class Trainer:
             if self.on_batch is not None:
                 self.on_batch(images, labels)
             loss, hit = train_step(self.model, self.optimizer, images, labels)
-            losses.append(loss)
-            totals += torch.stack([loss.double(), hit.double(), (labels != PAD_LABEL).sum().double()]).to(dev)
-            self.step, steps = self.step + 1, steps + 1
+            pending.append(torch.stack([loss, hit.to(loss), (labels != PAD_LABEL).sum().to(loss)]))
+            self.step += 1
             last = self.train_loader.position == len(self.train_loader)
-            if len(losses) == self.cfg.log_every or last:
+            if len(pending) == self.cfg.log_every or last:
+                rows = torch.stack(pending).tolist()  # the host sync
+                losses = [r[0] for r in rows]
                 bad, signum = self._agree(stop, losses, interval_start + 1)
                 if bad >= 0:
                     raise Diverged(f"the loss is not finite at step {bad} (epoch {self.epoch + 1}); stopping. "
                                    f"The last good state is {self.cfg.out / CHECKPOINT}; a lower --lr may help")
-                values = torch.stack(losses).tolist()
+                totals = [t + sum(col) for t, col in zip(totals, zip(*rows))]
                 dt = time.perf_counter() - t0
-                rate = len(values) * self.cfg.batch_size / dt
-                self.record("train", epoch=self.epoch + 1, step=self.step, loss=sum(values) / len(values),
-                            losses=values, lr=self.schedule.lr, images_per_s=rate, data_wait=wait / dt)
-                self.log(f"epoch {self.epoch + 1} step {self.step}  loss {sum(values) / len(values):.4f}  "
-                         f"lr {self.schedule.lr:.2g}  {rate:,.0f} img/s  data wait {wait / dt:.0%}")
-                losses, interval_start, t0, wait = [], self.step, time.perf_counter(), 0.0
+                rate = len(rows) * self.cfg.batch_size / dt
+                mean = sum(losses) / len(losses)
+                self.record("train", epoch=self.epoch + 1, step=self.step, loss=mean, losses=losses,
+                            lr=self.schedule.lr, images_per_s=rate, data_wait=wait / dt)
+                self.log(f"epoch {self.epoch + 1} step {self.step}  loss {mean:.4f}  lr {self.schedule.lr:.2g}  "
+                         f"{rate:,.0f} img/s  data wait {wait / dt:.0%}")
+                pending, interval_start, t0, wait = [], self.step, time.perf_counter(), 0.0
                 if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
                     stop.signum, self.stopping = signum, True
                     if not last:
                         return None
-        loss_sum, hits, seen = totals.tolist()
-        return {"train_loss": loss_sum / max(1, steps), "train_top1_error": 1 - hits / max(1, seen),
-                "seconds": time.perf_counter() - t_epoch}
+        loss_sum, hits, seen = totals
+        return {"train_loss": loss_sum / max(1, self.step - epoch_start),
+                "train_top1_error": 1 - hits / max(1, seen), "seconds": time.perf_counter() - t_epoch}
 
     def fit(self) -> dict:
         cfg, stop = self.cfg, Stop()
