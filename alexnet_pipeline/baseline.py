@@ -19,7 +19,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     """Samples of a split's shards, split across DataLoader workers by shard, with the paper's augmentation
     (train) or the center / ten crops (eval)."""
 
-    def __init__(self, shards_dir, split="train", train=True, mean="channel", lighting_sigma=0.1,
+    def __init__(self, shards_dir, split="train", train=True, mean="pixel", lighting_sigma=0.1,
                  lighting_form="sqrt", tencrop=False, seed=0, shuffle_buffer=1024):
         self.paths = shards.shard_paths(shards_dir, split)
         with np.load(f"{shards_dir}/{shards.STATS}") as z:
@@ -68,11 +68,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return torch.from_numpy(self._transform(jpeg, rng)), label
 
 
-def baseline_loader(shards_dir, batch_size=128, workers=2, split=None, train=True, **options):
-    """torch DataLoader over ShardDataset; yields (float32 NCHW images, int64 labels) like the DALI loaders."""
+def baseline_loader(shards_dir, batch_size=128, workers=2, split=None, train=True, pin_memory=False,
+                    drop_last=False, **options):
+    """torch DataLoader over ShardDataset; yields (float32 NCHW images, int64 labels) like the DALI loaders.
+    `pin_memory` as pytorch/examples' ImageNet script sets it when training on a GPU; `drop_last` for a
+    training step of fixed shape (a CUDA graph)."""
     dataset = ShardDataset(shards_dir, split or ("train" if train else "val"), train=train, **options)
     # forkserver, not fork: the benchmark process also runs DALI's thread pools (and CUDA), and forking a
     # process with live threads can deadlock the children.
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                                       drop_last=drop_last,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                        multiprocessing_context="forkserver" if workers else None)

@@ -64,15 +64,15 @@ def prep_main(argv=None) -> int:
     if a.workers < 0:
         p.error("--workers must be 0 (all cores) or more")
 
-    from . import imagenet, prep
+    from . import prep
+    from .config import UserError
 
     cfg = prep.PrepConfig(a.imagenet_root, a.out, a.splits, a.workers, a.shard_size, a.quality, seed=a.seed,
                           limit_per_class=a.limit_per_class, layout=a.layout, progress=a.progress)
     try:
         report = prep.run(cfg)
-    except (imagenet.LayoutError, prep.PrepError) as e:
-        print(f"alexnet-prep: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:
+        return _fail("alexnet-prep", e)
     _print_prep_summary(cfg, report)
     return 0
 
@@ -113,61 +113,29 @@ def _verify(path: Path) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def _fail(prog: str, e: Exception) -> int:
-    """A bad directory, checkpoint or option: one line naming it, status 2, no traceback."""
+    """A problem the user can fix (config.UserError): one line naming it, status 2, no traceback."""
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
 
 
+def _parser(main, **kwargs) -> argparse.ArgumentParser:
+    prog, description = main.__doc__.split(": ", 1)
+    return argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+
+
 def train_main(argv=None) -> int:
     """alexnet-train: the paper's AlexNet and recipe on prepared shards (one process, or many with torchrun)."""
-    from .train import TrainConfig
+    from .config import UserError, add_arguments, from_arguments
+    from .train import Diverged, TrainConfig, run
 
-    d = TrainConfig(Path("."), Path("."))
-    p = argparse.ArgumentParser(prog="alexnet-train", description=train_main.__doc__.split(": ", 1)[1],
-                                epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
-    p.add_argument("--shards", type=Path, required=True, help="directory written by alexnet-prep")
-    p.add_argument("--out", type=Path, required=True, help="run directory: checkpoints, logs, plot")
-    p.add_argument("--epochs", type=_positive, default=d.epochs, help=f"(default {d.epochs})")
-    p.add_argument("--batch-size", type=_positive, default=d.batch_size, help="global, over all ranks (default 128)")
-    p.add_argument("--lr", type=_positive_float, help="default 0.01 x batch-size / 128 (linear scaling)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=("plateau", "step"), default=d.schedule,
-                   help="plateau: /10 when val error stops improving (the paper, default); step: every --step-epochs")
-    p.add_argument("--patience", type=_positive, default=d.patience, help="plateau: epochs without improvement")
-    p.add_argument("--step-epochs", type=_positive, default=d.step_epochs)
-    p.add_argument("--max-drops", type=int, default=d.max_drops, help="lr divisions by 10 at most (default 3)")
-    p.add_argument("--variant", choices=("paper", "torchvision"), default=d.variant)
-    p.add_argument("--width", type=_positive_float, default=d.width, help="channel multiplier (quick CPU runs)")
-    p.add_argument("--model-parallel", action="store_true", help="the two columns on two GPUs, as in the paper")
-    p.add_argument("--device", default=d.device, help="auto (default: this rank's GPU, else CPU), cpu, cuda")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--mean", choices=("channel", "pixel"), default=d.mean)
-    p.add_argument("--lighting-sigma", type=float, default=d.lighting_sigma, help="PCA lighting; 0 turns it off")
-    p.add_argument("--lighting-form", choices=("sqrt", "eigval"), default=d.lighting_form)
-    p.add_argument("--threads", type=_positive, help="DALI threads per rank (default: every core)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=_positive, default=d.log_every, help="steps per log line (default 50)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-tencrop", dest="tencrop", action="store_false", help="skip the final ten-crop validation")
-    a = vars(p.parse_args(argv))
-    if a["max_drops"] < 0:
-        p.error("--max-drops must be 0 or more")
-    from .pipeline import ShardError
-    from .train import Diverged, run
-
+    p = _parser(train_main, usage="%(prog)s --shards SHARDS --out RUN [options]",
+                epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
+    add_arguments(p, TrainConfig)
+    a = p.parse_args(argv)
     try:
-        cfg = TrainConfig(**a)
-        result = run(cfg)
-    except (ShardError, ValueError, FileNotFoundError) as e:
+        result = run(from_arguments(TrainConfig, a))
+    except UserError as e:
         return _fail("alexnet-train", e)
     except Diverged as e:
         print(f"alexnet-train: {e}", file=sys.stderr)
@@ -177,33 +145,26 @@ def train_main(argv=None) -> int:
 
 def eval_main(argv=None) -> int:
     """alexnet-eval: top-1/top-5 error of a checkpoint with center crops and (--tencrop) the paper's ten crops."""
-    p = argparse.ArgumentParser(prog="alexnet-eval", description=eval_main.__doc__.split(": ", 1)[1])
-    p.add_argument("--shards", type=Path, required=True, help="directory written by alexnet-prep (uses val)")
-    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoint.pt or RUN/best.pt")
-    p.add_argument("--tencrop", action="store_true", help="also ten crops: 4 corners + center, and mirrors")
-    p.add_argument("--batch-size", type=_positive, default=128, help="images per rank (default 128)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    p.add_argument("--threads", type=_positive, help="DALI threads per rank (default: every core)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    a = p.parse_args(argv)
-    if not a.checkpoint.is_file():
-        return _fail("alexnet-eval", f"{a.checkpoint}: no such checkpoint")
     import json
 
     from . import evaluate
-    from .pipeline import ShardError
+    from .config import UserError, add_arguments, from_arguments
 
+    p = _parser(eval_main, usage="%(prog)s --shards SHARDS --checkpoint RUN/checkpoint.pt [options]")
+    add_arguments(p, evaluate.EvalConfig)
+    a = p.parse_args(argv)
     try:
-        result = evaluate.run(evaluate.EvalConfig(a.shards, a.checkpoint, a.tencrop, a.batch_size, a.device,
-                                                  a.threads))
-    except (ShardError, ValueError, KeyError, RuntimeError) as e:
+        cfg = from_arguments(evaluate.EvalConfig, a)
+        result = evaluate.run(cfg)
+    except UserError as e:
         return _fail("alexnet-eval", e)
     if not result:  # not rank 0
         return 0
-    if a.json:
+    if cfg.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"{a.checkpoint} (epoch {result['epoch']}) on {result['ranks']} x {result['device']}")
+    print(f"{cfg.checkpoint} (epoch {result['epoch']}) on {result['ranks']} x {result['device']}, "
+          f"{result['mean']} mean, {result['precision']}")
     print(f"{'':<10}{'images':>8}{'top-1 err':>11}{'top-5 err':>11}")
     for name in ("center", "tencrop"):
         if name in result:
@@ -216,45 +177,20 @@ def eval_main(argv=None) -> int:
 
 def bench_main(argv=None) -> int:
     """alexnet-bench: throughput of each stage against the baseline a user would otherwise pick, as ratios."""
-    p = argparse.ArgumentParser(prog="alexnet-bench", description=bench_main.__doc__.split(": ", 1)[1])
-    sub = p.add_subparsers(dest="stage", required=True)
-    bp = sub.add_parser("prep", help="alexnet-prep (1 and all workers) vs a naive one-process Pillow loop")
-    bp.add_argument("--imagenet-root", type=Path, default=Path("data/sample/extracted"))
-    bp.add_argument("--repeats", type=_positive, default=3)
-    bp.add_argument("--workers", type=_positive, default=None, help="the 'all workers' count (default: cores)")
-    bp.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    pp = sub.add_parser("pipeline", help="DALI loaders vs a DataLoader + Pillow-SIMD baseline vs decode only")
-    pp.add_argument("--shards", type=Path, default=Path("data/shards"))
-    pp.add_argument("--batch-size", type=_positive, default=64)
-    pp.add_argument("--threads", type=_positive, default=None, help="DALI threads = baseline workers (default: cores)")
-    pp.add_argument("--repeats", type=_positive, default=5)
-    pp.add_argument("--epochs", type=_positive, default=2, help="epochs per timed repeat")
-    pp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    pp.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    pp.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the (slow) baseline")
-    pp.add_argument("--json", action="store_true")
-    tp = sub.add_parser("train", help="training step fed by the DALI pipeline vs by a batch held on the device")
-    tp.add_argument("--shards", type=Path, default=Path("data/shards"))
-    tp.add_argument("--batch-size", type=_positive, default=128)
-    tp.add_argument("--steps", type=_positive, default=20, help="steps per timed repeat")
-    tp.add_argument("--repeats", type=_positive, default=5)
-    tp.add_argument("--device", default="auto", help="auto (default: the GPU if there is one), cpu, cuda")
-    tp.add_argument("--threads", type=_positive, default=None, help="DALI threads (default: cores)")
-    tp.add_argument("--width", type=_positive_float, default=1.0)
-    tp.add_argument("--variant", choices=("paper", "torchvision"), default="paper")
-    tp.add_argument("--compile", action="store_true")
-    tp.add_argument("--json", action="store_true")
-    a = p.parse_args(argv)
     from . import bench
-    from .pipeline import ShardError
+    from .config import UserError, add_arguments, from_arguments
 
+    p = _parser(bench_main)
+    sub = p.add_subparsers(dest="stage", required=True)
+    for name, cls, help in (("prep", bench.PrepBench, "alexnet-prep (1 and all workers) vs a naive Pillow loop"),
+                            ("pipeline", bench.PipelineBench, "DALI loaders vs a DataLoader + Pillow-SIMD baseline "
+                                                              "vs decode only"),
+                            ("train", bench.TrainBench, "the training step fed by a batch held on the device, by "
+                                                        "the DALI pipeline and by the DataLoader baseline")):
+        add_arguments(sub.add_parser(name, help=help, description=cls.__doc__), cls)
+    a = p.parse_args(argv)
+    cls = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "train": bench.TrainBench}[a.stage]
     try:
-        if a.stage == "pipeline":
-            return bench.pipeline_main(a.shards, a.batch_size, a.threads, a.repeats, a.epochs, a.device, a.dtype,
-                                       a.baseline, a.json)
-        if a.stage == "train":
-            return bench.train_main(a.shards, a.batch_size, a.steps, a.repeats, a.device, a.threads, a.width,
-                                    a.variant, a.compile, a.json)
-    except (ShardError, ValueError) as e:  # a bad directory or option: say which, no traceback
+        return bench.main(from_arguments(cls, a))
+    except UserError as e:
         return _fail("alexnet-bench", e)
-    return bench.prep_main(a.imagenet_root, a.repeats, a.workers, a.json)

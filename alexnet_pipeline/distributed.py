@@ -1,7 +1,8 @@
 """The process group: one process alone, or one of many under torchrun (one or several machines).
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a world of one. GPUs use NCCL, the CPU
-gloo. `main` (rank 0) does all printing and writing.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a world of one. By default GPUs use NCCL
+and the CPU gloo; gloo also serves ranks that share one GPU, which NCCL refuses. `main` (rank 0) does all
+printing and writing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .config import UserError, option
+
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass(kw_only=True)
+class Placement:
+    """Where a command runs (options shared by alexnet-train and alexnet-eval)."""
+
+    device: str = option("auto", "auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N")
+    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on the CPU), "
+                          "nccl, or gloo (e.g. several ranks sharing one GPU, which NCCL refuses)", choices=BACKENDS)
 
 
 @dataclass
@@ -43,20 +57,24 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but torch sees no GPU; use --device cpu")
+        raise UserError(f"option device: {name!r} requested but torch sees no GPU; use --device cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
 
 
-def setup(device: str = "auto") -> World:
+def setup(device: str = "auto", backend: str = "auto") -> World:
     """Join torchrun's process group if launched by it; pick this rank's device."""
     size, rank, local = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     dev = resolve_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    if backend == "auto":
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+    if backend == "nccl" and dev.type != "cuda":
+        raise UserError("option backend: nccl needs GPUs; use gloo (or auto) on the CPU")
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     if dev.type == "cpu" and size > 1:
         # ranks on one machine share its cores; oversubscribed threads make every rank slower
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))

@@ -6,46 +6,50 @@ padding with label PAD_LABEL, and the counts are summed across ranks (one all-re
 
 from __future__ import annotations
 
-import pickle
-from contextlib import nullcontext
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from . import distributed
+from .config import UserError, check, option
 from .model import AlexNet, AlexNetConfig, place
+from .step import autocast
 
 
-@dataclass
-class EvalConfig:
-    """Options of alexnet-eval."""
+@dataclass(kw_only=True)
+class EvalConfig(distributed.Placement):
+    """Options of alexnet-eval. The preprocessing (mean mode) and the precision come from the checkpoint, so
+    a model is always evaluated as it was trained."""
 
-    shards: Path
-    checkpoint: Path
-    tencrop: bool = False
-    batch_size: int = 128  # images per rank (a ten-crop batch is 10x as many views)
-    device: str = "auto"  # "auto": this rank's GPU if there is one, else the CPU
-    threads: int | None = None
+    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep (its val split is used)")
+    checkpoint: Path = option(dataclasses.MISSING, "RUN/checkpoint.pt or RUN/best.pt")
+    tencrop: bool = option(False, "also the paper's ten crops: 4 corners + center, and their mirrors")
+    batch_size: int = option(128, "images per rank (a ten-crop batch is 10x as many views)", minimum=1)
+    num_threads: int | None = option(None, "DALI threads per rank (default: every core)", minimum=1,
+                                     flag="--threads")
+    json: bool = option(False, "print one JSON object instead of a table")
+
+    def __post_init__(self):
+        self.shards, self.checkpoint = Path(self.shards), Path(self.checkpoint)
+        check(self)
 
 
-def autocast(device: torch.device):
-    """bfloat16 autocast on GPUs (the trainer's precision); float32 on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def batch_format(device: torch.device) -> dict:
-    """The loader options that match `autocast` and `place`: bfloat16 channels_last batches on GPUs."""
+def batch_format(device: torch.device, precision: str = "bf16") -> dict:
+    """The loader options that match `autocast` and `place`: bfloat16 channels_last batches on GPUs (float32
+    channels_last with precision fp32), float32 NCHW on the CPU."""
     gpu = device.type == "cuda"
-    return {"dtype": "bfloat16" if gpu else "float32", "layout": "NHWC" if gpu else "NCHW"}
+    return {"dtype": "bfloat16" if gpu and precision == "bf16" else "float32", "layout": "NHWC" if gpu else "NCHW"}
 
 
-def predictions(model, loader, tencrop: bool):
+def predictions(model, loader, tencrop: bool, precision: str = "bf16"):
     """(probabilities [B, classes], labels [B]) per batch; ten-crop averages the softmax over the views."""
     model.eval()
     with torch.inference_mode():
         for images, labels in loader:
-            with autocast(images.device):
+            with autocast(images.device, precision):
                 logits = model(images.flatten(0, 1) if tencrop else images)
             probs = logits.float().softmax(1)
             if tencrop:
@@ -53,17 +57,18 @@ def predictions(model, loader, tencrop: bool):
             yield probs, labels.to(probs.device)
 
 
-def error_counts(model, loader, tencrop: bool = False) -> torch.Tensor:
+def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") -> torch.Tensor:
     """[images, top-1 hits, top-5 hits] over the whole split (summed over ranks), on the model's device.
     Nothing here waits for the device until the caller reads the result."""
     counts = None
-    for probs, labels in predictions(model, loader, tencrop):
+    for probs, labels in predictions(model, loader, tencrop, precision):
         top = probs.topk(min(5, probs.shape[1]), 1).indices
         hit, valid = top == labels[:, None], labels >= 0  # padding (PAD_LABEL) is never counted
         batch = torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum()])
         counts = batch if counts is None else counts + batch
     if dist.is_initialized():
-        dist.all_reduce(counts)
+        with torch.inference_mode():  # counts is an inference tensor; gloo updates CUDA tensors in place
+            dist.all_reduce(counts)
     return counts
 
 
@@ -71,18 +76,6 @@ def errors(counts: torch.Tensor) -> dict:
     """{"images", "top1_error", "top5_error"} from error_counts (a host sync)."""
     n, top1, top5 = counts.tolist()
     return {"images": int(n), "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
-
-
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint written by alexnet-train (plain tensors and Python values: weights_only=True)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: not a checkpoint alexnet-train can read ({str(e).splitlines()[0]})") from None
-    missing = {"model", "model_config", "config", "classes", "epoch"} - set(ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise ValueError(f"{path}: not an alexnet-train checkpoint (missing {', '.join(sorted(missing))})")
-    return ckpt
 
 
 def load_model(checkpoint: dict, device: torch.device) -> AlexNet:
@@ -94,24 +87,26 @@ def load_model(checkpoint: dict, device: torch.device) -> AlexNet:
 
 def run(cfg: EvalConfig) -> dict:
     """Center-crop (and with cfg.tencrop, ten-crop) errors of a checkpoint over SHARDS/val, on every rank of
-    torchrun's world if launched by it. Returns {"center": errors, "tencrop": errors?, ...}."""
-    from . import distributed
+    torchrun's world if launched by it. Returns {"center": errors, "tencrop": errors?, ...} on rank 0."""
     from .pipeline import Loader, LoaderConfig
+    from .rundir import read_checkpoint
 
-    world = distributed.setup(cfg.device)
+    world = distributed.setup(cfg.device, cfg.backend)
     try:
         ckpt = read_checkpoint(cfg.checkpoint)
+        recipe = ckpt["config"]  # evaluate with the preprocessing and precision the network was trained with
         model = load_model(ckpt, world.device)
         result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt["epoch"], "classes": len(ckpt["classes"]),
-                  "ranks": world.size, "device": str(world.device)}
+                  "ranks": world.size, "device": str(world.device), "mean": recipe["mean"],
+                  "precision": recipe["precision"] if world.device.type == "cuda" else "fp32"}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
-            lcfg = LoaderConfig(cfg.shards, "val", cfg.batch_size, str(world.device), world.rank, world.size,
-                                mean=ckpt["config"]["mean"], tencrop=tencrop, num_threads=cfg.threads,
-                                **batch_format(world.device))  # the mean the network was trained with
+            lcfg = LoaderConfig(shards=cfg.shards, split="val", batch_size=cfg.batch_size, device=str(world.device),
+                                rank=world.rank, world_size=world.size, mean=recipe["mean"], tencrop=tencrop,
+                                num_threads=cfg.num_threads, **batch_format(world.device, recipe["precision"]))
             loader = Loader(lcfg, train=False)
             if loader.classes != ckpt["classes"]:
-                raise ValueError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
-            result[name] = errors(error_counts(model, loader, tencrop))
+                raise UserError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
+            result[name] = errors(error_counts(model, loader, tencrop, recipe["precision"]))
         return result if world.main else {}
     finally:
         world.close()

@@ -19,6 +19,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import UserError
+
 WNID = re.compile(r"^n\d{8}$")
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
 KAGGLE_CSV, KAGGLE_DATA = "LOC_val_solution.csv", Path("ILSVRC/Data/CLS-LOC")
@@ -26,7 +28,7 @@ GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 FILES_PER_UNIT = 64  # small enough to balance 2-16 workers, large enough that per-unit files stay few
 
 
-class LayoutError(Exception):
+class LayoutError(UserError):
     """The tree is not ImageNet as we know it; the message says what was expected where."""
 
 

@@ -13,8 +13,11 @@ and the loader marks those repeats with label PAD_LABEL (-100, torch's default i
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,62 +27,91 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import augment, shards
+from .config import OptionError, UserError, check, documented_fields, option
 
 PAD_LABEL = -100
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """Shards that cannot be read as they are; the message names the file."""
 
 
-@dataclass
-class LoaderConfig:
+@dataclass(kw_only=True)
+class Augmentation:
+    """The paper's augmentation and normalisation (shared by the loaders and alexnet-train)."""
+
+    mean: str = option("pixel", "what is subtracted: pixel = the training set's mean image (its center 224 patch, "
+                       "cuda-convnet2; the paper); channel = the per-channel mean (the modern habit)",
+                       choices=augment.MEAN_MODES)
+    lighting_sigma: float = option(0.1, "std of the PCA lighting alphas (the paper's 0.1); 0 turns lighting off",
+                                   minimum=0.0, scope="train")
+    lighting_form: str = option("sqrt", "scale of the lighting axes: sqrt = sqrt(eigval) in 0-255 units "
+                                "(cuda-convnet2); eigval = fb.resnet.torch's eigenvalues of [0,1] pixels",
+                                choices=augment.LIGHTING_FORMS, scope="train")
+
+
+@dataclass(kw_only=True)
+class Feed:
+    """How samples are read and decoded (shared by the loaders and alexnet-train)."""
+
+    seed: int = option(0, "seed of the random crops, flips, lighting and shuffling (alexnet-train: also the "
+                       "initial weights)")
+    num_threads: int | None = option(None, "DALI threads per process (default: every core it may use)", minimum=1,
+                                     flag="--threads")
+    prefetch: int = option(2, "batches DALI prepares ahead of the one being used", minimum=1)
+    decoder: str = option("auto", "JPEG decoding: mixed = nvJPEG on the GPU (its hardware decoder takes "
+                          "hw_decoder_load of each batch); cpu = libjpeg-turbo on the DALI threads, the "
+                          "augmentation then runs on the GPU; auto = mixed on a GPU, cpu on the CPU",
+                          choices=("auto", "mixed", "cpu"))
+    # Fastest feed of the full-width training step on an H100 (alexnet-bench train, batch 128, one run):
+    # 12,392 images/s at 0.9, against 11,540 at 1.0, 11,292 at 0.5, 10,557 at 0 and 7,462 decoding on 14 CPU
+    # threads (README, "Feeding it").
+    hw_decoder_load: float = option(0.9, "share of each batch for the hardware JPEG decoder of A100/H100 GPUs "
+                                    "(mixed decoding; the rest is CUDA decoding)", minimum=0.0, maximum=1.0)
+    shuffle_buffer: int = option(4096, "samples DALI shuffles among as it reads", minimum=1, scope="train")
+    shard_shuffle: bool = option(True, "draw a new order of the shards every epoch (with the buffer, a new "
+                                 "sample order every epoch); off: every epoch reads the same sequence",
+                                 scope="train")
+
+
+@dataclass(kw_only=True)
+class LoaderConfig(Augmentation, Feed):
     """Options of train_loader / eval_loader (their keyword arguments)."""
 
-    shards: Path
-    split: str
-    batch_size: int = 128
-    device: str = "cpu"  # "cpu", "cuda" or "cuda:N"
-    rank: int = 0  # the global rank when several machines train
-    world_size: int = 1
-    seed: int = 0
-    mean: str = "channel"  # "channel" (mean_rgb) or "pixel" (center patch of mean_image)
-    lighting_sigma: float = 0.1  # 0 disables; train only
-    lighting_form: str = "sqrt"  # "sqrt" (cuda-convnet2) or "eigval" (fb.resnet.torch)
-    dtype: str = "float32"  # float16 / bfloat16 on GPU
-    layout: str = "NCHW"  # or "NHWC": a channels_last NCHW tensor
-    tencrop: bool = False  # eval only
-    num_threads: int | None = None  # default: every core this process may use
-    shuffle_buffer: int = 4096  # samples; train only
-    prefetch: int = 2  # batches DALI prepares ahead of the one being consumed
-    # Share of each batch given to the hardware JPEG decoder of A100/H100 GPUs. 0 (CUDA decoding, Huffman on
-    # CPU threads) because on an H100 training fed with it ran at 0.98x the synthetic rate, against 0.88-0.93x
-    # with DALI's default 0.9 (alexnet-bench train, batch 128; README).
-    hw_decoder_load: float = 0.0
+    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep")
+    split: str | None = option(None, "split to read (default: train for train_loader, val for eval_loader)")
+    batch_size: int = option(128, "samples per batch (per rank)", minimum=1)
+    device: str = option("cpu", "cpu, cuda or cuda:N: where DALI works and where the batches are")
+    rank: int = option(0, "this process's global rank (its part of the data)", minimum=0)
+    world_size: int = option(1, "number of ranks sharing the data", minimum=1)
+    dtype: str = option("float32", "float32, or float16 / bfloat16 on a GPU", choices=tuple(DTYPES))
+    layout: str = option("NCHW", "NCHW, or NHWC for channels_last tensors", choices=("NCHW", "NHWC"))
+    tencrop: bool = option(False, "the paper's ten crops per image, [B, 10, 3, 224, 224]", scope="eval")
 
     def __post_init__(self):
         self.shards = Path(self.shards)
-        if self.mean not in augment.MEAN_MODES:
-            raise ValueError(f"mean must be one of {augment.MEAN_MODES}, got {self.mean!r}")
-        if self.lighting_form not in augment.LIGHTING_FORMS:
-            raise ValueError(f"lighting_form must be one of {augment.LIGHTING_FORMS}, got {self.lighting_form!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        check(self)
+        if self.split is None:
+            raise OptionError("option split: required (train_loader and eval_loader choose it)")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise OptionError(f"option device: must be cpu, cuda or cuda:N; got {self.device!r}")
         if self.dtype != "float32" and not self.on_gpu:
-            raise ValueError("float16/bfloat16 output is for GPUs; the CPU path gives float32")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"layout must be NCHW or NHWC, got {self.layout!r}")
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size={self.world_size})")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
+            raise OptionError("option dtype: float16/bfloat16 output is for GPUs; the CPU path gives float32")
+        if self.decoder == "mixed" and not self.on_gpu:
+            raise OptionError("option decoder: mixed (nvJPEG) decoding needs device='cuda'")
+        if not self.rank < self.world_size:
+            raise OptionError(f"option rank: {self.rank} is not in [0, world_size={self.world_size})")
         if self.on_gpu and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but torch sees no GPU; use device='cpu'")
+            raise OptionError(f"option device: {self.device!r} requested but torch sees no GPU; use device='cpu'")
 
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def gpu_decoding(self) -> bool:
+        return self.on_gpu and self.decoder in ("auto", "mixed")
 
     @property
     def device_id(self) -> int | None:
@@ -146,12 +178,17 @@ def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
 
 
 def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
-    """The fused pass: crop at integer (x, y), mirror, subtract mean (+ lighting), layout, cast."""
+    """The fused pass: crop at integer (x, y), mirror, subtract mean (+ lighting), layout, cast. With a mean
+    image `patch`, the pass writes float32, the patch is subtracted, and the result is cast once: DALI's
+    arithmetic takes no float16."""
+    half = cfg.dtype != "float32"
     out = fn.crop_mirror_normalize(
         image, crop=(augment.CROP, augment.CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean,
-        std=1.0, dtype=types.FLOAT if cfg.dtype == "float32" else types.FLOAT16,
+        std=1.0, dtype=types.FLOAT16 if half and patch is None else types.FLOAT,
         output_layout="HWC" if cfg.layout == "NHWC" else "CHW", device="gpu" if cfg.on_gpu else "cpu")
-    return out if patch is None else out - patch
+    if patch is None:
+        return out
+    return fn.cast(out - patch, dtype=types.FLOAT16) if half else out - patch
 
 
 def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False,
@@ -166,6 +203,9 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
 
     # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
     # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
+    # a new shard order every epoch, the same on every rank (one seed), so the ranks' parts stay disjoint
+    shard_order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": cfg.seed} if train and cfg.shard_shuffle else {}
+
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
                   seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
                   enable_checkpointing=True, checkpoint=checkpoint)
@@ -174,9 +214,12 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
             paths=[str(p) for p in paths], index_paths=[str(p.with_suffix(".idx")) for p in paths],
             ext=["jpg", shards.LABEL_EXT], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
             shard_id=cfg.rank, num_shards=cfg.world_size, pad_last_batch=True, random_shuffle=train,
-            initial_fill=max(1, min(cfg.shuffle_buffer, n_samples)), name="reader")
-        gpu_only = {"hw_decoder_load": cfg.hw_decoder_load} if cfg.on_gpu else {}
-        image = fn.decoders.image(jpg, device="mixed" if cfg.on_gpu else "cpu", output_type=types.RGB, **gpu_only)
+            initial_fill=max(1, min(cfg.shuffle_buffer, n_samples)), name="reader", **shard_order)
+        if cfg.gpu_decoding:
+            image = fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load)
+        else:
+            image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+            image = image.gpu() if cfg.on_gpu else image  # CPU decoding feeding the GPU augmentation
         if decode_only:
             return image, label
         drawn = {}
@@ -215,6 +258,8 @@ class Loader:
     """
 
     def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None):
+        if train and cfg.tencrop:
+            raise OptionError("option tencrop: ten crops are for evaluation (eval_loader), not training")
         self.cfg, self.train = cfg, train
         checkpoint = None if state is None else state["dali"].numpy().tobytes()
         self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint)
@@ -291,11 +336,52 @@ class Loader:
         self.epoch, self._position = self.epoch + 1, 0
 
 
+def _loader_options(scope: str) -> list[dataclasses.Field]:
+    """The LoaderConfig options a loader of `scope` ("train" or "eval") takes: its own first, then the shared."""
+    own = LoaderConfig.__annotations__
+    return sorted((f for f in documented_fields(LoaderConfig) if f.name != "shards" and f.metadata["scope"] in (None, scope)),
+                  key=lambda f: f.name not in own)
+
+
+def _make_loader(scope: str, shards_dir, options: dict) -> Loader:
+    known = {f.name for f in _loader_options(scope)}
+    for name in options:
+        if name not in known:
+            other = "eval" if scope == "train" else "train"
+            if name in {f.name for f in _loader_options(other)}:
+                where = f"{'an' if other == 'eval' else 'a'} {other}_loader option"
+            else:
+                where = "not an option"
+            raise OptionError(f"{scope}_loader: {name!r} is {where} (options: {', '.join(sorted(known))})")
+    split = options.pop("split", None) or ("train" if scope == "train" else "val")
+    return Loader(LoaderConfig(shards=shards_dir, split=split, **options), train=scope == "train")
+
+
 def train_loader(shards_dir, **options) -> Loader:
-    """The paper's training augmentation over SHARDS/train. Options: the fields of LoaderConfig."""
-    return Loader(LoaderConfig(shards_dir, options.pop("split", "train"), **options), train=True)
+    """The paper's training augmentation over SHARDS/train: random 224 crops, flips, mean subtraction and PCA
+    lighting; an iterable of (images, labels) batches, labels PAD_LABEL (-100) where DALI pads."""
+    return _make_loader("train", shards_dir, options)
 
 
 def eval_loader(shards_dir, **options) -> Loader:
-    """Center crops (or ten crops with tencrop=True) over SHARDS/val. Options: the fields of LoaderConfig."""
-    return Loader(LoaderConfig(shards_dir, options.pop("split", "val"), **options), train=False)
+    """Center crops (or the paper's ten crops with tencrop=True) over SHARDS/val, every image once over all
+    ranks; an iterable of (images, labels) batches, labels PAD_LABEL (-100) where DALI pads."""
+    return _make_loader("eval", shards_dir, options)
+
+
+def _document(loader, scope: str) -> None:
+    """Give `loader` the signature and docstring of its options, as declared on LoaderConfig, so that help()
+    and editors show them."""
+    hints = typing.get_type_hints(LoaderConfig)
+    params = [inspect.Parameter("shards_dir", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Path)]
+    lines = []
+    for f in _loader_options(scope):
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                        annotation=hints[f.name]))
+        lines.append(f"    {f.name} (default {f.default!r}): {f.metadata['help']}")
+    loader.__signature__ = inspect.Signature(params, return_annotation=Loader)
+    loader.__doc__ += "\n\n    Options:\n" + "\n".join(lines) + "\n"
+
+
+_document(train_loader, "train")
+_document(eval_loader, "eval")

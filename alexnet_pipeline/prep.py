@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, imagenet, shards
+from .config import UserError
 from .image import BadImage, prepare
 from .stats import Moments, summarize
 
@@ -71,7 +72,7 @@ class PrepReport:
     resumed: bool = False
 
 
-class PrepError(Exception):
+class PrepError(UserError):
     """A problem with the whole run (not one image): wrong tree, clashing output directory, nothing usable."""
 
 

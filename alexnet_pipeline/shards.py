@@ -40,14 +40,18 @@ def atomic_write(path: Path, data) -> None:
     """Write `data` (bytes, or a function that writes to an open binary file) to `path` so that readers see
     either nothing or the whole file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pattern remove_partials sweeps
-    with open(tmp, "wb") as f:
-        if callable(data):
-            data(f)  # e.g. torch.save, without holding the whole file in memory first
-        else:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)  # e.g. torch.save, without holding the whole file in memory first
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: leave no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_partials(directory: Path) -> int:

@@ -24,14 +24,31 @@ def test_shapes(variant):
     assert m(x).shape == (2, 7)
 
 
-def test_paper_initialisation():
-    m = AlexNet()
+@pytest.mark.parametrize("init,ones_bias,fc_std", [("paper", 1.0, 0.01), ("caffe", 0.1, 0.005)])
+def test_initialisation(init, ones_bias, fc_std):
+    m = AlexNet(AlexNetConfig(init=init))
     for name in ("conv1", "conv3", "fc8"):
         assert torch.all(getattr(m, name).bias == 0)
     for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
-        assert torch.all(getattr(m, name).bias == 1)
-    w = m.fc6.weight
-    assert abs(w.mean().item()) < 1e-4 and abs(w.std().item() - 0.01) < 1e-4
+        assert torch.all(getattr(m, name).bias == ones_bias)
+    for name, std in (("conv2", 0.01), ("fc6", fc_std), ("fc7", fc_std), ("fc8", 0.01)):
+        w = getattr(m, name).weight
+        assert abs(w.mean().item()) < 1e-4 and abs(w.std().item() - std) < 2e-4, name
+    with pytest.raises(ValueError, match="init"):
+        AlexNet(AlexNetConfig(init="kaiming"))
+
+
+def test_flops_per_image_counts_every_layer():
+    from alexnet_pipeline.model import flops_per_image
+
+    # the paper's network: 0.724 GMAC forward for one 224x224 image; conv1 alone is 55*55*96*363
+    assert flops_per_image(AlexNetConfig())["forward_macs"] == 724_406_816
+    assert flops_per_image(AlexNetConfig())["train_flops"] == 6 * 724_406_816
+    conv1 = 55 * 55 * 96 * 363
+    fc = 9216 * 4096 + 4096 * 4096 + 4096 * 1000
+    # conv2-conv5 by hand (grouped layers see half the input channels)
+    conv2_5 = 27 * 27 * 256 * 48 * 25 + 13 * 13 * 384 * 256 * 9 + 13 * 13 * 384 * 192 * 9 + 13 * 13 * 256 * 192 * 9
+    assert conv1 + conv2_5 + fc == 724_406_816
 
 
 def test_lrn_follows_relu_on_conv1_and_conv2_only():
@@ -52,10 +69,26 @@ def test_grouped_layers_equal_the_explicit_two_column_computation():
     columns = [torch.nn.functional.conv2d(x[:, i * half_in:(i + 1) * half_in], w[i * half_out:(i + 1) * half_out],
                                           b[i * half_out:(i + 1) * half_out], padding=1) for i in range(2)]
     torch.testing.assert_close(m.conv4(x), torch.cat(columns, 1))
-    y = torch.relu(torch.randn(2, 48, 27, 27))
+
+
+def test_lrn_is_pytorchs_within_each_column_forward_and_backward():
+    torch.manual_seed(0)
+    y = (torch.relu(torch.randn(2, 48, 27, 27, dtype=torch.float64)) * 60).requires_grad_()
     lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 2.0)
-    torch.testing.assert_close(GroupedLRN(2)(y), torch.cat([lrn(y[:, :24]), lrn(y[:, 24:])], 1))
-    assert not torch.allclose(GroupedLRN(2)(y * 40), lrn(y * 40))  # it really does not cross the columns
+    ref = torch.cat([lrn(y[:, :24]), lrn(y[:, 24:])], 1)
+    ours = GroupedLRN(48, 2).double()(y)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, y, g)[0], torch.autograd.grad(ref, y, g)[0],
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(GroupedLRN(48, 2).double()(y), lrn(y))  # it really does not cross the columns
+    # channels_last in, channels_last out (no copy into another layout), same values
+    cl = y.detach().float().to(memory_format=torch.channels_last)
+    out = GroupedLRN(48, 2)(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    # bfloat16 (autocast on GPUs): the band is exact ones, so only the inputs' rounding remains
+    torch.testing.assert_close(GroupedLRN(48, 2)(y.detach().bfloat16()).double(), ref.detach(), rtol=2e-2, atol=2e-2)
 
 
 def test_two_columns_compute_the_grouped_function():
@@ -89,3 +122,38 @@ def test_narrow_paper_init_keeps_the_full_networks_signal_scale():
         x = torch.randn(2, 3, 224, 224) * 50  # mean-subtracted 0-255 pixels
         stds[width] = m.features(x).std().item()
     assert 0.6 < stds[0.25] / stds[1.0] < 1.6
+
+
+def test_split_groups_compute_the_grouped_function_and_gradients():
+    """On GPUs the grouped layers run as one dense convolution per column (place() sets split_groups)."""
+    torch.manual_seed(0)
+    m = AlexNet(AlexNetConfig(num_classes=5, width=0.25)).double().eval()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64).to(memory_format=torch.channels_last) * 50
+    grads = []
+    for split in (False, True):
+        m.zero_grad()
+        m.split_groups = split
+        out = m(x)
+        out.logsumexp(1).sum().backward()
+        grads.append((out.detach(), m.conv2.weight.grad.clone(), m.conv5.bias.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert AlexNet(AlexNetConfig(width=0.25)).split_groups is False
+
+
+@pytest.mark.parametrize("variant", ["paper", "torchvision"])
+def test_conv1_over_space_to_depth_blocks_is_the_same_convolution(variant):
+    """On GPUs conv1 runs as a 3x3 convolution over 4x4 blocks (place() sets space_to_depth)."""
+    torch.manual_seed(0)
+    m = AlexNet(AlexNetConfig(num_classes=5, variant=variant, width=0.25)).double()
+    x = (torch.randn(2, 3, 224, 224, dtype=torch.float64) * 50).to(memory_format=torch.channels_last)
+    results = []
+    for s2d in (False, True):
+        m.zero_grad()
+        m.space_to_depth = s2d
+        y = m._conv1(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
+        results.append((y.detach(), m.conv1.weight.grad.clone(), m.conv1.bias.grad.clone()))
+    assert results[0][0].shape[-2:] == (55, 55)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from alexnet_pipeline import augment, shards
-from alexnet_pipeline.pipeline import (PAD_LABEL, LoaderConfig, ShardError, build_pipeline, eval_loader,
+from alexnet_pipeline.pipeline import (PAD_LABEL, Loader, LoaderConfig, ShardError, build_pipeline, eval_loader,
                                        train_loader)
 
 
@@ -21,7 +21,7 @@ def _stats(prepped):
 
 def _run(prepped, train, batches=1, **options):
     """Run the exposed pipeline: list of per-sample dicts with output, label, decoded image and draws."""
-    cfg = LoaderConfig(prepped, "train" if train else "val", batch_size=options.pop("batch_size", 8),
+    cfg = LoaderConfig(shards=prepped, split="train" if train else "val", batch_size=options.pop("batch_size", 8),
                        num_threads=2, **options)
     pipe = build_pipeline(cfg, train, expose=True)[0]
     names = ["out", "label", "image"] + (["alpha0", "alpha1", "alpha2", "mirror", "x", "y"] if train else [])
@@ -54,8 +54,8 @@ def test_dali_decoding_matches_pil_within_jpeg_decoder_tolerance(prepped):
     assert np.abs(pil - s["image"]).max() <= 8 and np.abs(pil - s["image"]).mean() < 1.0
 
 
-def test_center_crop_is_at_offset_16(prepped):
-    mean = augment.mean_to_subtract(_stats(prepped), "channel")
+def test_center_crop_is_at_offset_16_with_the_mean_image_by_default(prepped):
+    mean = augment.mean_to_subtract(_stats(prepped), "pixel")
     for s in _run(prepped, False):
         np.testing.assert_allclose(s["out"], augment.augment(s["image"], 16, 16, False, mean), atol=1e-3)
 
@@ -69,7 +69,7 @@ def test_ten_crops_are_the_ten_views_in_documented_order(prepped):
 
 def test_draws_over_many_samples(prepped):
     stats = _stats(prepped)
-    samples = _run(prepped, True, batches=50, batch_size=32, lighting_sigma=0.1, lighting_form="sqrt")
+    samples = _run(prepped, True, batches=50, batch_size=32, lighting_sigma=0.1, lighting_form="sqrt", mean="channel")
     xs = np.array([round(float(s["x"]) * 32) for s in samples])
     ys = np.array([round(float(s["y"]) * 32) for s in samples])
     for v in (xs, ys):
@@ -193,3 +193,73 @@ def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped):
         break  # abandon the first epoch after one batch
     assert _fingerprints(loader) == whole
     assert loader.epoch == 2
+
+
+def _epoch_images(prepped, epochs, **options):
+    """Per epoch, the hashes of the decoded images in the order the train pipeline read them (no padding)."""
+    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    cfg = LoaderConfig(shards=prepped, split="train", batch_size=4, num_threads=1, lighting_sigma=0, **options)
+    pipe = build_pipeline(cfg, True, expose=True)[0]
+    batches = -(-n // 4)
+    out = []
+    for _ in range(epochs):
+        seen = []
+        for _ in range(batches):
+            decoded = pipe.run()[2]
+            seen += [hash(np.array(decoded[i]).tobytes()) for i in range(len(decoded))]
+        out.append(seen[:n])
+    return out
+
+
+def test_every_epoch_a_new_order_beyond_the_shuffle_buffer(prepped):
+    buffer = 3
+    first, second = _epoch_images(prepped, 2, shuffle_buffer=buffer)
+    assert sorted(first) == sorted(second)  # the same samples, once each
+    moved = max(abs(i - second.index(h)) for i, h in enumerate(first))
+    assert moved > 2 * 5 > buffer  # a whole shard (5 samples here) moved: more than a buffer of 3 can do
+    same = _epoch_images(prepped, 2, shuffle_buffer=1, shard_shuffle=False)
+    assert same[0] == same[1]  # without the shard shuffle (and no buffer), every epoch reads one sequence
+
+
+def test_a_resumed_loader_continues_exactly_into_the_next_epochs_new_order(prepped):
+    def fingerprints(batches):
+        return [(tuple(y.tolist()), round(float(x.double().sum()), 3)) for x, y in batches]
+
+    options = dict(batch_size=4, num_threads=1, shuffle_buffer=3)
+    whole = train_loader(prepped, **options)
+    run = [b for _ in range(3) for b in whole]
+    cut = train_loader(prepped, **options)
+    taken = []
+    for b in cut:  # epoch 1, then stop part-way through epoch 2
+        taken.append(b)
+    it = iter(cut)
+    taken += [next(it), next(it)]
+    resumed = Loader(cut.cfg, True, cut.state_dict())
+    rest = [b for _ in range(2) for b in resumed][:len(run) - len(taken)]
+    assert fingerprints(taken + rest) == fingerprints(run)
+
+
+def test_loader_options_are_visible_and_checked():
+    import inspect
+
+    params = inspect.signature(train_loader).parameters
+    assert params["batch_size"].kind is inspect.Parameter.KEYWORD_ONLY and params["batch_size"].default == 128
+    assert "tencrop" not in params and "tencrop" in inspect.signature(eval_loader).parameters
+    assert "shard_shuffle" in params and "lighting_sigma" not in inspect.signature(eval_loader).parameters
+    assert "hw_decoder_load" in train_loader.__doc__ and "mean image" in eval_loader.__doc__
+
+
+@pytest.mark.parametrize("loader,options,message", [
+    ("train", {"tencrop": True}, "'tencrop' is an eval_loader option"),
+    ("eval", {"lighting_sigma": 0.2}, "'lighting_sigma' is a train_loader option"),
+    ("train", {"batch_sise": 8}, "'batch_sise' is not an option"),
+    ("train", {"batch_size": "8"}, "option batch_size: expected int"),
+    ("train", {"batch_size": 0}, "option batch_size: must be at least 1"),
+    ("eval", {"hw_decoder_load": 2.0}, "option hw_decoder_load: must be at most 1"),
+    ("train", {"decoder": "mixed"}, "option decoder: mixed (nvJPEG) decoding needs device='cuda'")])
+def test_bad_loader_options_are_refused_naming_the_option(prepped, loader, options, message):
+    from alexnet_pipeline.config import OptionError
+
+    with pytest.raises(OptionError) as e:
+        (train_loader if loader == "train" else eval_loader)(prepped, **options)
+    assert message in str(e.value)

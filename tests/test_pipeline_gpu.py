@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_gpu_train_output_equals_the_reference_for_the_same_draws(prepped):
     with np.load(prepped / "stats.npz") as z:
         stats = {k: z[k] for k in z.files}
-    cfg = LoaderConfig(prepped, "train", batch_size=8, device="cuda", num_threads=2, mean="pixel")
+    cfg = LoaderConfig(shards=prepped, split="train", batch_size=8, device="cuda", num_threads=2, mean="pixel")
     outs = build_pipeline(cfg, True, expose=True)[0].run()
     out, image = outs[0].as_cpu(), outs[2].as_cpu()  # decoded by nvJPEG, so compare with that decode
     for i in range(8):
@@ -44,3 +44,17 @@ def test_gpu_outputs_live_on_the_gpu_with_the_asked_dtype_and_layout(prepped, dt
 def test_gpu_tencrop_shape(prepped):
     images, _ = next(iter(eval_loader(prepped, batch_size=4, device="cuda", tencrop=True, num_threads=2)))
     assert images.shape == (4, 10, 3, 224, 224) and images.is_cuda
+
+
+def test_cpu_decoding_feeds_the_gpu_augmentation_with_the_cpu_loaders_pixels(prepped):
+    gpu = next(iter(eval_loader(prepped, batch_size=8, device="cuda", decoder="cpu", num_threads=2)))[0]
+    cpu = next(iter(eval_loader(prepped, batch_size=8, device="cpu", num_threads=2)))[0]
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)  # the same libjpeg-turbo decode
+
+
+@pytest.mark.parametrize("load", [0.0, 0.5, 1.0])
+def test_every_hardware_decoder_share_gives_batches(prepped, load):
+    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", decoder="mixed",
+                                            hw_decoder_load=load, num_threads=2)))
+    assert images.shape == (8, 3, 224, 224) and images.is_cuda and labels.is_cuda

@@ -13,10 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 from alexnet_pipeline import train
+from alexnet_pipeline.config import UserError
 from alexnet_pipeline.distributed import World
 from alexnet_pipeline.pipeline import PAD_LABEL, Loader
 
-TINY = dict(width=0.0625, batch_size=8, log_every=1, threads=1, tencrop=False)
+TINY = dict(width=0.0625, batch_size=8, log_every=1, num_threads=1, tencrop=False)
 
 
 def _records(run_dir, kind="train"):
@@ -32,7 +33,7 @@ def _rank(rank, port, shards, out, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     seen = []
-    trainer = train.Trainer(train.TrainConfig(shards, out, epochs=2, device="cpu", **TINY),
+    trainer = train.Trainer(train.TrainConfig(shards=shards, out=out, epochs=2, device="cpu", **TINY),
                             on_batch=lambda x, y: seen.extend(_fingerprints(x, y)))
     trainer.fit()
     torch.save({"weights": trainer.grouped_weights(), "seen": seen}, result_dir / f"rank{rank}.pt")
@@ -54,7 +55,7 @@ def test_two_gloo_ranks_end_identical_and_see_different_samples(prepped, tmp_pat
     assert not torch.equal(start.conv1.weight, r0["weights"]["conv1.weight"])  # it did train
     # each rank was fed exactly its own loader's stream (rank r of 2), and the two streams differ
     for r, result in enumerate((r0, r1)):
-        cfg = train.TrainConfig(prepped, tmp_path, **TINY)
+        cfg = train.TrainConfig(shards=prepped, out=tmp_path, **TINY)
         world = World(r, 2, r, torch.device("cpu"))
         loader = Loader(train.loader_config(cfg, world, "train"), True)
         expected = [f for _ in range(2) for x, y in loader for f in _fingerprints(x, y)]
@@ -99,7 +100,7 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, t
 
 def test_checkpoint_log_and_plot(prepped, tmp_path):
     out = tmp_path / "run"
-    summary = train.run(train.TrainConfig(prepped, out, epochs=2, device="cpu", **{**TINY, "tencrop": True}))
+    summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **{**TINY, "tencrop": True}))
     manifest = json.loads((prepped / "dataset.json").read_text())
     ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
     assert ckpt["epoch"] == 2 and ckpt["classes"] == manifest["classes"]
@@ -111,8 +112,8 @@ def test_checkpoint_log_and_plot(prepped, tmp_path):
     assert summary["tencrop"]["images"] == manifest["splits"]["val"]["samples"]
     assert (out / train.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["lr"] == pytest.approx(0.01 * 8 / 128)
-    cfg = train.TrainConfig(prepped, out, epochs=2, device="cpu", **TINY)
-    with pytest.raises(ValueError, match="already holds a run"):
+    cfg = train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **TINY)
+    with pytest.raises(UserError, match="already holds a run"):
         train.run(cfg)  # never silently over a finished run
     with open(out / train.LOG, "a") as f:  # as if the run had crashed after logging past its checkpoint
         f.write(json.dumps({"kind": "train", "step": 999}) + "\n")
@@ -122,26 +123,26 @@ def test_checkpoint_log_and_plot(prepped, tmp_path):
 
 
 def test_non_finite_loss_stops_naming_the_step(prepped, tmp_path):
-    cfg = train.TrainConfig(prepped, tmp_path / "run", epochs=1, device="cpu", lr=1e9, **TINY)
+    cfg = train.TrainConfig(shards=prepped, out=tmp_path / "run", epochs=1, device="cpu", lr=1e9, **TINY)
     with pytest.raises(train.Diverged, match=r"not finite at step \d+ \(epoch 1\)"):
         train.run(cfg)
 
 
 def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
-    s = train.Schedule(train.TrainConfig(tmp_path, tmp_path, patience=2, max_drops=2))
+    s = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, patience=2, max_drops=2))
     lrs = []
     for epoch, err in enumerate([0.9, 0.8, 0.8, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]):
         s.after_epoch(epoch, err)
         lrs.append(s.lr)
     assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(0.001) and lrs[-1] == pytest.approx(0.0001)
-    step = train.Schedule(train.TrainConfig(tmp_path, tmp_path, schedule="step", step_epochs=2, batch_size=256))
+    step = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, schedule="step", step_epochs=2, batch_size=256))
     for epoch in range(4):
         step.after_epoch(epoch, 0.5)
     assert step.lr == pytest.approx(0.02 / 100)  # batch 256 doubles the default lr; two steps of /10
 
 
 def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, tmp_path):
-    cfg = train.TrainConfig(prepped, tmp_path / "cut", epochs=2, device="cpu", **TINY)
+    cfg = train.TrainConfig(shards=prepped, out=tmp_path / "cut", epochs=2, device="cpu", **TINY)
     batches = len(Loader(train.loader_config(cfg, World(0, 1, 0, torch.device("cpu")), "train"), True))
     fed = []
 
@@ -156,7 +157,40 @@ def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, 
     cfg.resume = True
     train.run(cfg)
     whole = tmp_path / "whole"
-    train.run(train.TrainConfig(prepped, whole, epochs=2, device="cpu", **TINY))
+    train.run(train.TrainConfig(shards=prepped, out=whole, epochs=2, device="cpu", **TINY))
     losses = [[v for r in _records(d) for v in r["losses"]] for d in (cfg.out, whole)]
     assert len(losses[0]) == 2 * batches
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_default_run_records_the_papers_recipe_and_refuses_another_on_resume(prepped, tmp_path):
+    out = tmp_path / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=1, device="cpu", **TINY))
+    config = json.loads((out / "config.json").read_text())
+    assert config["mean"] == "pixel" and config["momentum_rule"] == "paper" and config["decay_biases"] is False
+    assert config["init"] == "paper" and config["shard_shuffle"] is True
+    ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)
+    assert ckpt["config"] == config
+    decay = ckpt["optimizer"]["weight_decay"]
+    assert decay["conv1.bias"] == decay["fc8.bias"] == 0.0 and decay["conv1.weight"] == decay["fc8.weight"] == 5e-4
+    assert ckpt["optimizer"]["rule"] == "paper"
+    for change, named in (({"width": 0.125}, "width"), ({"batch_size": 4}, "batch_size"),
+                          ({"mean": "channel"}, "mean"), ({"decay_biases": True}, "decay_biases")):
+        with pytest.raises(UserError, match=f"another recipe.*{named}"):
+            train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", resume=True,
+                                        **{**TINY, **change}))
+    # what may change: the length, logging, threads
+    done = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", resume=True,
+                                       **{**TINY, "log_every": 3}))
+    assert done["epochs"] == 2
+
+
+def test_eval_uses_the_mean_the_network_was_trained_with(prepped, tmp_path, capsys):
+    from alexnet_pipeline import cli
+
+    out = tmp_path / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=1, device="cpu", **{**TINY, "mean": "channel"}))
+    capsys.readouterr()
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(out / train.CHECKPOINT), "--threads", "1",
+                          "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mean"] == "channel"

@@ -1,45 +1,80 @@
 #!/usr/bin/env bash
-# On a lent GPU machine (no network): install DALI from wheels carried in pieces under /tmp/parts, then run
-# the GPU tests and the GPU benchmarks. Usage: bash tools/gpu_check.sh [install|test|bench|train|all]
+# The GPU checks and benchmarks, on a machine with a CUDA GPU and torch but no network and no DALI.
+#
+#   bash tools/gpu_check.sh WHEELS STAGE [STAGE ...]
+#
+# WHEELS: a directory holding either *.whl files (DALI and what it needs; see tools/gpu_bundle.sh) or the
+# pieces of a bundle made by tools/gpu_bundle.sh (site.tar.xz.*, joined in name order). They are installed
+# under $SITE (default /tmp/site), which goes first on PYTHONPATH. Each stage writes its figures to
+# $OUT/<stage>.txt (default OUT=/tmp/gpu_check) and prints the last lines; stages are time-boxed so that a
+# slow one still leaves the others' figures. Stages:
+#   install   unpack WHEELS (skipped when $SITE already imports DALI)
+#   shards    a 20-class sample and its shards in $WORK/shards (the benchmarks' data)
+#   test      the GPU tests (tests/*_gpu.py)
+#   step      tools/step_profile.py: images/s and kernels, from the old step to the current one
+#   train     alexnet-bench train --compile at batch 128: synthetic / DALI decoding variants / DataLoader, profile
+#   train-eager  the same without torch.compile, synthetic and DALI only
+#   pipeline  alexnet-bench pipeline: the loaders alone, train and ten-crop
+#   trainer   alexnet-train --compile itself for 3 epochs: its logged images/s
+#   learn     1,000-class sample, then 3,000+ steps of the full-width model with the paper's and Caffe's init
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/out}
-stage=${1:-all}
-if [[ $stage == install || $stage == all ]]; then
-  cat /tmp/parts/part_* | tar -x -C /tmp && rm -rf /tmp/parts
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/wheels/*.whl
-  python3 -c "import nvidia.dali as d, torch; print('DALI', d.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
-fi
-if [[ $stage == test || $stage == all ]]; then
-  nvidia-smi -L
-  python3 -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_train_gpu.py 2>&1 | tail -15
-fi
-if [[ ! -f /tmp/shards/dataset.json && $stage != install && $stage != test ]]; then
-  SECONDS=0; timeout 150 python3 tools/make_sample_imagenet.py --out /tmp/sample --classes 20 --train-per-class 100 --val-per-class 20 \
-    --layouts extracted --workers 16
-  echo "sample: ${SECONDS}s"; timeout 150 python3 -c "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())" \
-    --imagenet-root /tmp/sample/extracted --out /tmp/shards --shard-size 64 --no-progress | head -1
-fi
-if [[ $stage == bench || $stage == all ]]; then
-  bench="python3 -c 'import sys; from alexnet_pipeline.cli import bench_main; sys.exit(bench_main())' pipeline"
-  bench="$bench --shards /tmp/shards --device cuda --dtype float16"
-  # Each step is time-boxed and saved as it ends, so a slow step still leaves the others' figures. Small
-  # shards (64) so that every baseline worker has shards to read; 20 epochs of ~2,000 images per repeat so
-  # that a timed repeat lasts over a second at GPU rates.
-  timeout 150 bash -c "$bench --batch-size 256 --threads 12 --repeats 5 --epochs 20 --no-baseline" 2>&1 \
-    | grep -v -E "nvjpeg2k|nvtiff|If using" | tee $OUT/dali.txt | tail -4
-  timeout 200 bash -c "$bench --batch-size 256 --threads 16 --repeats 2 --epochs 1" 2>&1 \
-    | grep -v -E "nvjpeg2k|nvtiff|If using" | tee $OUT/with_baseline.txt | tail -4
-fi
-if [[ $stage == train || $stage == all ]]; then
-  # the training step fed by DALI vs by a batch held on the GPU: full-width paper AlexNet, bf16, channels_last
-  train="python3 -c 'import sys; from alexnet_pipeline.cli import bench_main; sys.exit(bench_main())' train"
-  train="$train --shards /tmp/shards --device cuda --threads 12 --repeats 5"
-  for args in "--batch-size 128 --steps 50" "--batch-size 256 --steps 30" "--batch-size 128 --steps 50 --compile"; do
-    echo "== $args"; timeout 240 bash -c "$train $args" 2>&1 | grep -v -E "nvjpeg2k|nvtiff|If using" | tail -4
-  done | tee $OUT/train.txt
-  # the trainer itself: its per-interval images/s and data-wait fraction on the GPU
-  timeout 200 python3 -c "import sys; from alexnet_pipeline.cli import train_main; sys.exit(train_main())" \
-    --shards /tmp/shards --out /tmp/run --epochs 4 --log-every 10 --threads 12 2>&1 \
-    | grep -v -E "nvjpeg2k|nvtiff|If using" | tee $OUT/trainer.txt | tail -25
-fi
+[[ $# -ge 2 ]] || { sed -n '2,20p' "$0"; exit 2; }
+WHEELS=$(realpath "$1"); shift
+OUT=${OUT:-/tmp/gpu_check}; SITE=${SITE:-/tmp/site}; WORK=${WORK:-/tmp/gpu_work}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=python3
+quiet() { grep -v -E "nvjpeg2k|nvtiff|If using|UserWarning|warnings.warn"; }
+run() {  # run STAGE SECONDS COMMAND...: time-boxed, output to $OUT/STAGE.txt, last lines printed
+  local stage=$1 limit=$2; shift 2
+  echo "== $stage ($(date +%T))"
+  timeout "$limit" "$@" 2>&1 | quiet > "$OUT/$stage.txt"
+  echo "   exit ${PIPESTATUS[0]}"; tail -n 25 "$OUT/$stage.txt"
+}
+install() {
+  $PY -c "import nvidia.dali" 2>/dev/null && return 0
+  mkdir -p "$SITE"
+  if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$WHEELS"/*.whl
+  else  # the bundle holds site/...: unpack it next to $SITE's parent and move it in place
+    cat $(ls "$WHEELS"/site.tar.xz.* | sort) | xz -d -T0 | tar -x -C "$WORK" && cp -a "$WORK/site/." "$SITE/"
+  fi
+  $PY -c "import nvidia.dali as d, torch; print('DALI', d.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+}
+shards() {
+  [[ -f $WORK/shards/dataset.json ]] && return 0
+  $PY tools/make_sample_imagenet.py --out "$WORK/sample" --classes 20 --train-per-class 100 --val-per-class 20 \
+    --layouts extracted --workers 16 && \
+  $PY -m alexnet_pipeline prep --imagenet-root "$WORK/sample/extracted" --out "$WORK/shards" --shard-size 64 --no-progress
+}
+learn() {  # the full-width model on 1,000 classes: does the paper's init learn? Caffe's beside it.
+  $PY tools/make_sample_imagenet.py --out "$WORK/s1000" --classes 1000 --train-per-class 40 --val-per-class 10 \
+    --layouts extracted --workers 16 || return 1
+  $PY -m alexnet_pipeline prep --imagenet-root "$WORK/s1000/extracted" --out "$WORK/shards1000" --no-progress || return 1
+  for init in paper caffe; do  # 40,007 images / 128 = 313 steps per epoch: 10 epochs = 3,130 steps
+    $PY -m alexnet_pipeline train --shards "$WORK/shards1000" --out "$WORK/learn_$init" --init "$init" --epochs 10 \
+      --log-every 25 --threads 14 --no-tencrop | grep -E "^epoch [0-9]+/[0-9]+:|training|img/s" | awk 'NR % 4 == 1'
+    cp "$WORK/learn_$init/log.jsonl" "$OUT/learn_$init.jsonl"
+  done
+}
+for stage in "$@"; do
+  case $stage in
+    install)  install 2>&1 | quiet | tail -3 ;;
+    shards)   run shards 150 bash "$0" "$WHEELS" _shards ;;
+    test)     run test 420 $PY -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py tests/test_train_gpu.py ;;
+    step)     run step 300 $PY tools/step_profile.py --json "$OUT/step.json" ;;
+    train)    run train 300 $PY -m alexnet_pipeline bench train --shards "$WORK/shards" --device cuda --threads 14 \
+                --steps 50 --repeats 5 --profile --compile \
+                --feeds synthetic,dali,dali-cpu,dali-hw0,dali-hw0.5,dali-hw0.9,dali-hw1,dataloader ;;
+    train-eager) run train-eager 200 $PY -m alexnet_pipeline bench train --shards "$WORK/shards" --device cuda \
+                --threads 14 --steps 50 --repeats 5 --profile --feeds synthetic,dali ;;
+    pipeline) run pipeline 200 $PY -m alexnet_pipeline bench pipeline --shards "$WORK/shards" --device cuda \
+                --dtype float16 --batch-size 256 --threads 14 --repeats 5 --epochs 20 --no-baseline ;;
+    trainer)  rm -rf "$WORK/run"; run trainer 240 $PY -m alexnet_pipeline train --shards "$WORK/shards" \
+                --out "$WORK/run" --epochs 3 --log-every 5 --threads 14 --compile ;;
+    learn)    run learn 540 bash "$0" "$WHEELS" _learn ;;
+    _shards)  shards ;;  # the time-boxed bodies of shards and learn
+    _learn)   learn ;;
+    *)        echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
