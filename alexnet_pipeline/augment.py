@@ -1,5 +1,5 @@
 """The paper's augmentation in plain numpy, given its random choices: the oracle for the DALI pipeline and
-the transform of the baseline loader (DESIGN.md section 4).
+the transform of the baseline loader (docs/design.md, "The augmentation").
 
 Images are uint8 HxWx3 RGB (256x256 from the shards); outputs are float32 CHW in 0-255 units, mean-subtracted.
 
@@ -9,7 +9,8 @@ codes people copy disagree:
 - ``"sqrt"`` (default): ``s = sqrt(eigval)``, the authors' cuda-convnet2. ``s`` is then a standard deviation
   in pixel units, so the shift is the same whatever scale the pixels are kept in.
 - ``"eigval"``: ``s = eigval / 255`` in 0-255 units, i.e. fb.resnet.torch's eigenvalues of [0,1] pixels.
-They differ by a factor ``sqrt(eigval)/(eigval/255)``: 2-17x per axis on ImageNet.
+From one set of eigenvalues they differ by ``sqrt(eigval)/(eigval/255) = 255/sqrt(eigval)``: about 2-13x per
+axis on ImageNet.
 """
 
 from __future__ import annotations

@@ -22,8 +22,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     def __init__(self, shards_dir, split="train", train=True, mean="pixel", lighting_sigma=0.1,
                  lighting_form="sqrt", tencrop=False, seed=0, shuffle_buffer=1024):
         self.paths = shards.shard_paths(shards_dir, split)
-        with np.load(f"{shards_dir}/{shards.STATS}") as z:
-            self.stats = {k: z[k] for k in z.files}
+        self.stats = shards.load_stats(shards_dir)
         self.mean = augment.mean_to_subtract(self.stats, mean).astype(np.float32)
         self.train, self.sigma, self.form, self.tencrop = train, lighting_sigma, lighting_form, tencrop
         self.seed, self.buffer, self.epoch = seed, shuffle_buffer, 0

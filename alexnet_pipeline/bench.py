@@ -166,35 +166,44 @@ def _count(loader, device=None):
     return n
 
 
+def _loader_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
+    """images/s of one DALI loader; its pipeline (and DALI's thread pool) goes when this returns."""
+    from .pipeline import Loader
+
+    loader = Loader(cfg, train)
+    return _iter_rate(lambda: _count(loader), bench.repeats, bench.epochs, sync)
+
+
+def _decode_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
+    """images/s of the same reader and decoder with nothing after them: the ceiling."""
+    from .pipeline import build_pipeline
+
+    pipe, n_samples, _ = build_pipeline(cfg, train, decode_only=True)
+    batches = -(-n_samples // (cfg.batch_size * cfg.world_size))
+
+    def epoch():
+        for _ in range(batches):
+            pipe.run()
+        return batches * cfg.batch_size
+    return _iter_rate(epoch, bench.repeats, bench.epochs, sync)
+
+
 def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
-    """(a), (b) and (c) for one loader configuration; its pipelines are freed when this returns."""
+    """(a), (b) and (c) for one loader configuration."""
     import torch
 
     from .baseline import baseline_loader
-    from .pipeline import Loader, build_pipeline
 
     dev = torch.device(cfg.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    ours = Loader(cfg, train)
-    ceiling_pipe = build_pipeline(cfg, train, decode_only=True)[0]
-
-    def ceiling():
-        for _ in range(len(ours)):
-            ceiling_pipe.run()
-        return len(ours) * cfg.batch_size
-
-    rates = {"dali": _iter_rate(lambda: _count(ours), bench.repeats, bench.epochs, sync),
-             "decode_only": _iter_rate(ceiling, bench.repeats, bench.epochs, sync)}
-    del ours, ceiling_pipe
+    rates = {"dali": _loader_rate(bench, cfg, train, sync), "decode_only": _decode_rate(bench, cfg, train, sync)}
     if train:
-        same_order = Loader(dataclasses.replace(cfg, shard_shuffle=False), train)
-        rates["dali_same_order"] = _iter_rate(lambda: _count(same_order), bench.repeats, bench.epochs, sync)
-        del same_order
+        rates["dali_same_order"] = _loader_rate(bench, dataclasses.replace(cfg, shard_shuffle=False), train, sync)
+    gc.collect()  # DALI's thread pools go with their pipelines
     if bench.baseline:
         base = baseline_loader(cfg.shards, cfg.batch_size, workers=cfg.num_threads, train=train, tencrop=cfg.tencrop,
                                mean=cfg.mean)
         rates["baseline"] = _iter_rate(lambda: _count(base, dev), bench.repeats, bench.epochs, sync)
-    gc.collect()  # DALI's thread pools go with their pipelines
     return {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"] if bench.baseline else None,
             "dali_over_decode_only": rates["dali"] / rates["decode_only"]}
 
@@ -314,6 +323,14 @@ def kernel_table(run_steps, steps: int, rows: int = 12) -> dict:
                     for e in kernels[:rows]]}
 
 
+def _dali_source(cfg):
+    """Batches from a DALI train loader, epoch after epoch."""
+    from .pipeline import Loader
+
+    stream = itertools.chain.from_iterable(iter(Loader(cfg, True)) for _ in itertools.count())
+    return lambda: next(stream)
+
+
 def _dataloader_source(bench: TrainBench, tcfg, device, dtype):
     """Batches from the DataLoader baseline, moved to the device as pytorch/examples does (pinned, async)."""
     import torch
@@ -352,7 +369,8 @@ def train_rates(bench: TrainBench) -> dict:
     model_cfg = AlexNetConfig(len(first.classes), bench.variant, bench.width)
     net = place(AlexNet(model_cfg), dev)
     model = torch.compile(net) if bench.compile and dev.type == "cuda" else net
-    step = TrainStep(model, optimizer_for(tcfg, net), dev, bench.precision, graph=bench.cuda_graph and dev.type == "cuda")
+    graph = bench.cuda_graph and dev.type == "cuda"
+    step = TrainStep(model, optimizer_for(tcfg, net), dev, bench.precision, graph=graph)
     held = [t.clone() for t in next(iter(first))]  # same dtype, layout and device as the pipeline's batches
     threads = first.pipe.num_threads
     del first
@@ -373,11 +391,9 @@ def train_rates(bench: TrainBench) -> dict:
         elif feed == "dataloader":
             rates[feed] = rate(_dataloader_source(bench, tcfg, dev, held[0].dtype))
         else:
-            loader = Loader(loader_config(dataclasses.replace(tcfg, **_dali_overrides(feed)), world, "train"), True)
-            stream = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())  # epoch after epoch
-            rates[feed] = rate(lambda: next(stream))
-            del loader, stream
-            gc.collect()  # free its DALI pipeline and threads before the next feed
+            rates[feed] = rate(_dali_source(loader_config(dataclasses.replace(tcfg, **_dali_overrides(feed)), world,
+                                                          "train")))
+            gc.collect()  # free that feed's DALI pipeline and threads before the next one
     flops = flops_per_image(model_cfg)["train_flops"]
     result = {**to_json(bench), "device": str(dev), "threads": threads, "images_per_s": rates,
               "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items()},

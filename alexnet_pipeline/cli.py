@@ -47,8 +47,9 @@ def prep_main(argv=None) -> int:
     p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (default 95, as cuda-convnet2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default 0)")
     p.add_argument("--limit-per-class", type=_positive, help="keep the first N files of each class")
-    p.add_argument("--layout", choices=("auto", "folders", "archives"), default="auto",
-                   help="which layout to read when both are present (default auto: folders first)")
+    p.add_argument("--layout", choices=("auto", "folders", "archives", "hf"), default="auto",
+                   help="which layout to read when several are present (default auto: folders, then the official "
+                        "archives, then Hugging Face's)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: when stderr is a terminal)")
     a = p.parse_args(argv)
@@ -73,11 +74,16 @@ def prep_main(argv=None) -> int:
         report = prep.run(cfg)
     except UserError as e:
         return _fail("alexnet-prep", e)
+    except prep.Interrupted as e:  # one line; the workers are gone; the same command resumes
+        print(f"alexnet-prep: {e}", file=sys.stderr)
+        return 128 + e.signum
     _print_prep_summary(cfg, report)
     return 0
 
 
 def _print_prep_summary(cfg, report) -> None:
+    for note in report.notes:
+        print(f"note: {note}")
     if report.resumed and not report.processed:
         print(f"{cfg.out}: already complete with these options; nothing to do")
     done = ", ".join(f"{n} {s}" for s, n in report.samples.items())
@@ -105,11 +111,11 @@ def _verify(path: Path) -> int:
     m = shards.load_manifest(path)
     print(f"{path}: OK, {len(m['classes'])} classes, " +
           ", ".join(f"{s} {e['samples']} samples in {len(e['shards'])} shards" for s, e in m["splits"].items()))
-    if (path / shards.STATS).exists():
-        with np.load(path / shards.STATS) as z:
-            np.set_printoptions(precision=3, suppress=True)
-            print(f"  mean_rgb {z['mean_rgb']}  std_rgb {z['std_rgb']}  (0-255, {int(z['n_pixels'])} pixels)")
-            print(f"  PCA eigval {z['eigval']}  eigvec columns\n{z['eigvec']}")
+    if "train" in m["splits"]:
+        z = shards.load_stats(path)
+        np.set_printoptions(precision=3, suppress=True)
+        print(f"  mean_rgb {z['mean_rgb']}  std_rgb {z['std_rgb']}  (0-255, {int(z['n_pixels'])} pixels)")
+        print(f"  PCA eigval {z['eigval']}  eigvec columns\n{z['eigvec']}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Finding ImageNet images and labels in every layout users have (DESIGN.md section 3).
+"""Finding ImageNet images and labels in every layout users have (docs/design.md, "ImageNet as users have it").
 
 The result of `find` is a `Source`: the sorted class list and, per split, a list of `Unit`s. A unit is a
 picklable recipe for a few hundred images (a slice of a class folder, a run of val files, one per-class tar
@@ -12,10 +12,17 @@ sorted indices; they are mapped through meta.mat's WNID column.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import heapq
 import io
+import queue
 import re
 import tarfile
+import threading
+import urllib.parse
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +33,10 @@ TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar
 KAGGLE_CSV, KAGGLE_DATA = "LOC_val_solution.csv", Path("ILSVRC/Data/CLS-LOC")
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 FILES_PER_UNIT = 64  # small enough to balance 2-16 workers, large enough that per-unit files stay few
+# Hugging Face's ILSVRC/imagenet-1k: gzipped tars of flat files named <original stem>_<wnid>.JPEG
+HF_TRAIN, HF_VAL, HF_TEST = "train_images_*.tar.gz", "val_images.tar.gz", "test_images.tar.gz"
+HF_SUFFIX = re.compile(r"_(n\d{8})$")
+ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # EOFError: a gzip cut short
 
 
 class LayoutError(UserError):
@@ -34,44 +45,49 @@ class LayoutError(UserError):
 
 @dataclass(frozen=True)
 class Item:
-    """One candidate image: its sample key, label, where it came from (for reports) and its bytes."""
+    """One candidate image: its sample key, label, where it came from (for reports) and its bytes, or why
+    they could not be read."""
 
     key: str
     label: int
     source: str
     data: bytes
+    error: str = ""
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A recipe for a group of items. kind: 'files' | 'members' (of a flat tar) | 'inner_tar' (per-class tar)."""
+    """A recipe for a group of items. kind: 'files' | 'members' (of a flat tar) | 'inner_tar' (per-class tar) |
+    'gz_members' (consecutive members of a .tar.gz, whose bytes `with_payloads` reads into `payload`)."""
 
     split: str
     name: str
     kind: str
-    entries: tuple = ()  # files: (path, label); members: (offset, size, member name, label)
+    entries: tuple = ()  # files: (path, label); members: (offset, size, name, label); gz_members: (index, name, label)
     archive: str = ""
     offset: int = 0
     size: int = 0
     label: int = -1
     limit: int | None = None
     expected: int | None = None  # number of items, where known without reading
+    payload: tuple = ()  # gz_members: the members' bytes, in entry order
 
     def items(self):
         """Yield the unit's `Item`s; unreadable entries come with empty bytes (reported as bad later)."""
         if self.kind == "files":
             for path, label in self.entries:
                 try:
-                    data = Path(path).read_bytes()
-                except OSError as e:
-                    data = b""
-                    path = f"{path} ({e.strerror})"
-                yield Item(sample_key(path), label, str(path), data)
+                    yield Item(sample_key(path), label, str(path), Path(path).read_bytes())
+                except OSError as e:  # a broken or looping symbolic link, a directory, no permission
+                    yield Item(sample_key(path), label, str(path), b"", error=f"unreadable ({e.strerror})")
         elif self.kind == "members":
             with open(self.archive, "rb") as f:
                 for offset, size, member, label in self.entries:
                     f.seek(offset)
                     yield Item(sample_key(member), label, f"{self.archive}:{member}", f.read(size))
+        elif self.kind == "gz_members":
+            for (_, name, label), data in zip(self.entries, self.payload, strict=True):
+                yield Item(hf_key(name)[0], label, f"{self.archive}:{name}", data)
         else:
             yield from self._inner_tar_items()
 
@@ -111,20 +127,168 @@ class Source:
     classes: list[str]
     units: dict[str, list[Unit]] = field(default_factory=dict)
     layout: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was found and deliberately not read
 
 
 def sample_key(name) -> str:
-    """The sample key of a file: its base name up to the first dot (keys must not contain dots)."""
-    return Path(str(name)).name.split(".", 1)[0]
+    """The sample key of a file: its base name up to the first dot (keys must not contain dots), with any
+    character other than letters, digits, '-', '_' and '~' percent-encoded (a space would split a line of
+    DALI's index). ImageNet's own names are unchanged."""
+    return urllib.parse.quote(Path(str(name)).name.split(".", 1)[0], safe="-_~")
+
+
+def hf_key(name) -> tuple[str, str | None]:
+    """(sample key, wnid) of a Hugging Face member name: n01440764_10026_n01440764.JPEG gives the key of
+    n01440764_10026.JPEG (so both layouts give the same samples) and n01440764; a name without the suffix
+    (a test image) gives no wnid."""
+    stem = Path(str(name)).name.split(".", 1)[0]
+    m = HF_SUFFIX.search(stem)
+    return sample_key(stem[:m.start()] if m else stem), (m.group(1) if m else None)
+
+
+def _hf_dir(root: Path) -> Path | None:
+    for d in (root / "data", root):
+        if any(d.glob(HF_TRAIN)) or (d / HF_VAL).is_file():
+            return d
+    return None
+
+
+def _gz_members(path: Path) -> list[str]:
+    """Names of the regular files of a .tar.gz in archive order (one pass of decompression); a truncated or
+    damaged archive is named."""
+    try:
+        with tarfile.open(path, "r|gz") as tf:
+            return [m.name for m in tf if m.isfile()]
+    except ARCHIVE_ERRORS as e:
+        raise LayoutError(f"{path}: unreadable or truncated ({e or type(e).__name__})") from None
+
+
+def _hf_units(split: str, archives: dict[Path, list[str]], index: dict[str, int], limit) -> list[Unit]:
+    """Units of FILES_PER_UNIT consecutive members of each archive; with `limit`, the first N keys of each class
+    (in key order, as the folder layout's first N file names)."""
+    keep = None
+    if limit is not None:
+        by_class: dict[int, list[str]] = {}
+        for names in archives.values():
+            for name in names:
+                key, wnid = hf_key(name)
+                by_class.setdefault(index.get(wnid, -1), []).append(key)
+        keep = {k for label, keys in by_class.items() for k in (keys if label < 0 else sorted(keys)[:limit])}
+    units = []
+    for archive, names in sorted(archives.items()):
+        entries = [(i, name, index.get(hf_key(name)[1], -1)) for i, name in enumerate(names)
+                   if keep is None or hf_key(name)[0] in keep]
+        stem = archive.name.split(".")[0]
+        units += [Unit(split, f"{split}/{stem}-{k:05d}", "gz_members", chunk, archive=str(archive), expected=len(chunk))
+                  for k, chunk in enumerate(_chunks(entries))]
+    return units
+
+
+def with_payloads(units, queue_size: int = 8):
+    """Yield `units`, each gz_members unit with its members' bytes attached. Each .tar.gz is streamed once,
+    by its own thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size`
+    units wait in memory. Nothing is extracted to disk."""
+    yield from (u for u in units if u.kind != "gz_members")
+    by_archive: dict[str, list[Unit]] = {}
+    for u in units:
+        if u.kind == "gz_members":
+            by_archive.setdefault(u.archive, []).append(u)
+    if not by_archive:
+        return
+    out, stop, done = queue.Queue(maxsize=queue_size), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(archive: str, archive_units: list[Unit]):
+        owner = {e[0]: (n, j) for n, u in enumerate(archive_units) for j, e in enumerate(u.entries)}
+        parts = [[None] * len(u.entries) for u in archive_units]
+        left = [len(u.entries) for u in archive_units]
+        try:
+            with tarfile.open(archive, "r|gz") as tf:
+                files = (m for m in tf if m.isfile())
+                for i, member in enumerate(files):
+                    if stop.is_set() or not any(left):
+                        break
+                    if i in owner:
+                        n, j = owner[i]
+                        parts[n][j] = tf.extractfile(member).read()
+                        left[n] -= 1
+                        if not left[n]:
+                            put(dataclasses.replace(archive_units[n], payload=tuple(parts[n])))
+                            parts[n] = None
+            if any(left):
+                raise EOFError("fewer members than when it was first read")
+            put(done)
+        except ARCHIVE_ERRORS as e:
+            put(LayoutError(f"{archive}: unreadable or truncated ({e or type(e).__name__}); it was readable "
+                            "when this run started"))
+
+    threads = [threading.Thread(target=read, args=item, daemon=True) for item in by_archive.items()]
+    for t in threads:
+        t.start()
+    try:
+        finished = 0
+        while finished < len(threads):
+            item = out.get()
+            if item is done:
+                finished += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def _find_hf(root: Path, hf: Path, splits, limit, source_notes: list[str]):
+    """(classes, {split: units}, {split: description}) of the Hugging Face layout under `hf`."""
+    train = sorted(hf.glob(HF_TRAIN))
+    wanted = (train if "train" in splits or not (hf / HF_VAL).is_file() else []) + \
+        ([hf / HF_VAL] if "val" in splits and (hf / HF_VAL).is_file() else [])
+    with ThreadPoolExecutor(max(1, len(wanted))) as pool:  # one decompression per archive, in parallel
+        names = dict(zip(wanted, pool.map(_gz_members, wanted)))
+    label_source = [a for a in wanted if a in train] or wanted
+    classes = sorted({w for a in label_source for w in (hf_key(n)[1] for n in names[a]) if w})
+    _check_wnids(classes, hf)
+    index = {w: i for i, w in enumerate(classes)}
+    units, layout = {}, {}
+    if "train" in splits:
+        if not train:
+            raise LayoutError(f"{hf}: no training archives ({HF_TRAIN})")
+        units["train"] = _hf_units("train", {a: names[a] for a in train}, index, limit)
+        layout["train"] = f"Hugging Face archives ({', '.join(a.name for a in train)})"
+    if "val" in splits:
+        if hf / HF_VAL not in names:
+            raise LayoutError(f"{hf}: no validation archive ({HF_VAL})")
+        units["val"] = _hf_units("val", {hf / HF_VAL: names[hf / HF_VAL]}, index, limit)
+        layout["val"] = f"Hugging Face archive ({HF_VAL})"
+    if (hf / HF_TEST).is_file():
+        source_notes.append(f"{hf / HF_TEST}: test images carry no class; not read")
+    return classes, units, layout
 
 
 def find(root, splits=("train", "val"), layout: str = "auto", limit_per_class: int | None = None) -> Source:
-    """Find classes and images for `splits` under `root`; `layout` is 'auto', 'folders' or 'archives'."""
+    """Find classes and images for `splits` under `root`; `layout` is 'auto' (folders, then the official
+    archives, then Hugging Face's), 'folders', 'archives' or 'hf'."""
     root = Path(root)
     if not root.is_dir():
         raise LayoutError(f"{root}: not a directory")
     data = root / KAGGLE_DATA if (root / KAGGLE_DATA).is_dir() else root  # Kaggle nests the folders
     use_folders, use_archives = layout in ("auto", "folders"), layout in ("auto", "archives")
+    hf = _hf_dir(root) if layout in ("auto", "hf") else None
+    if hf is not None and not (use_folders and _wnid_dirs(data / "train")) and \
+            not (use_archives and (root / TRAIN_TAR).is_file()):
+        notes: list[str] = []
+        classes, units, described = _find_hf(root, hf, splits, limit_per_class, notes)
+        return Source(root, classes, units, described, notes)
 
     train_dir = data / "train"
     train_tar = root / TRAIN_TAR
@@ -135,14 +299,20 @@ def find(root, splits=("train", "val"), layout: str = "auto", limit_per_class: i
         inner = _tar_index(train_tar)
         classes, train_kind = sorted(n.split(".")[0] for n in inner if n.endswith(".tar")), "archives"
         _check_wnids(classes, train_tar)
+        listed = _devkit_classes(root, data)
+        if listed and set(listed) - set(classes):
+            raise LayoutError(f"{train_tar}: holds {len(classes)} class archives but the devkit lists "
+                              f"{len(listed)} classes (missing {sorted(set(listed) - set(classes))[:3]}...); "
+                              "an incomplete download?")
     elif use_folders and _wnid_dirs(data / "val"):
         classes, train_kind = _wnid_dirs(data / "val"), None
     if not classes:
         classes, train_kind = _devkit_classes(root, data), None
     if not classes:
         raise LayoutError(
-            f"{root}: no ImageNet classes found. Expected train/<wnid>/ folders, {TRAIN_TAR}, val/<wnid>/ "
-            f"folders or a devkit ({DEVKIT}/ or {DEVKIT}.tar.gz)" + ("" if layout == "auto" else
+            f"{root}: no ImageNet classes found. Expected train/<wnid>/ folders, {TRAIN_TAR}, Hugging Face's "
+            f"data/{HF_TRAIN}, val/<wnid>/ folders or a devkit ({DEVKIT}/ or {DEVKIT}.tar.gz)"
+            + ("" if layout == "auto" else
                                                                       f" in the '{layout}' layout"))
     source = Source(root, classes)
     index = {w: i for i, w in enumerate(classes)}
@@ -185,12 +355,22 @@ def _check_wnids(names, where):
 
 
 def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
-    """member name -> (data offset, size) for the regular files of a tar, reading headers only."""
+    """member name -> (data offset, size) for the regular files of a tar, reading headers only. A tar that
+    ends without tar's end-of-archive marker (two zero blocks) was cut short, even when the cut fell between
+    two members, where tarfile would stop without a word."""
     try:
         with tarfile.open(path, "r:") as tf:
-            return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
-    except tarfile.TarError as e:
+            members = {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+            end = tf.offset
+        with open(path, "rb") as f:
+            f.seek(end)
+            marker = f.read(2 * tarfile.BLOCKSIZE)
+    except (tarfile.TarError, OSError, EOFError) as e:
         raise LayoutError(f"{path}: not a readable tar archive ({e})") from None
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise LayoutError(f"{path}: truncated (no end-of-archive marker after {len(members)} files; an "
+                          "interrupted download?)")
+    return members
 
 
 def _limited(paths, limit):
@@ -201,11 +381,17 @@ def _chunks(entries, n=FILES_PER_UNIT):
     return [tuple(entries[i:i + n]) for i in range(0, len(entries), n)]
 
 
+def _listed_files(d: Path) -> list[Path]:
+    """The files of a folder in sorted order, with symbolic links that lead nowhere (broken, looping): they
+    are then reported as unreadable rather than passed over in silence."""
+    return sorted(p for p in d.iterdir() if p.is_file() or (p.is_symlink() and not p.exists()))
+
+
 def _folder_units(split, top: Path, classes, limit) -> list[Unit]:
     units = []
     for label, wnid in enumerate(classes):
         d = top / wnid
-        files = _limited(sorted(p for p in d.iterdir() if p.is_file()), limit) if d.is_dir() else []
+        files = _limited(_listed_files(d), limit) if d.is_dir() else []
         for part, chunk in enumerate(_chunks([(str(p), label) for p in files])):
             units.append(Unit(split, f"{split}/{wnid}-{part:03d}", "files", chunk, expected=len(chunk)))
     return units
@@ -220,7 +406,7 @@ def _val_units(root, data, index, use_folders, use_archives, limit):
         return _folder_units("val", val_dir, list(index), limit), f"class folders ({val_dir})"
     if use_folders and val_dir.is_dir() and any(p.is_file() for p in val_dir.iterdir()):
         labels, how = _val_labels(root, data, index)
-        files = sorted(p for p in val_dir.iterdir() if p.is_file())
+        files = _listed_files(val_dir)
         entries = _limit_by_label([(str(p), labels.get(sample_key(p), -1)) for p in files], limit)
         units = [Unit("val", f"val/{i:05d}", "files", c, expected=len(c)) for i, c in enumerate(_chunks(entries))]
         return units, f"flat folder ({val_dir}), labels from {how}"
@@ -288,7 +474,7 @@ def _devkit_files(root: Path, data: Path):
                     if meta is None or truth is None:
                         raise LayoutError(f"{archive}: no data/meta.mat or ground truth inside")
                     return tf.extractfile(meta).read(), tf.extractfile(truth).read(), str(archive)
-            except (tarfile.TarError, OSError) as e:
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # EOFError: a truncated gzip
                 raise LayoutError(f"{archive}: unreadable ({e})") from None
     return None
 
@@ -308,3 +494,23 @@ def _meta_ids(meta: bytes, where) -> dict[int, str]:
 def _devkit_classes(root, data) -> list[str]:
     devkit = _devkit_files(root, data)
     return sorted(_meta_ids(devkit[0], devkit[2]).values()) if devkit else []
+
+
+def source_signature(source: Source) -> str:
+    """A digest of what a Source reads: every file's (path, size, modification time), every archive's. A run
+    resumed over a changed source would mix old and new images; prep compares this to refuse it."""
+    h = hashlib.sha256()
+    seen = set()
+    for split in sorted(source.units):
+        for unit in source.units[split]:
+            paths = [e[0] for e in unit.entries] if unit.kind == "files" else [unit.archive]
+            for path in paths:
+                if path in seen:
+                    continue
+                seen.add(path)
+                try:
+                    st = Path(path).stat()
+                    h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                except OSError:
+                    h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()

@@ -248,8 +248,8 @@ def place(net: AlexNet, device: torch.device, model_parallel: bool = False, colu
 
 def flops_per_image(cfg: AlexNetConfig, size: int = 224) -> dict:
     """Multiply-accumulates of one 224x224 image through the network (convolutions and fully connected
-    layers; LRN, pooling and activations are left out, the usual convention), and the FLOPs of a training step per image:
-    2 per MAC, forward plus backward (gradients of inputs and of weights) = 3 x forward."""
+    layers; LRN, pooling and activations are left out, the usual convention), and the FLOPs of a training
+    step per image: 2 per MAC, forward plus backward (gradients of inputs and of weights) = 3 x forward."""
     net = AlexNet(cfg)
     macs, hook_handles = [], []
 

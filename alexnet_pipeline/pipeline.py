@@ -1,10 +1,10 @@
 """The DALI pipelines (the only module that imports DALI) and the torch loaders around them.
 
-Train: read shards (sharded across ranks, shuffled in a buffer; the shards are globally shuffled already),
-decode (nvJPEG via ``mixed`` on a GPU, libjpeg-turbo on the CPU), then a single fused
-``crop_mirror_normalize`` pass does crop, flip, mean subtraction, lighting, layout and cast: the lighting
-shift is a per-image constant per channel, so it folds into a per-sample mean (DESIGN.md section 4).
-One switch, ``device``, picks every operator's device; the graph is otherwise the same.
+Train: read shards (sharded across ranks; the shards in a new order every epoch, the samples mixed in a
+buffer; prep shuffled them globally once), decode (nvJPEG via ``mixed`` on a GPU, or libjpeg-turbo on CPU
+threads), then a single fused ``crop_mirror_normalize`` pass does crop, flip, mean subtraction, lighting,
+layout and cast: the lighting shift is a per-image constant per channel, so it folds into a per-sample mean
+(docs/design.md). One switch, ``device``, picks where the augmentation runs; the graph is otherwise the same.
 
 Eval: the center crop, or the ten crops stacked as [10, 3, 224, 224] per image. Across ranks every image is
 seen exactly once: DALI pads each rank's shard to the same number of batches by repeating its last sample,
@@ -27,14 +27,11 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import augment, shards
-from .config import OptionError, UserError, check, documented_fields, option
+from .config import OptionError, check, documented_fields, option
+from .shards import ShardError  # noqa: F401 (the loaders' errors; shards.py owns the format)
 
 PAD_LABEL = -100
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ShardError(UserError, ValueError):
-    """Shards that cannot be read as they are; the message names the file."""
 
 
 @dataclass(kw_only=True)
@@ -120,41 +117,9 @@ class LoaderConfig(Augmentation, Feed):
         return int(self.device.split(":")[1]) if ":" in self.device else torch.cuda.current_device()
 
 
-def check_shards(shards_dir: Path, split: str) -> tuple[list[Path], int, dict]:
-    """Shard paths, sample count and manifest, after checks that turn would-be hangs into clear errors."""
-    try:
-        manifest = shards.load_manifest(shards_dir)
-        paths = shards.shard_paths(shards_dir, split, manifest)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise ShardError(str(e).strip('"')) from None
-    if not paths:
-        raise ShardError(f"{Path(shards_dir) / split}: no shards listed for {split}")
-    for path, info in zip(paths, manifest["splits"][split]["shards"]):
-        idx = path.with_suffix(".idx")
-        if not path.is_file():
-            raise ShardError(f"{path}: shard missing")
-        if not idx.is_file():
-            raise ShardError(f"{idx}: index missing (alexnet-prep writes it next to the shard)")
-        if path.stat().st_size != info["bytes"]:
-            raise ShardError(f"{path}: {path.stat().st_size} bytes, {shards.MANIFEST} says {info['bytes']} "
-                             "(truncated or replaced; alexnet-prep --verify checks everything)")
-        last = idx.read_text().rstrip("\n").rsplit("\n", 1)[-1].split()
-        if len(last) < 4 or int(last[-3]) + int(last[-2]) > info["bytes"]:
-            raise ShardError(f"{idx}: points past the end of {path.name}")
-    return paths, manifest["splits"][split]["samples"], manifest
-
-
 def _shard_size(n: int, shard: int, shards_: int) -> int:
     """Samples in DALI's reader shard `shard` of `shards_` (contiguous, sizes differ by at most one)."""
     return n * (shard + 1) // shards_ - n * shard // shards_
-
-
-def _stats(shards_dir: Path) -> dict:
-    path = shards_dir / shards.STATS
-    if not path.exists():
-        raise ShardError(f"{path}: missing (alexnet-prep writes it with the train split)")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
@@ -196,15 +161,17 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
     """The DALI pipeline, built. Outputs (images, labels); with `expose`, also the decoded 256x256 image and
     the random draws, sorted by name (alpha0..2, mirror, x, y; x and y as fractions of the 32-pixel span), so
     tests can replay them through the reference. `decode_only` stops after decoding: the benchmarks' ceiling."""
-    paths, n_samples, manifest = check_shards(cfg.shards, cfg.split)
-    stats = _stats(cfg.shards)
+    paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split)
+    stats = shards.load_stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
     threads = cfg.num_threads or len(os.sched_getaffinity(0))
 
     # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
     # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
     # a new shard order every epoch, the same on every rank (one seed), so the ranks' parts stay disjoint
-    shard_order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": cfg.seed} if train and cfg.shard_shuffle else {}
+    shard_order = {}
+    if train and cfg.shard_shuffle:
+        shard_order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": cfg.seed}
 
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
                   seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
@@ -306,8 +273,13 @@ class Loader:
     def _run(self):
         try:
             return self.pipe.run()[:2]
-        except RuntimeError as e:
-            raise ShardError(f"{self.cfg.shards / self.cfg.split}: reading failed: {e}") from None
+        except RuntimeError:
+            # DALI names no file; the shard whose bytes changed since prep wrote it is the likely culprit
+            damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split)
+            if damaged:
+                raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}; "
+                                 "alexnet-prep --verify checks everything)") from None
+            raise
 
     def __iter__(self):
         # An epoch abandoned part-way (a `break`) leaves DALI's reader mid-epoch; finish it first so that
@@ -339,8 +311,8 @@ class Loader:
 def _loader_options(scope: str) -> list[dataclasses.Field]:
     """The LoaderConfig options a loader of `scope` ("train" or "eval") takes: its own first, then the shared."""
     own = LoaderConfig.__annotations__
-    return sorted((f for f in documented_fields(LoaderConfig) if f.name != "shards" and f.metadata["scope"] in (None, scope)),
-                  key=lambda f: f.name not in own)
+    fields = [f for f in documented_fields(LoaderConfig) if f.name != "shards" and f.metadata["scope"] in (None, scope)]
+    return sorted(fields, key=lambda f: f.name not in own)
 
 
 def _make_loader(scope: str, shards_dir, options: dict) -> Loader:

@@ -1,65 +1,107 @@
-"""The end-of-run PNG: training loss and error curves per epoch, drawn with Pillow alone.
+"""Pictures of a run (RUN/curves.png) and of measurements, drawn with matplotlib.
 
-Not matplotlib: installing it (or anything that depends on `pillow`) silently replaces Pillow-SIMD, which
-the baseline and the prep tool rely on.
+matplotlib depends on `pillow`, so installing it after Pillow-SIMD would put plain Pillow back: `make install`
+installs it first and Pillow-SIMD last (`alexnet-prep --version` says which PIL is in use).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import matplotlib
 
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+matplotlib.use("Agg")  # files only: no display needed
 
-
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
-
-
-def _panel(draw: ImageDraw.ImageDraw, box, title: str, series: dict[str, tuple[list, list]]) -> None:
-    """Line chart of `series` {name: (xs, ys)} inside box (left, top, right, bottom), with axes and legend."""
-    left, top, right, bottom = box
-    x0, y0, x1, y1 = left + 60, top + 30, right - 10, bottom - 35  # the plotting area
-    points = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys)]
-    xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
-    ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
-    xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1)
-
-    def at(x, y):
-        return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0)
-
-    draw.text((left + 60, top + 8), title, fill="black")
-    draw.rectangle((x0, y0, x1, y1), outline="black")
-    for v in _ticks(ymin, ymax):
-        _, y = at(xmin, v)
-        draw.line((x0 - 4, y, x0, y), fill="black")
-        draw.text((left + 5, y - 6), f"{v:.3g}", fill="black")
-    for v in _ticks(xmin, xmax):
-        x, _ = at(v, ymin)
-        draw.line((x, y1, x, y1 + 4), fill="black")
-        draw.text((x - 8, y1 + 8), f"{v:.0f}", fill="black")
-    draw.text(((x0 + x1) // 2 - 15, bottom - 18), "epoch", fill="black")
-    for i, (name, (xs, ys)) in enumerate(series.items()):
-        colour = COLOURS[i % len(COLOURS)]
-        line = [at(x, y) for x, y in zip(xs, ys)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for x, y in line:
-            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        draw.text((x1 - 150, y0 + 8 + 14 * i), name, fill=colour)
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 
-def plot_history(history: list[dict], path: Path) -> Path | None:
-    """Write loss and error curves of alexnet-train's per-epoch history to `path` (PNG); None if empty."""
-    if not history:
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The mean of the last `window` values at each point (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def step_losses(records: list[dict]) -> tuple[list[int], list[float]]:
+    """(step, loss) of every step in alexnet-train's log records."""
+    steps, losses = [], []
+    for r in records:
+        if r.get("kind") == "train":
+            first = r["step"] - len(r["losses"]) + 1
+            steps += range(first, r["step"] + 1)
+            losses += r["losses"]
+    return steps, losses
+
+
+def plot_run(records: list[dict], path: Path) -> Path | None:
+    """RUN/curves.png: training loss per step, train and validation error per epoch, learning rate."""
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    steps, losses = step_losses(records)
+    if not epochs and not steps:
         return None
-    epochs = [h["epoch"] for h in history]
-    im = Image.new("RGB", (1100, 420), "white")
-    draw = ImageDraw.Draw(im)
-    _panel(draw, (0, 0, 550, 420), "training loss", {"train loss": (epochs, [h["train_loss"] for h in history])})
-    errors = {name: (epochs, [h[key] for h in history]) for name, key in
-              (("train top-1", "train_top1_error"), ("val top-1", "val_top1_error"), ("val top-5", "val_top5_error"))}
-    _panel(draw, (550, 0, 1100, 420), "error", errors)
-    im.save(path)
+    fig, (ax_loss, ax_err, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    if steps:
+        ax_loss.plot(steps, losses, color="0.75", lw=0.6, label="per step")
+        ax_loss.plot(steps, moving_mean(losses, max(1, len(losses) // 50)), color="C0", label="moving mean")
+    if epochs:
+        ax_loss.plot([e["step"] for e in epochs], [e["train_loss"] for e in epochs], "o", color="C1",
+                     label="epoch mean")
+    ax_loss.set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    ax_loss.legend(frameon=False)
+    x = [e["epoch"] for e in epochs]
+    for key, label, style in (("train_top1_error", "train top-1", "--"), ("val_top1_error", "val top-1", "-"),
+                              ("val_top5_error", "val top-5", "-")):
+        if epochs:
+            ax_err.plot(x, [e[key] for e in epochs], style, marker="o", ms=3, label=label)
+    ax_err.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax_err.set(title="error", xlabel="epoch", ylim=(0, 1))
+    ax_err.legend(frameon=False)
+    if epochs:
+        ax_lr.step(x, [e["lr"] for e in epochs], where="post", color="C3")
+        ax_lr.set_yscale("log")
+    ax_lr.set(title="learning rate (after each epoch)", xlabel="epoch")
+    for ax in (ax_err, ax_lr):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_learning(runs: dict[str, list[dict]], path: Path, reference: float | None = None,
+                  window: int = 50) -> Path:
+    """Training loss per step of several runs (a `window`-step moving mean), e.g. two inits side by side;
+    `reference` draws a horizontal line (ln of the number of classes: chance)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    for name, records in runs.items():
+        steps, losses = step_losses(records)
+        ax.plot(steps, losses, lw=0.4, alpha=0.35)
+        ax.plot(steps, moving_mean(losses, window), color=ax.lines[-1].get_color(), label=name)
+    if reference is not None:
+        ax.axhline(reference, color="0.3", ls=":", lw=1, label=f"ln(classes) = {reference:.2f}")
+    ax.set(xlabel="step", ylabel=f"training loss ({window}-step mean)")
+    ax.legend(frameon=False)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_bars(values: dict[str, float], path: Path, title: str, xlabel: str, highlight: tuple[str, ...] = ()) -> Path:
+    """A horizontal bar chart of named figures (e.g. images/s per feed), each bar labelled with its value."""
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(names) + 1.2), constrained_layout=True)
+    colours = ["C1" if n in highlight else "C0" for n in names]
+    ax.barh(names, [values[n] for n in names], color=colours)
+    ax.invert_yaxis()
+    top = max(values.values())
+    for i, n in enumerate(names):
+        ax.text(values[n] + top * 0.01, i, f"{values[n]:,.0f}", va="center")
+    ax.set(title=title, xlabel=xlabel, xlim=(0, top * 1.15 if math.isfinite(top) else 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return Path(path)

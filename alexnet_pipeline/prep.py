@@ -15,11 +15,14 @@ Output bytes depend only on the inputs and the options that change them (`PrepCo
 
 from __future__ import annotations
 
+import collections
+import errno
 import io
 import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,10 +73,19 @@ class PrepReport:
     processed: int = 0  # images decoded in this run (0 when everything was already done)
     seconds: float = 0.0
     resumed: bool = False
+    notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. workers capped)
 
 
 class PrepError(UserError):
     """A problem with the whole run (not one image): wrong tree, clashing output directory, nothing usable."""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped the run; what is finished stays, and the same command resumes."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; run the same command again to resume")
+        self.signum = signum
 
 
 # ---- stage 1: units -> work files ---------------------------------------------------------------------
@@ -84,6 +96,10 @@ _counter = None  # images done, shared with the parent for a progress bar that m
 def _init_worker(counter):
     global _counter
     _counter = counter
+    # Ctrl-C reaches the whole process group: the parent alone reports it. SIGTERM ends a worker quietly
+    # (the parent's handler, inherited through fork, would raise in here).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _work_paths(work: Path, unit: imagenet.Unit) -> tuple[Path, Path]:
@@ -100,10 +116,15 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
     try:
         for item in unit.items():
             try:
+                if item.error:
+                    raise BadImage(item.error)
                 if item.label < 0:
                     raise BadImage("no label for this image")
                 if not item.key:
                     raise BadImage("file name has no stem to use as a sample key")
+                if len(item.key) > shards.MAX_KEY:
+                    raise BadImage(f"file name too long for a shard member ({len(item.key)} characters as a key; "
+                                   f"at most {shards.MAX_KEY})")
                 jpeg, pixels = prepare(item.data, size, quality)
             except BadImage as e:
                 skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
@@ -130,38 +151,43 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
     return len(keys), len(skipped)
 
 
-def _process_star(args):
-    return process_unit(*args)
-
-
-def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool) -> int:
-    """Process the units of `split` not yet done; returns how many images were processed."""
+def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool, workers: int) -> int:
+    """Process the units of `split` not yet done; returns how many images were processed. At most two units
+    per worker are in flight (a unit read from a .tar.gz carries its images' bytes)."""
     todo = [u for u in units if not _work_paths(work, u)[1].exists()]
     if not todo:
         return 0
     (work / split).mkdir(parents=True, exist_ok=True)
     known = [u.expected for u in todo]
-    total = None if None in known else sum(known)
     counter = _counter
     counter.value = 0
-    bar = _bar(cfg, total, f"{split} images", "img")
-    args = [(u, work, cfg.image_size, cfg.quality) for u in todo]
+    bar = _bar(cfg, None if None in known else sum(known), f"{split} images", "img")
+    jobs = imagenet.with_payloads(todo, queue_size=2 * workers)
     if pool is None:
-        for a in args:
-            process_unit(*a)
+        for unit in jobs:
+            process_unit(unit, work, cfg.image_size, cfg.quality)
             bar.update(counter.value - bar.n)
     else:
-        results = pool.imap_unordered(_process_star, args)
-        for _ in range(len(args)):
-            while True:  # poll so the bar also moves while long units are in flight
-                try:
-                    results.next(timeout=0.25)
-                    break
-                except mp.TimeoutError:
-                    bar.update(counter.value - bar.n)
-            bar.update(counter.value - bar.n)
+        in_flight = collections.deque()
+        for unit in jobs:
+            in_flight.append(pool.apply_async(process_unit, (unit, work, cfg.image_size, cfg.quality)))
+            while len(in_flight) >= 2 * workers:
+                _wait(in_flight.popleft(), bar, counter)
+        while in_flight:
+            _wait(in_flight.popleft(), bar, counter)
     bar.close()
     return counter.value
+
+
+def _wait(result, bar, counter) -> None:
+    """Wait for one unit (re-raising its worker's exception), moving the bar while it is in flight."""
+    while True:
+        try:
+            result.get(timeout=0.25)
+            break
+        except mp.TimeoutError:
+            bar.update(counter.value - bar.n)
+    bar.update(counter.value - bar.n)
 
 
 # ---- stage 2: work files -> shards --------------------------------------------------------------------
@@ -238,6 +264,8 @@ def _bar(cfg: PrepConfig, total, desc, unit):
 def _check_out(cfg: PrepConfig) -> bool:
     """True if `out` already holds this exact run, finished. Raises if it holds a different one."""
     out, ours = Path(cfg.out), cfg.fingerprint()
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"{out}: exists and is not a directory")
     for marker in (out / shards.MANIFEST, out / WORK / "plan.json"):
         if marker.exists():
             theirs = json.loads(marker.read_text())
@@ -252,34 +280,78 @@ def _check_out(cfg: PrepConfig) -> bool:
     return False
 
 
+def _disk_error(e: OSError) -> PrepError:
+    """A full disk, a read-only or forbidden place: one line naming the file; the rerun resumes."""
+    return PrepError(f"{e.filename or 'output'}: {e.strerror}; fix that and run the same command again to resume "
+                     "(finished work is kept)")
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENAMETOOLONG}
+
+
 def run(cfg: PrepConfig) -> PrepReport:
-    """Run (or resume) a prep; returns the report. Raises PrepError / imagenet.LayoutError for the whole run."""
+    """Run (or resume) a prep; returns the report. Raises UserError subclasses (PrepError, LayoutError) for
+    the whole run and Interrupted on SIGTERM/SIGINT (Ctrl-C)."""
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    old_handler = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return _run(cfg)
+    except KeyboardInterrupt:
+        raise Interrupted(signal.SIGINT) from None
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise _disk_error(e) from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+
+
+def _start(cfg: PrepConfig, source) -> bool:
+    """Create OUT/.work with its plan, or check that a resumed run reads the same source; True if resumed."""
+    out, work = Path(cfg.out), Path(cfg.out) / WORK
+    signature = imagenet.source_signature(source)
+    if work.exists():
+        plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").exists() else {}
+        if plan.get("source") != signature:
+            raise PrepError(f"{cfg.imagenet_root}: files were added, removed or changed since {out} was started "
+                            f"(a resume would mix old and new images); delete {out} and run again")
+        shards.remove_partials(out)  # files a killed run was writing; their units/shards are redone
+        return True
+    work.mkdir(parents=True)
+    plan = {"fingerprint": cfg.fingerprint(), "source": signature}
+    shards.atomic_write(work / "plan.json", json.dumps(plan, indent=1).encode())
+    return False
+
+
+def _run(cfg: PrepConfig) -> PrepReport:
     global _counter
     t0 = time.perf_counter()
+    out, work = Path(cfg.out), Path(cfg.out) / WORK
     if _check_out(cfg):
+        shutil.rmtree(work, ignore_errors=True)  # a run stopped right after its manifest left its work files
         manifest = shards.load_manifest(cfg.out)
+        if not (out / shards.TIMM_INFO).exists():  # written after the manifest (and by older versions, not at all)
+            shards.write_timm_info(out, manifest)
         return PrepReport({s: e["samples"] for s, e in manifest["splits"].items()}, manifest["skipped"],
                           0, time.perf_counter() - t0, resumed=True)
     source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class)
-    out, work = Path(cfg.out), Path(cfg.out) / WORK
-    resumed = work.exists()
-    if resumed:
-        shards.remove_partials(out)  # files a killed run was writing; their units/shards are redone
-    work.mkdir(parents=True, exist_ok=True)
-    if not resumed:
-        shards.atomic_write(work / "plan.json", json.dumps(cfg.fingerprint(), indent=1).encode())
-
-    report = PrepReport(resumed=resumed)
+    report = PrepReport(resumed=_start(cfg, source), notes=list(source.notes))
+    units = sum(len(u) for u in source.units.values())
+    workers = min(cfg.n_workers(), units)
+    if workers < cfg.n_workers():
+        report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {units} units of work")
     manifest = {"format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
                 "classes": source.classes, "layout": source.layout, "splits": {}, "skipped": [],
                 "fingerprint": cfg.fingerprint(), "created_by": f"alexnet-pipeline {__version__}"}
     _counter = mp.get_context("fork").Value("q", 0)
     pool = None
-    if cfg.n_workers() > 1:
-        pool = mp.get_context("fork").Pool(cfg.n_workers(), initializer=_init_worker, initargs=(_counter,))
+    if workers > 1:
+        pool = mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(_counter,))
     try:
         for split in cfg.splits:
-            report.processed += _run_units(cfg, split, source.units[split], work, pool)
+            report.processed += _run_units(cfg, split, source.units[split], work, pool, workers)
             samples, skipped, moments = _collect(source.units[split], work)
             if not samples:
                 raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
@@ -296,6 +368,7 @@ def run(cfg: PrepConfig) -> PrepReport:
             pool.join()
     report.skipped = manifest["skipped"]
     shards.atomic_write(out / shards.MANIFEST, json.dumps(manifest, indent=1).encode())
+    shards.write_timm_info(out, manifest)
     shutil.rmtree(work)
     report.seconds = time.perf_counter() - t0
     return report

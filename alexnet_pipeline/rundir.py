@@ -93,20 +93,24 @@ class RunDir:
         self.trim_log(ckpt["step"])
         return ckpt
 
-    def trim_log(self, step: int) -> None:
-        """Drop log lines for steps after `step` (written after the checkpoint, by a run that then died)."""
+    def read_log(self) -> list[dict]:
+        """The records of RUN/log.jsonl (a line cut short by a kill is passed over)."""
         log = self.file(LOG)
         if not log.exists():
-            return
-        keep = []
+            return []
+        records = []
         for line in log.read_text().splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
                 continue
-            if record.get("step", 0) <= step:
-                keep.append(line + "\n")
-        self._write(LOG, "".join(keep).encode())
+        return records
+
+    def trim_log(self, step: int) -> None:
+        """Drop log lines for steps after `step` (written after the checkpoint, by a run that then died)."""
+        if self.file(LOG).exists():
+            keep = [r for r in self.read_log() if r.get("step", 0) <= step]
+            self._write(LOG, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def _write(self, name: str, data) -> None:
         try:

@@ -20,10 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
 STATS = "stats.npz"
+TIMM_INFO = "_info.json"  # how timm's WebDataset reader (timm.data.readers.reader_wds) finds the shards
+TIMM_SPLITS = {"train": "train", "val": "validation"}  # our split -> timm's name for it
 LABEL_EXT = "lbl"
+MAX_KEY = 100 - len(".jpg")  # a ustar member name holds 100 bytes; every member is KEY plus a 3-letter extension
+
+
+class ShardError(UserError, ValueError):
+    """A shards directory (or one of its files) that cannot be read as it is; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +115,22 @@ def write_shard(path: Path, samples) -> ShardInfo:
 def describe_shard(path: Path) -> ShardInfo:
     """ShardInfo of a shard already on disk (used when a resumed run finds it finished)."""
     data = path.read_bytes()
-    count = int(path.with_suffix(".idx").read_text().split("\n", 1)[0].split()[1])
-    return ShardInfo(path.name, count, len(data), hashlib.sha256(data).hexdigest())
+    return ShardInfo(path.name, index_extent(path.with_suffix(".idx"))[0], len(data), hashlib.sha256(data).hexdigest())
+
+
+def index_extent(idx: Path) -> tuple[int, int]:
+    """(samples, end of the last member's data) of a wds2idx index file."""
+    try:
+        lines = idx.read_text().rstrip("\n").split("\n")
+        version, count = lines[0].split()
+        last = lines[-1].split()
+        if version != "v1.2" or int(count) != len(lines) - 1 or len(last) < 4:
+            raise ValueError
+        return int(count), int(last[-3]) + int(last[-2])
+    except FileNotFoundError:
+        raise ShardError(f"{idx}: index missing (alexnet-prep writes it next to the shard)") from None
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise ShardError(f"{idx}: not an index file (alexnet-prep --verify checks everything)") from None
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -122,22 +145,86 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_manifest(shards: Path) -> dict:
-    """The parsed dataset.json of a shards directory, with a clear error if it is missing or unreadable."""
+    """The parsed dataset.json of a shards directory; ShardError if it is missing or unreadable."""
     path = Path(shards) / MANIFEST
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest; is this a directory written by alexnet-prep?") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ShardError(f"{path}: no manifest; is this a directory written by alexnet-prep?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or not {"classes", "splits", "image_size"} <= set(manifest):
+        raise ShardError(f"{path}: not a manifest written by alexnet-prep")
+    return manifest
+
+
+def timm_info(manifest: dict) -> dict:
+    """The contents of SHARDS/_info.json in timm's format: per split its name, sample count, shard file names
+    (relative to SHARDS) and samples per shard. Our shards hold `jpg` and `cls` members, which is what timm
+    reads by default."""
+    return {"name": f"imagenet-{len(manifest['classes'])} (alexnet-pipeline)", "num_classes": len(manifest["classes"]),
+            "splits": {TIMM_SPLITS[split]: {"name": TIMM_SPLITS[split], "num_samples": entry["samples"],
+                                            "filenames": [f"{split}/{s['name']}" for s in entry["shards"]],
+                                            "shard_lengths": [s["samples"] for s in entry["shards"]]}
+                       for split, entry in manifest["splits"].items()}}
+
+
+def write_timm_info(shards: Path, manifest: dict) -> None:
+    atomic_write(Path(shards) / TIMM_INFO, json.dumps(timm_info(manifest), indent=1).encode())
+
+
+STATS_ARRAYS = ("mean_rgb", "std_rgb", "mean_image", "cov", "eigval", "eigvec", "n_pixels")
+
+
+def load_stats(shards: Path) -> dict[str, np.ndarray]:
+    """The arrays of SHARDS/stats.npz; ShardError naming the file if it is missing, empty or not ours."""
+    path = Path(shards) / STATS
+    if not path.is_file():
+        raise ShardError(f"{path}: missing (alexnet-prep writes it with the train split)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stats = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ShardError(f"{path}: not a statistics file written by alexnet-prep ({e})") from None
+    missing = [k for k in STATS_ARRAYS if k not in stats]
+    if missing:
+        raise ShardError(f"{path}: not a statistics file written by alexnet-prep (no {', '.join(missing)})")
+    return stats
 
 
 def shard_paths(shards: Path, split: str, manifest: dict | None = None) -> list[Path]:
     """The tar shards of `split`, in manifest order."""
     manifest = manifest or load_manifest(shards)
     if split not in manifest["splits"]:
-        raise KeyError(f"{Path(shards) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
+        raise ShardError(f"{Path(shards) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
     return [Path(shards) / split / s["name"] for s in manifest["splits"][split]["shards"]]
+
+
+def readable_split(shards: Path, split: str) -> tuple[list[Path], int, dict]:
+    """Shard paths, sample count and manifest of a split, after the checks that turn what would hang or
+    crash a reader (a missing, truncated or replaced shard; a missing or wrong index) into a ShardError."""
+    manifest = load_manifest(shards)
+    paths = shard_paths(shards, split, manifest)
+    if not paths:
+        raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
+    for path, info in zip(paths, manifest["splits"][split]["shards"]):
+        if not path.is_file():
+            raise ShardError(f"{path}: shard missing")
+        if path.stat().st_size != info["bytes"]:
+            raise ShardError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {info['bytes']} "
+                             "(truncated or replaced; alexnet-prep --verify checks everything)")
+        count, end = index_extent(path.with_suffix(".idx"))
+        if end > info["bytes"] or count != info["samples"]:
+            raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
+                             f"{end}; {MANIFEST} says {info['samples']} in {info['bytes']} bytes)")
+    return paths, manifest["splits"][split]["samples"], manifest
+
+
+def damaged_shards(shards: Path, split: str) -> list[Path]:
+    """The shards of `split` whose bytes no longer match the sha256 in the manifest (reads them all)."""
+    manifest = load_manifest(shards)
+    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest["splits"][split]["shards"])
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]]
 
 
 def iter_tar(data: bytes):
@@ -174,12 +261,18 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     shards = Path(shards)
     try:
         manifest = load_manifest(shards)
-    except (FileNotFoundError, ValueError) as e:
+    except ShardError as e:
         return [str(e)]
     problems = []
     n_classes, size = len(manifest["classes"]), manifest["image_size"]
-    if not (shards / STATS).exists() and "train" in manifest["splits"]:
-        problems.append(f"{shards / STATS}: missing")
+    if "train" in manifest["splits"]:
+        try:
+            load_stats(shards)
+        except ShardError as e:
+            problems.append(str(e))
+    info = shards / TIMM_INFO
+    if not info.is_file() or json.loads(info.read_text()) != timm_info(manifest):
+        problems.append(f"{info}: missing or does not match {MANIFEST}")
     for split, entry in manifest["splits"].items():
         total = 0
         for info in entry["shards"]:

@@ -28,7 +28,8 @@ from . import distributed, evaluate
 from .config import UserError, check, option, to_json
 from .model import INITS, AlexNet, AlexNetConfig, place
 from .optim import MOMENTUM_RULES, PaperSGD
-from .pipeline import Augmentation, Feed, Loader, LoaderConfig, check_shards
+from .pipeline import Augmentation, Feed, Loader, LoaderConfig
+from .shards import load_manifest
 from .rundir import BEST, CHECKPOINT, CONFIG, LOG, PLOT, SUMMARY, RunDir, recipe_differences
 from .step import PRECISIONS, TrainStep
 
@@ -201,7 +202,7 @@ class Trainer:
     def _check_resumable(self, ckpt: dict) -> None:
         """The checkpoint must be of these shards' classes and of this recipe."""
         path = self.run.file(CHECKPOINT)
-        classes = check_shards(self.cfg.shards, "train")[2]["classes"]
+        classes = load_manifest(self.cfg.shards)["classes"]
         if ckpt["classes"] != classes:
             raise UserError(f"{path}: trained on other classes than {self.cfg.shards} holds")
         differ = recipe_differences(ckpt["config"], to_json(self.cfg), RECIPE)
@@ -411,17 +412,19 @@ class Trainer:
             self.log(f"ten-crop: top-1/top-5 error {summary['tencrop']['top1_error']:.2%}/"
                      f"{summary['tencrop']['top5_error']:.2%} over {summary['tencrop']['images']} images")
         if self.world.main:
-            from .plot import plot_history
+            from .plot import plot_run
 
             self.run.write_json(SUMMARY, summary)
-            plot_history(self.history, self.run.file(PLOT))
+            plot_run(self.run.read_log(), self.run.file(PLOT))
             self.log(f"plot: {self.run.file(PLOT)}")
         return summary
 
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def run(cfg: TrainConfig, on_batch=None) -> dict:

@@ -49,7 +49,8 @@ def _status(main, argv) -> int:
 
 
 @pytest.mark.parametrize("main,argv,named", [
-    ("train_main", ["--shards", "x"], "--out"), ("train_main", ["--shards", "x", "--out", "y", "--epochs", "0"], "epochs"),
+    ("train_main", ["--shards", "x"], "--out"),
+    ("train_main", ["--shards", "x", "--out", "y", "--epochs", "0"], "epochs"),
     ("train_main", ["--shards", "x", "--out", "y", "--schedule", "cosine"], "schedule"),
     ("train_main", ["--shards", "x", "--out", "y", "--width", "-1"], "width"),
     ("train_main", ["--shards", "x", "--out", "y", "--momentum-rule", "nesterov"], "momentum-rule"),

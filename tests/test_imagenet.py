@@ -69,3 +69,18 @@ def test_trees_that_are_not_imagenet_are_refused_clearly(tmp_path, make):
         root.write_text("x")
     with pytest.raises(imagenet.LayoutError, match=str(root.name) if make != "cats" else "cats"):
         imagenet.find(root)
+
+
+def test_hugging_face_names_give_the_original_keys_and_labels(sample):
+    root, truth = sample
+    source = imagenet.find(root / "hf")
+    assert source.classes == sorted(sample_maker.WNIDS[:CLASSES])
+    labels = {}
+    for unit in imagenet.with_payloads([u for units in source.units.values() for u in units]):
+        for item in unit.items():
+            labels[item.key] = item.label
+    want = {n.split(".")[0]: label for split in ("train", "val") for n, label in truth[split].items()
+            if n != sample_maker.STRAY}
+    assert {k: v for k, v in labels.items() if k in want} == want
+    assert not any(k.startswith("ILSVRC2012_test") for k in labels)  # test images carry no class: not read
+    assert imagenet.hf_key("ILSVRC2012_val_00000001_n01751748.JPEG") == ("ILSVRC2012_val_00000001", "n01751748")

@@ -256,7 +256,8 @@ def test_loader_options_are_visible_and_checked():
     ("train", {"batch_size": "8"}, "option batch_size: expected int"),
     ("train", {"batch_size": 0}, "option batch_size: must be at least 1"),
     ("eval", {"hw_decoder_load": 2.0}, "option hw_decoder_load: must be at most 1"),
-    ("train", {"decoder": "mixed"}, "option decoder: mixed (nvJPEG) decoding needs device='cuda'")])
+    ("train", {"decoder": "mixed"}, "option decoder: mixed (nvJPEG) decoding needs device='cuda'"),
+    ("train", {"device": "gpu"}, "option device: must be cpu, cuda or cuda:N; got 'gpu'")])
 def test_bad_loader_options_are_refused_naming_the_option(prepped, loader, options, message):
     from alexnet_pipeline.config import OptionError
 

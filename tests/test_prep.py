@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -6,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from alexnet_pipeline import shards
 from alexnet_pipeline.prep import PrepConfig, PrepError, run
@@ -104,3 +107,195 @@ def test_nothing_usable_and_not_imagenet_exit_2(tmp_path):
     r = subprocess.run(CLI + ["--imagenet-root", str(tmp_path), "--out", str(tmp_path / "o2")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and str(tmp_path) in r.stderr and "no ImageNet classes" in r.stderr
+
+
+def _tiny_tree(root: Path, sample, names=("n01440764_1652.JPEG", "n01440764_273.JPEG")) -> Path:
+    """A one-class tree with a few of the sample's real files (two train, the val ones)."""
+    src = sample[0] / "extracted"
+    (root / "train/n01440764").mkdir(parents=True)
+    files = sorted((src / "train/n01440764").glob("n01440764_[0-8]*.JPEG"))[:len(names)]
+    for f, name in zip(files, names):
+        (root / "train/n01440764" / name).write_bytes(f.read_bytes())
+    shutil.copytree(src / "val/n01440764", root / "val/n01440764")
+    return root
+
+
+def test_a_file_name_with_spaces_is_kept_under_a_key_dalis_index_can_read(sample, tmp_path):
+    from alexnet_pipeline.pipeline import train_loader
+
+    root = _tiny_tree(tmp_path / "r", sample, ("a b.JPEG", "n01440764_273.JPEG"))
+    run(PrepConfig(root, tmp_path / "o", workers=1, progress=False))
+    assert shards.verify(tmp_path / "o") == []
+    assert "a%20b" in read_samples(tmp_path / "o", "train")
+    labels = torch.cat([y for _, y in train_loader(tmp_path / "o", batch_size=2, num_threads=1)])
+    assert sorted(labels.tolist()) == [0, 0]
+
+
+def test_a_file_name_too_long_for_a_tar_member_is_skipped_naming_it(sample, tmp_path):
+    long_name = "n01440764_" + "x" * 170 + ".JPEG"
+    root = _tiny_tree(tmp_path / "r", sample, (long_name, "n01440764_273.JPEG"))
+    report = run(PrepConfig(root, tmp_path / "o", workers=1, progress=False))
+    assert report.samples["train"] == 1
+    assert [Path(s["source"]).name for s in report.skipped] == [long_name]
+    assert "too long" in report.skipped[0]["reason"]
+
+
+def test_an_official_train_tar_cut_between_members_is_named(sample, tmp_path):
+    src = sample[0] / "archives"
+    (tmp_path / "a").mkdir()
+    data = (src / "ILSVRC2012_img_train.tar").read_bytes()
+    import tarfile
+    with tarfile.open(src / "ILSVRC2012_img_train.tar") as tf:
+        cut = list(tf)[2].offset  # an interrupted download that stopped between two class archives
+    (tmp_path / "a/ILSVRC2012_img_train.tar").write_bytes(data[:cut])
+    for name in ("ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"):
+        (tmp_path / "a" / name).symlink_to(src / name)
+    r = subprocess.run(CLI + ["--imagenet-root", str(tmp_path / "a"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "ILSVRC2012_img_train.tar: truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_truncated_devkit_is_one_line_naming_it(sample, tmp_path):
+    (tmp_path / "r/val").mkdir(parents=True)
+    shutil.copytree(sample[0] / "extracted/train", tmp_path / "r/train")
+    for f in sorted((sample[0] / "devkit/val").iterdir())[:3]:
+        (tmp_path / "r/val" / f.name).write_bytes(f.read_bytes())
+    devkit = (sample[0] / "archives/ILSVRC2012_devkit_t12.tar.gz").read_bytes()
+    (tmp_path / "r/ILSVRC2012_devkit_t12.tar.gz").write_bytes(devkit[:len(devkit) // 2])
+    r = subprocess.run(CLI + ["--imagenet-root", str(tmp_path / "r"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "ILSVRC2012_devkit_t12.tar.gz: unreadable" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _kill_during_units(args, out):
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline and not list((out / ".work").glob("*/*.npz")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "dataset.json").exists():
+        pytest.skip("the run finished before it could be killed")
+
+
+def test_a_resume_over_a_changed_source_is_refused(sample, tmp_path):
+    root = tmp_path / "r"
+    shutil.copytree(sample[0] / "extracted", root)
+    out = tmp_path / "o"
+    args = CLI + ["--imagenet-root", str(root), "--out", str(out), "--workers", "1", "--shard-size", "5"]
+    _kill_during_units(args, out)
+    extra = sorted((root / "train/n01443537").iterdir())[0]
+    (root / "train/n01443537/n01443537_new.JPEG").write_bytes(extra.read_bytes())
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 2 and "changed since" in r.stderr and str(root) in r.stderr
+
+
+def test_a_run_stopped_right_after_its_manifest_leaves_no_work_files(prepped, sample, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(prepped, out)
+    (out / ".work/train").mkdir(parents=True)
+    (out / ".work/train/n01440764-000.bin").write_bytes(b"x" * 1000)
+    report = run(PrepConfig(sample[0] / "extracted", out, shard_size=5, workers=1, progress=False))
+    assert report.resumed and not (out / ".work").exists()
+    assert _files(out) == _files(prepped)
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_bytes(prepped, sample, tmp_path, monkeypatch):
+    import errno
+
+    from alexnet_pipeline import prep
+
+    real, calls = shards.atomic_write, []
+
+    def full_after_three(path, data):
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(prep.shards, "atomic_write", full_after_three)
+    cfg = PrepConfig(sample[0] / "extracted", tmp_path / "o", shard_size=5, workers=1, progress=False)
+    with pytest.raises(PrepError, match="No space left on device; fix that and run the same command again"):
+        run(cfg)
+    assert not list((tmp_path / "o").rglob(".*.tmp*"))
+    monkeypatch.setattr(prep.shards, "atomic_write", real)
+    run(cfg)
+    assert _files(tmp_path / "o") == _files(prepped)
+
+
+def test_out_that_is_a_file_is_one_line(sample, tmp_path):
+    (tmp_path / "f").write_text("not a directory")
+    r = subprocess.run(CLI + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(tmp_path / "f")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "exists and is not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_prep_says_one_line_and_leaves_no_workers(sample, tmp_path, sig, status):
+    out = tmp_path / "o"
+    args = CLI + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2",
+                  "--shard-size", "5"]
+    # its own process group, as in a terminal: Ctrl-C (SIGINT) reaches every process of it
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((out / ".work").glob("*/*.npz")):
+        time.sleep(0.005)
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)  # the parent alone, as `kill PID` does
+    err = proc.communicate(timeout=60)[1].decode()
+    if (out / "dataset.json").exists():
+        pytest.skip("the run finished before the signal")
+    assert proc.returncode == status, err
+    assert err.strip().splitlines() == [f"alexnet-prep: interrupted by {sig.name}; run the same command again to "
+                                        "resume"]
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):  # no worker of the group is left
+        os.killpg(proc.pid, 0)
+
+
+def test_more_workers_than_work_are_capped_and_said(sample, tmp_path):
+    report = run(PrepConfig(sample[0] / "extracted", tmp_path / "o", splits=("val",), workers=1000,
+                            progress=False))
+    assert report.notes and "not 1000" in report.notes[0]
+
+
+def test_a_symlink_loop_is_listed_as_skipped(sample, tmp_path):
+    root = _tiny_tree(tmp_path / "r", sample)
+    loop = root / "train/n01440764/loop.JPEG"
+    loop.symlink_to(loop)
+    report = run(PrepConfig(root, tmp_path / "o", workers=1, progress=False))
+    reasons = {Path(s["source"]).name: s["reason"] for s in report.skipped}
+    assert "loop.JPEG" in reasons and reasons["loop.JPEG"].startswith("unreadable")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_hugging_face_archives_give_the_same_shards_as_folders(prepped, sample, tmp_path, workers):
+    report = run(PrepConfig(sample[0] / "hf", tmp_path / "h", shard_size=5, workers=workers, progress=False))
+    ours, theirs = _files(tmp_path / "h"), _files(prepped)
+    assert {k: v for k, v in ours.items() if k.endswith((".tar", ".idx", ".npz"))} == \
+           {k: v for k, v in theirs.items() if k.endswith((".tar", ".idx", ".npz"))}
+    assert any("test_images.tar.gz: test images carry no class" in n for n in report.notes)
+    assert shards.load_manifest(tmp_path / "h")["layout"]["train"].startswith("Hugging Face archives")
+
+
+def test_a_truncated_hugging_face_archive_is_named(sample, tmp_path):
+    hf = tmp_path / "hf/data"
+    shutil.copytree(sample[0] / "hf/data", hf)
+    part = hf / "train_images_1.tar.gz"
+    part.write_bytes(part.read_bytes()[:-100])
+    r = subprocess.run(CLI + ["--imagenet-root", str(tmp_path / "hf"), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and f"{part}: unreadable or truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_killed_hugging_face_run_resumes_to_the_same_bytes(sample, tmp_path):
+    out = tmp_path / "k"
+    args = CLI + ["--imagenet-root", str(sample[0] / "hf"), "--out", str(out), "--shard-size", "5", "--workers", "1"]
+    _kill_during_units(args, out)
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    whole = tmp_path / "whole"
+    run(PrepConfig(sample[0] / "hf", whole, shard_size=5, workers=1, progress=False))
+    assert _files(out) == _files(whole)

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from alexnet_pipeline import shards
 from conftest import read_samples
@@ -79,3 +80,28 @@ def test_tar_bytes_depend_only_on_content():
     a = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
     b = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
     assert a == b and a[1].startswith("v1.2 2\n")
+
+
+def test_timm_finds_both_splits_through_info_json(prepped):
+    """timm's WebDataset reader takes SHARDS/_info.json: per split name, num_samples, filenames relative to
+    the root, shard_lengths (timm.data.readers.reader_wds); samples are jpg + cls, what it reads by default."""
+    import json
+
+    import webdataset as wds
+
+    info = json.loads((prepped / "_info.json").read_text())
+    manifest = shards.load_manifest(prepped)
+    assert set(info["splits"]) == {"train", "validation"}
+    for ours, theirs in (("train", "train"), ("val", "validation")):
+        split = info["splits"][theirs]
+        assert split["name"] == theirs and split["num_samples"] == manifest["splits"][ours]["samples"]
+        assert sum(split["shard_lengths"]) == split["num_samples"]
+        for name, length in zip(split["filenames"], split["shard_lengths"]):
+            samples = list(wds.WebDataset(str(prepped / name), shardshuffle=False))
+            assert len(samples) == length and all({"jpg", "cls"} <= set(s) for s in samples)
+
+
+def test_timm_reads_the_shards_when_installed(prepped):
+    reader_wds = pytest.importorskip("timm.data.readers.reader_wds")
+    reader = reader_wds.ReaderWds(str(prepped), split="validation")
+    assert reader.num_samples == shards.load_manifest(prepped)["splits"]["val"]["samples"]

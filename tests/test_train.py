@@ -135,7 +135,8 @@ def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
         s.after_epoch(epoch, err)
         lrs.append(s.lr)
     assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(0.001) and lrs[-1] == pytest.approx(0.0001)
-    step = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, schedule="step", step_epochs=2, batch_size=256))
+    step = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, schedule="step", step_epochs=2,
+                                            batch_size=256))
     for epoch in range(4):
         step.after_epoch(epoch, 0.5)
     assert step.lr == pytest.approx(0.02 / 100)  # batch 256 doubles the default lr; two steps of /10
@@ -194,3 +195,15 @@ def test_eval_uses_the_mean_the_network_was_trained_with(prepped, tmp_path, caps
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(out / train.CHECKPOINT), "--threads", "1",
                           "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mean"] == "channel"
+
+
+def test_tensorboard_gets_the_runs_scalars(prepped, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **TINY))
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/images_per_s", "epoch/val_top1_error", "epoch/lr"} <= tags
+    assert [e.step for e in events.Scalars("epoch/val_top1_error")] == [4, 8]  # after each epoch's 4 steps

@@ -57,9 +57,13 @@ def wnids(n: int) -> list[str]:
 
 
 def _class_code(label: int, n_classes: int) -> tuple[float, float, float]:
-    """Three features in [0, 1) that tell the classes apart: the label's digits in base ceil(cbrt(n))."""
-    k = max(2, math.ceil(n_classes ** (1 / 3) - 1e-9))
-    return label % k / k, label // k % k / k, min(1.0, label // (k * k) / max(1, k - 1))
+    """Stripe angle and hue (fractions of a turn) and stripe cycles of a class. Up to 27 classes every class
+    has its own angle and hue; beyond, neighbours would blur, so the label's digits in base ceil(cbrt(n))
+    set the three features apart."""
+    if n_classes <= 27:
+        return label / n_classes, label / n_classes, 3 + 2 * (label % 4)
+    k = math.ceil(n_classes ** (1 / 3) - 1e-9)
+    return label % k / k, label // k % k / k, 3 + 4 * min(1.0, label // (k * k) / (k - 1))
 
 
 _noise_tiles: dict[int, np.ndarray] = {}
@@ -82,9 +86,9 @@ def photo(rng: np.random.Generator, label: int, n_classes: int, shape) -> Image.
     smooth content is drawn at a quarter of the size and enlarged; the noise is added at full size."""
     w, h = shape
     sw, sh = max(4, w // 4), max(4, h // 4)
-    a, b, c = _class_code(label, n_classes)
+    a, b, cycles = _class_code(label, n_classes)
     angle = np.pi * a + rng.normal(0, 0.08)
-    freq = (3 + 4 * c) * rng.uniform(0.85, 1.15) / min(sw, sh) * 2 * np.pi
+    freq = cycles * rng.uniform(0.85, 1.15) / min(sw, sh) * 2 * np.pi
     yy, xx = np.mgrid[0:sh, 0:sw].astype(np.float32)
     stripes = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * freq + rng.uniform(0, 2 * np.pi))
     hue = np.array([np.cos(2 * np.pi * b + k * 2.1) for k in range(3)], np.float32)
@@ -219,8 +223,9 @@ def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class:
     if "archives" in layouts:
         arc = out / "archives"
         arc.mkdir()
-        (arc / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(
-            [(f"{w}.tar", tar_bytes([(n, (ext / "train" / w / n).read_bytes()) for n in train_files[w]])) for w in names]))
+        per_class = [(f"{w}.tar", tar_bytes([(n, (ext / "train" / w / n).read_bytes()) for n in train_files[w]]))
+                     for w in names]
+        (arc / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(per_class))
         (arc / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(val_files))
         with tarfile.open(arc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
             tf.add(out / "devkit" / "ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12")

@@ -87,8 +87,9 @@ def layer_table(batch: int, device) -> dict:
     """Forward + backward ms of each convolution layer alone (bf16 autocast, channels_last), per variant."""
     from torch.nn import functional as F
 
-    layers = [("conv1", 3, 96, 11, 4, 0, 1, 227), ("conv2", 96, 256, 5, 1, 2, 2, 27), ("conv3", 256, 384, 3, 1, 1, 1, 13),
-              ("conv4", 384, 384, 3, 1, 1, 2, 13), ("conv5", 384, 256, 3, 1, 1, 2, 13)]
+    layers = [("conv1", 3, 96, 11, 4, 0, 1, 227), ("conv2", 96, 256, 5, 1, 2, 2, 27),
+              ("conv3", 256, 384, 3, 1, 1, 1, 13), ("conv4", 384, 384, 3, 1, 1, 2, 13),
+              ("conv5", 384, 256, 3, 1, 1, 2, 13)]
     out = {}
     for name, cin, cout, k, stride, pad, groups, size in layers:
         conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, memory_format=torch.channels_last)
