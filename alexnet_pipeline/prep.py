@@ -163,19 +163,22 @@ def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool, workers: in
     counter.value = 0
     bar = _bar(cfg, None if None in known else sum(known), f"{split} images", "img")
     jobs = imagenet.with_payloads(todo, queue_size=2 * workers)
-    if pool is None:
-        for unit in jobs:
-            process_unit(unit, work, cfg.image_size, cfg.quality)
-            bar.update(counter.value - bar.n)
-    else:
-        in_flight = collections.deque()
-        for unit in jobs:
-            in_flight.append(pool.apply_async(process_unit, (unit, work, cfg.image_size, cfg.quality)))
-            while len(in_flight) >= 2 * workers:
+    try:
+        if pool is None:
+            for unit in jobs:
+                process_unit(unit, work, cfg.image_size, cfg.quality)
+                bar.update(counter.value - bar.n)
+        else:
+            in_flight = collections.deque()
+            for unit in jobs:
+                in_flight.append(pool.apply_async(process_unit, (unit, work, cfg.image_size, cfg.quality)))
+                while len(in_flight) >= 2 * workers:
+                    _wait(in_flight.popleft(), bar, counter)
+            while in_flight:
                 _wait(in_flight.popleft(), bar, counter)
-        while in_flight:
-            _wait(in_flight.popleft(), bar, counter)
-    bar.close()
+    finally:
+        jobs.close()  # stops the archive readers at once if a unit failed or a signal came
+        bar.close()
     return counter.value
 
 
