@@ -176,10 +176,10 @@ def _loader_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
 
 def _decode_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
     """images/s of the same reader and decoder with nothing after them: the ceiling."""
-    from .pipeline import build_pipeline
+    from .pipeline import batches_per_epoch, build_pipeline
 
     pipe, n_samples, _ = build_pipeline(cfg, train, decode_only=True)
-    batches = -(-n_samples // (cfg.batch_size * cfg.world_size))
+    batches = batches_per_epoch(cfg, n_samples)
 
     def epoch():
         for _ in range(batches):

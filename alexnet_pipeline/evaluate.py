@@ -61,13 +61,15 @@ def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") 
     """[images, top-1 hits, top-5 hits] over the whole split (summed over ranks), on the model's device.
     Nothing here waits for the device until the caller reads the result."""
     counts = None
-    for probs, labels in predictions(model, loader, tencrop, precision):
-        top = probs.topk(min(5, probs.shape[1]), 1).indices
-        hit, valid = top == labels[:, None], labels >= 0  # padding (PAD_LABEL) is never counted
-        batch = torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum()])
-        counts = batch if counts is None else counts + batch
-    if dist.is_initialized():
-        with torch.inference_mode():  # counts is an inference tensor; gloo updates CUDA tensors in place
+    # all of it in inference mode: the counts are made from inference tensors, and the all-reduce updates
+    # them in place (gloo copies CUDA tensors back into them)
+    with torch.inference_mode():
+        for probs, labels in predictions(model, loader, tencrop, precision):
+            top = probs.topk(min(5, probs.shape[1]), 1).indices
+            hit, valid = top == labels[:, None], labels >= 0  # padding (PAD_LABEL) is never counted
+            batch = torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum()])
+            counts = batch if counts is None else counts + batch
+        if dist.is_initialized():
             dist.all_reduce(counts)
     return counts
 

@@ -365,7 +365,7 @@ def _tar_index(path: Path) -> dict[str, tuple[int, int]]:
         with open(path, "rb") as f:
             f.seek(end)
             marker = f.read(2 * tarfile.BLOCKSIZE)
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except ARCHIVE_ERRORS as e:
         raise LayoutError(f"{path}: not a readable tar archive ({e})") from None
     if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
         raise LayoutError(f"{path}: truncated (no end-of-archive marker after {len(members)} files; an "
@@ -474,7 +474,7 @@ def _devkit_files(root: Path, data: Path):
                     if meta is None or truth is None:
                         raise LayoutError(f"{archive}: no data/meta.mat or ground truth inside")
                     return tf.extractfile(meta).read(), tf.extractfile(truth).read(), str(archive)
-            except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # EOFError: a truncated gzip
+            except ARCHIVE_ERRORS as e:
                 raise LayoutError(f"{archive}: unreadable ({e})") from None
     return None
 

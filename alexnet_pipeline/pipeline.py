@@ -122,6 +122,11 @@ def _shard_size(n: int, shard: int, shards_: int) -> int:
     return n * (shard + 1) // shards_ - n * shard // shards_
 
 
+def batches_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
+    """Batches every rank yields per epoch: its largest part of the split, padded to whole batches."""
+    return math.ceil(max(_shard_size(n_samples, s, cfg.world_size) for s in range(cfg.world_size)) / cfg.batch_size)
+
+
 def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
     """(per-sample mean argument for crop_mirror_normalize, center patch to subtract after it or None)."""
     shift = None
@@ -166,13 +171,13 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
     threads = cfg.num_threads or len(os.sched_getaffinity(0))
 
-    # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
-    # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
     # a new shard order every epoch, the same on every rank (one seed), so the ranks' parts stay disjoint
     shard_order = {}
     if train and cfg.shard_shuffle:
         shard_order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": cfg.seed}
 
+    # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
+    # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
     @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
                   seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
                   enable_checkpointing=True, checkpoint=checkpoint)
@@ -231,8 +236,7 @@ class Loader:
         checkpoint = None if state is None else state["dali"].numpy().tobytes()
         self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint)
         self.classes = manifest["classes"]
-        self.batches = math.ceil(max(_shard_size(self.n_samples, s, cfg.world_size)
-                                     for s in range(cfg.world_size)) / cfg.batch_size)
+        self.batches = batches_per_epoch(cfg, self.n_samples)
         self.epoch = 0 if state is None else int(state["epoch"])
         self._position = 0 if state is None else int(state["position"])  # batches of `epoch` taken from DALI
         self._resuming = state is not None

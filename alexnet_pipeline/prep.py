@@ -137,7 +137,7 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
             if _counter is not None:
                 with _counter.get_lock():
                     _counter.value += 1
-    except (OSError, EOFError, imagenet.tarfile.TarError) as e:
+    except imagenet.ARCHIVE_ERRORS as e:
         # a damaged archive loses the rest of this unit only; what was read so far is kept
         skipped.append({"split": unit.split, "source": unit.archive or unit.name,
                         "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
@@ -269,6 +269,8 @@ def _check_out(cfg: PrepConfig) -> bool:
     out, ours = Path(cfg.out), cfg.fingerprint()
     if out.exists() and not out.is_dir():
         raise PrepError(f"{out}: exists and is not a directory")
+    if (out / WORK).is_dir() and not (out / WORK / "plan.json").exists():
+        shutil.rmtree(out / WORK)  # killed before its plan was written: nothing was done yet
     for marker in (out / shards.MANIFEST, out / WORK / "plan.json"):
         if marker.exists():
             theirs = json.loads(marker.read_text())
@@ -283,12 +285,7 @@ def _check_out(cfg: PrepConfig) -> bool:
     return False
 
 
-def _disk_error(e: OSError) -> PrepError:
-    """A full disk, a read-only or forbidden place: one line naming the file; the rerun resumes."""
-    return PrepError(f"{e.filename or 'output'}: {e.strerror}; fix that and run the same command again to resume "
-                     "(finished work is kept)")
-
-
+# A full disk, a read-only or forbidden place: one line naming the file; the rerun resumes.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENAMETOOLONG}
 
 
@@ -305,7 +302,8 @@ def run(cfg: PrepConfig) -> PrepReport:
         raise Interrupted(signal.SIGINT) from None
     except OSError as e:
         if e.errno in DISK_ERRNOS:
-            raise _disk_error(e) from None
+            raise PrepError(f"{e.filename or 'output'}: {e.strerror}; fix that and run the same command again to "
+                            "resume (finished work is kept)") from None
         raise
     finally:
         signal.signal(signal.SIGTERM, old_handler)
@@ -316,8 +314,7 @@ def _start(cfg: PrepConfig, source) -> bool:
     out, work = Path(cfg.out), Path(cfg.out) / WORK
     signature = imagenet.source_signature(source)
     if work.exists():
-        plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").exists() else {}
-        if plan.get("source") != signature:
+        if json.loads((work / "plan.json").read_text()).get("source") != signature:
             raise PrepError(f"{cfg.imagenet_root}: files were added, removed or changed since {out} was started "
                             f"(a resume would mix old and new images); delete {out} and run again")
         shards.remove_partials(out)  # files a killed run was writing; their units/shards are redone

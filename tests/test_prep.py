@@ -299,3 +299,20 @@ def test_a_killed_hugging_face_run_resumes_to_the_same_bytes(sample, tmp_path):
     whole = tmp_path / "whole"
     run(PrepConfig(sample[0] / "hf", whole, shard_size=5, workers=1, progress=False))
     assert _files(out) == _files(whole)
+
+
+def test_hugging_face_with_a_per_class_limit_keeps_the_same_images_as_folders(sample, tmp_path):
+    for layout in ("extracted", "hf"):
+        run(PrepConfig(sample[0] / layout, tmp_path / layout, shard_size=5, workers=1, limit_per_class=2,
+                       progress=False))
+    ours, theirs = _files(tmp_path / "hf"), _files(tmp_path / "extracted")
+    assert {k: v for k, v in ours.items() if k.endswith((".tar", ".idx", ".npz"))} == \
+           {k: v for k, v in theirs.items() if k.endswith((".tar", ".idx", ".npz"))}
+    assert shards.load_manifest(tmp_path / "hf")["splits"]["train"]["samples"] < 15
+
+
+def test_a_run_killed_before_its_plan_was_written_starts_again(prepped, sample, tmp_path):
+    out = tmp_path / "o"
+    (out / ".work").mkdir(parents=True)  # prep creates .work, then writes its plan: a kill in between
+    run(PrepConfig(sample[0] / "extracted", out, shard_size=5, workers=1, progress=False))
+    assert _files(out) == _files(prepped)
