@@ -41,8 +41,8 @@ demo: $(STAMP) $(SAMPLE)/.done
 	rm -rf $(SHARDS) $(RUN)
 	$(PREP)
 	$(BIN)/alexnet-prep --verify $(SHARDS)
-	$(BIN)/alexnet-train --shards $(SHARDS) --out $(RUN) --width 0.25 --batch-size 32 --epochs 15 --log-every 13 \
-	  --no-tencrop
+	$(BIN)/alexnet-train --shards $(SHARDS) --out $(RUN) --width 0.25 --global-batch 32 --epochs 15 --log-every 13 \
+	  --no-final-tencrop
 	$(BIN)/alexnet-eval --shards $(SHARDS) --checkpoint $(RUN)/checkpoint.pt --tencrop
 	@echo "curves: $(RUN)/curves.png   log: $(RUN)/log.jsonl"
 
@@ -54,8 +54,8 @@ $(SHARDS)/dataset.json: $(SAMPLE)/.done
 
 bench: $(STAMP) $(SHARDS)/dataset.json
 	$(BIN)/alexnet-bench prep --imagenet-root $(SAMPLE)/extracted
-	$(BIN)/alexnet-bench pipeline --shards $(SHARDS)
-	$(BIN)/alexnet-bench train --shards $(SHARDS) --width 0.25 --batch-size 32
+	$(BIN)/alexnet-bench pipeline --shards $(SHARDS) --batch-size 64 --steps 20
+	$(BIN)/alexnet-bench train --shards $(SHARDS) --width 0.25 --batch-size 32 --steps 10
 
 clean:
 	rm -rf $(VENV) data

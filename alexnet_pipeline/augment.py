@@ -70,3 +70,27 @@ def random_params(rng: np.random.Generator, sigma: float, size: int = 256):
     span = size - CROP + 1
     return (int(rng.integers(span)), int(rng.integers(span)), bool(rng.random() < 0.5),
             rng.normal(0.0, sigma, 3) if sigma > 0 else np.zeros(3))
+
+
+WORDS_PER_SAMPLE = 8  # two Philox4x64 counters: x, y, flip and two Box-Muller pairs for the alphas
+
+
+def counter_draws(key: tuple[int, int, int], start: int, count: int, sigma: float, size: int = 256):
+    """The training draws of samples start .. start+count-1 of one epoch: (x, y, flip, alpha), arrays of
+    `count` offsets in 0..size-224, flips (bool) and [count, 3] alphas ~ N(0, sigma).
+
+    A counter-based generator (Philox, keyed on `key` = (seed, rank, epoch)): sample i's draws are a pure
+    function of (key, i), so they do not depend on how the samples are cut into batches, and a resumed run
+    needs no generator state, only its position."""
+    import numpy as np
+
+    seed, rank, epoch = (int(v) for v in key)
+    bits = np.random.Philox(key=[seed, (rank << 32) | epoch], counter=[2 * start, 0, 0, 0])
+    words = bits.random_raw(WORDS_PER_SAMPLE * count).reshape(count, WORDS_PER_SAMPLE)
+    span = size - CROP + 1
+    x, y = (words[:, k] % np.uint64(span) for k in (0, 1))
+    flip = (words[:, 2] >> np.uint64(63)).astype(bool)
+    u = ((words[:, 3:7] >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    radius = np.sqrt(-2.0 * np.log(u[:, [0, 2]]))
+    normals = np.concatenate([radius * np.cos(2 * np.pi * u[:, [1, 3]]), radius * np.sin(2 * np.pi * u[:, [1, 3]])], 1)
+    return x.astype(np.int64), y.astype(np.int64), flip, sigma * normals[:, :3]

@@ -1,6 +1,7 @@
 """The loader a user would otherwise write: a torch DataLoader whose workers read the same tar shards,
 decode with PIL (Pillow-SIMD after `make install`) and apply the numpy reference augmentation. It is the
-baseline of `alexnet-bench pipeline`, and produces the same tensors as the DALI loaders.
+baseline of `alexnet-bench`, takes the DALI loaders' own LoaderConfig (so both read the same options with the
+same defaults), and produces tensors of the same shapes and values.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ import torch
 from PIL import Image
 
 from . import augment, shards
+from .options import LoaderConfig
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
     """Samples of a split's shards, split across DataLoader workers by shard, with the paper's augmentation
-    (train) or the center / ten crops (eval)."""
+    (train) or the center / ten crops (eval), as `cfg` (the DALI loaders' options) says."""
 
-    def __init__(self, shards_dir, split="train", train=True, mean="pixel", lighting_sigma=0.1,
-                 lighting_form="sqrt", tencrop=False, seed=0, shuffle_buffer=1024):
-        self.paths = shards.shard_paths(shards_dir, split)
-        self.stats = shards.load_stats(shards_dir)
-        self.mean = augment.mean_to_subtract(self.stats, mean).astype(np.float32)
-        self.train, self.sigma, self.form, self.tencrop = train, lighting_sigma, lighting_form, tencrop
-        self.seed, self.buffer, self.epoch = seed, shuffle_buffer, 0
+    def __init__(self, cfg: LoaderConfig, train: bool = True):
+        self.paths = shards.shard_paths(cfg.shards, cfg.split)
+        self.stats = shards.load_stats(cfg.shards)
+        self.mean = augment.mean_to_subtract(self.stats, cfg.mean).astype(np.float32)
+        self.train, self.sigma, self.form, self.tencrop = train, cfg.lighting_sigma, cfg.lighting_form, cfg.tencrop
+        self.seed, self.buffer, self.epoch = cfg.seed, cfg.shuffle_buffer, 0
 
     def _samples(self, paths):
         for path in paths:
@@ -67,15 +68,15 @@ class ShardDataset(torch.utils.data.IterableDataset):
         return torch.from_numpy(self._transform(jpeg, rng)), label
 
 
-def baseline_loader(shards_dir, batch_size=128, workers=2, split=None, train=True, pin_memory=False,
-                    drop_last=False, **options):
-    """torch DataLoader over ShardDataset; yields (float32 NCHW images, int64 labels) like the DALI loaders.
-    `pin_memory` as pytorch/examples' ImageNet script sets it when training on a GPU; `drop_last` for a
-    training step of fixed shape (a CUDA graph)."""
-    dataset = ShardDataset(shards_dir, split or ("train" if train else "val"), train=train, **options)
+def baseline_loader(cfg: LoaderConfig, train: bool = True, workers: int = 2, pin_memory: bool = False,
+                    drop_last: bool = False):
+    """torch DataLoader over ShardDataset with cfg's split, batch size and augmentation; yields (float32 NCHW
+    images, int64 labels) like the DALI loaders. `pin_memory` as pytorch/examples' ImageNet script sets it
+    when training on a GPU; `drop_last` for a training step of fixed shape (a CUDA graph)."""
     # forkserver, not fork: the benchmark process also runs DALI's thread pools (and CUDA), and forking a
     # process with live threads can deadlock the children.
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+    return torch.utils.data.DataLoader(ShardDataset(cfg, train), batch_size=cfg.batch_size, num_workers=workers,
+                                       pin_memory=pin_memory,
                                        drop_last=drop_last,
                                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
                                        multiprocessing_context="forkserver" if workers else None)

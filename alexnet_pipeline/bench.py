@@ -1,7 +1,14 @@
 """alexnet-bench: each stage against the baseline a user would otherwise write, timed in the same process.
 
 Every figure is the median of `repeats` timed runs after one untimed warm-up run, and is reported with the
-ratio to the baseline measured in the same command, so machines can be compared by ratios.
+ratio to the baseline measured in the same command, so machines can be compared by ratios. Loaders are
+timed as training uses them: one loader kept across epochs, `steps` batches per repeat.
+
+    prep      alexnet-prep (1 and all workers) against a naive one-process Pillow loop
+    pipeline  the DALI loaders against the DataLoader baseline and against decoding alone
+    loader    where the loader's ceiling is: decoding alone and the whole train graph (and its CPU side)
+              over DALI batch, hardware-decoder share, threads, CPU decoding and prefetch depth
+    train     the training step fed by a batch held on the device, by DALI and by the DataLoader baseline
 """
 
 from __future__ import annotations
@@ -21,8 +28,20 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import OptionError, check, option, to_json
+from .config import OptionError, check, option, subset, to_json
 from .environment import report as environment_report
+from .options import Batch, Decoding, Device, Network, Output, Shards, Stepping, Tensors
+from .prep import Source, Workers
+
+
+@dataclass(kw_only=True)
+class Timing:
+    repeats: int = option(5, "timed repeats (median), after a warm-up", minimum=1)
+
+
+@dataclass(kw_only=True)
+class Steps:
+    steps: int = option(50, "batches (training steps) per timed repeat", minimum=1)
 
 
 def _cores() -> int:
@@ -53,6 +72,23 @@ def _iter_rate(run_epoch, repeats: int, epochs: int, sync=lambda: None) -> float
     return statistics.median(rates)
 
 
+def _stream_rate(batches, steps: int, repeats: int, sync) -> float:
+    """images/s of `steps` batches taken from one endless iterator of (images, labels), after a warm-up of
+    as many: the loader is kept, as training keeps it."""
+    def take():
+        n = 0
+        for images, _ in itertools.islice(batches, steps):
+            n += images.shape[0]
+        return n
+    return _iter_rate(take, repeats, 1, sync)
+
+
+def _sync_for(device):
+    import torch
+
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def _print_json_or(result: dict, as_json: bool) -> bool:
     result["environment"] = environment_report()
     if as_json:
@@ -63,13 +99,8 @@ def _print_json_or(result: dict, as_json: bool) -> bool:
 # ---- prep ------------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class PrepBench:
+class PrepBench(Source, Workers, Timing, Output):
     """alexnet-prep with 1 worker and with all workers against a naive one-process Pillow loop."""
-
-    imagenet_root: Path = option(Path("data/sample/extracted"), "ImageNet tree whose train split is prepared")
-    repeats: int = option(3, "timed repeats (median), after a warm-up", minimum=1)
-    workers: int | None = option(None, "the 'all workers' count (default: cores)", minimum=1)
-    json: bool = option(False, "print one JSON object instead of a table")
 
     def __post_init__(self):
         check(self)
@@ -99,7 +130,7 @@ def prep_rates(cfg: PrepBench) -> dict:
     from .prep import PrepConfig, run
 
     workers = cfg.workers or _cores()
-    files = sorted(p for p in (cfg.imagenet_root / "train").rglob("*") if p.is_file())
+    files = sorted(p for p in (Path(cfg.imagenet_root) / "train").rglob("*") if p.is_file())
     tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
 
     def ours(n):
@@ -136,56 +167,37 @@ def _print_prep(cfg: PrepBench, result: dict) -> None:
 # ---- pipeline --------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class PipelineBench:
+class PipelineBench(Shards, Device, Batch, Decoding, Tensors, Timing, Steps, Output):
     """For train and ten-crop eval: (a) the DALI loader, (b) the DataLoader baseline with as many workers,
     PIL and the reference augmentation, (c) decoding alone with the same decoder and threads; for train also
     (a) reading every epoch in the same order (no per-epoch shard shuffle), to show what the new order costs."""
 
-    shards: Path = option(Path("data/shards"), "directory written by alexnet-prep")
-    batch_size: int = option(64, "images per batch", minimum=1)
-    num_threads: int | None = option(None, "DALI threads = baseline workers (default: cores)", minimum=1,
-                                     flag="--threads")
-    repeats: int = option(5, "timed repeats (median), after a warm-up epoch", minimum=1)
-    epochs: int = option(2, "epochs per timed repeat", minimum=1)
-    device: str = option("cpu", "cpu, cuda or cuda:N")
-    dtype: str = option("float32", "output dtype (float16/bfloat16 on a GPU)", choices=("float32", "float16",
-                                                                                          "bfloat16"))
     baseline: bool = option(True, "also time the (slow) DataLoader baseline")
-    json: bool = option(False, "print one JSON object instead of a table")
 
     def __post_init__(self):
         check(self)
 
 
-def _count(loader, device=None):
-    n = 0
-    for images, _ in loader:
-        if device is not None and images.device.type != device.type:
-            images = images.to(device, non_blocking=True)  # the baseline's copy to the GPU counts too
-        n += images.shape[0]
-    return n
-
-
-def _loader_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
-    """images/s of one DALI loader; its pipeline (and DALI's thread pool) goes when this returns."""
+def _loader_rate(bench, cfg, train: bool, sync) -> float:
+    """images/s of one DALI loader, kept across epochs; its pipeline (and DALI's threads) go when this returns."""
     from .pipeline import Loader
 
-    loader = Loader(cfg, train)
-    return _iter_rate(lambda: _count(loader), bench.repeats, bench.epochs, sync)
+    return _stream_rate(Loader(cfg, train).endless(), bench.steps, bench.repeats, sync)
 
 
-def _decode_rate(bench: PipelineBench, cfg, train: bool, sync) -> float:
-    """images/s of the same reader and decoder with nothing after them: the ceiling."""
-    from .pipeline import batches_per_epoch, build_pipeline
+def _run_rate(bench, cfg, train: bool, sync, upto: str) -> float:
+    """images/s of the same pipeline stopped early (pipeline.STAGES): "decode", the decoder's ceiling, or
+    "read", the graph's CPU side (reading and the random draws, no image work)."""
+    from .pipeline import build_pipeline
 
-    pipe, n_samples, _ = build_pipeline(cfg, train, decode_only=True)
-    batches = batches_per_epoch(cfg, n_samples)
+    pipe = build_pipeline(cfg, train, upto=upto)[0]
+    runs = -(-bench.steps // cfg.batches_per_run)
 
-    def epoch():
-        for _ in range(batches):
+    def take():
+        for _ in range(runs):
             pipe.run()
-        return batches * cfg.batch_size
-    return _iter_rate(epoch, bench.repeats, bench.epochs, sync)
+        return runs * cfg.run_size
+    return _iter_rate(take, bench.repeats, 1, sync)
 
 
 def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
@@ -195,35 +207,46 @@ def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
     from .baseline import baseline_loader
 
     dev = torch.device(cfg.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    rates = {"dali": _loader_rate(bench, cfg, train, sync), "decode_only": _decode_rate(bench, cfg, train, sync)}
+    sync = _sync_for(dev)
+    rates = {"dali": _loader_rate(bench, cfg, train, sync), "decode_only": _run_rate(bench, cfg, train, sync,
+                                                                                     "decode")}
     if train:
         rates["dali_same_order"] = _loader_rate(bench, dataclasses.replace(cfg, shard_shuffle=False), train, sync)
     gc.collect()  # DALI's thread pools go with their pipelines
     if bench.baseline:
-        base = baseline_loader(cfg.shards, cfg.batch_size, workers=cfg.num_threads, train=train, tencrop=cfg.tencrop,
-                               mean=cfg.mean)
-        rates["baseline"] = _iter_rate(lambda: _count(base, dev), bench.repeats, bench.epochs, sync)
+        base = baseline_loader(cfg, train, workers=cfg.num_threads or _cores())
+        rates["baseline"] = _stream_rate(_to_device(itertools.chain.from_iterable(itertools.repeat(base)), dev),
+                                         bench.steps, bench.repeats, sync)
     return {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"] if bench.baseline else None,
             "dali_over_decode_only": rates["dali"] / rates["decode_only"]}
 
 
+def _to_device(batches, device, dtype=None, channels_last=False):
+    """The baseline's batches moved to `device` as pytorch/examples does (pinned memory, non-blocking)."""
+    import torch
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for images, labels in batches:
+        if images.device != device or dtype is not None:
+            images = images.to(device, dtype, non_blocking=True, memory_format=layout)
+            labels = labels.to(device, non_blocking=True)
+        yield images, labels
+
+
 def pipeline_rates(bench: PipelineBench) -> dict:
     """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
-    from .pipeline import LoaderConfig
+    from .options import LoaderConfig
 
-    threads = bench.num_threads or _cores()
-    result = {**to_json(bench), "threads": threads}
+    result = {**to_json(bench), "threads": bench.num_threads or _cores()}
     for name, train, split, tencrop in (("train", True, "train", False), ("tencrop_eval", False, "val", True)):
-        cfg = LoaderConfig(shards=bench.shards, split=split, batch_size=bench.batch_size, device=bench.device,
-                           num_threads=threads, dtype=bench.dtype, tencrop=tencrop)
+        cfg = LoaderConfig(**subset(bench, LoaderConfig), split=split, tencrop=tencrop)
         result[name] = _stage_rates(bench, cfg, train)
     return result
 
 
 def _print_pipeline(bench: PipelineBench, result: dict) -> None:
     print(f"pipeline on {bench.shards}, {bench.device} ({bench.dtype}), batch {bench.batch_size}, "
-          f"{result['threads']} threads/workers, median of {bench.repeats} x {bench.epochs} epochs after a warm-up")
+          f"{result['threads']} threads/workers, median of {bench.repeats} x {bench.steps} batches after a warm-up")
     print(f"{'':<14}{'DALI':>10}{'same order':>11}{'baseline':>10}{'decode':>10}{'x base':>8}{'x decode':>9}"
           "   (images/s)")
     nan = float("nan")
@@ -234,10 +257,86 @@ def _print_pipeline(bench: PipelineBench, result: dict) -> None:
     print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
 
 
+# ---- loader: where the ceiling is ----------------------------------------------------------------------
+
+# Each axis is varied alone around the defaults (the bench's own Decoding options).
+LOADER_AXES = {"batches_per_run": (1, 2, 4, 8), "hw_decoder_load": (0.0, 0.65, 0.9, 1.0),
+               "num_threads": (6, 8, 14, 16), "decoder": ("cpu",), "prefetch": (2, 4, 6)}
+GPU_ONLY = {"hw_decoder_load"}
+
+
+@dataclass(kw_only=True)
+class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output):
+    """The loader alone, no training: images/s of decoding alone ("decode") and of the whole train graph
+    ("train", the batches training gets) for each setting of the axes, one varied at a time around the
+    defaults; and the graph's CPU side alone ("read": reading and the random draws, host and DALI)."""
+
+    axes: tuple[str, ...] = option(tuple(LOADER_AXES), "axes to vary", choices=tuple(LOADER_AXES))
+
+    def __post_init__(self):
+        check(self)
+
+
+def loader_rows(bench: LoaderBench) -> list[dict]:
+    """The settings to time: the defaults, then one axis changed at a time (GPU-only axes on GPUs only)."""
+    from .options import LoaderConfig, resolve_device
+
+    base = LoaderConfig(**subset(bench, LoaderConfig), split="train")
+    gpu = resolve_device(bench.device).type == "cuda"
+    settings, seen = [{}], {()}
+    for axis in bench.axes:
+        if axis in GPU_ONLY and not gpu:
+            continue
+        for value in LOADER_AXES[axis]:
+            change = {axis: value}
+            if axis == "decoder":
+                change["num_threads"] = _cores()  # CPU decoding on every core
+            if axis == "num_threads" and value > _cores():
+                continue
+            key = tuple(sorted((k, v) for k, v in change.items() if getattr(base, k) != v))
+            if key not in seen:
+                seen.add(key)
+                settings.append(dict(key))
+    rows = [{"what": what, **s} for what in ("decode", "train") for s in settings]
+    return rows + [{"what": "read", "draws": d} for d in ("host", "dali")]
+
+
+def loader_rates(bench: LoaderBench) -> dict:
+    """images/s of every row of loader_rows, each on a pipeline built for it and kept while it is timed."""
+    from .options import LoaderConfig, resolve_device
+    from .pipeline import Loader
+
+    device = resolve_device(bench.device)
+    sync = _sync_for(device)
+    base = LoaderConfig(**subset(bench, LoaderConfig), split="train", device=str(device))
+    rows = []
+    for row in loader_rows(bench):
+        cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})
+        if row["what"] == "train":
+            rate = _stream_rate(Loader(cfg, True).endless(), bench.steps, bench.repeats, sync)
+        else:
+            rate = _run_rate(bench, cfg, True, sync, row["what"])
+        rows.append({**row, "dali_batch": cfg.run_size, "threads": cfg.num_threads or _cores(),
+                     "images_per_s": rate})
+        gc.collect()  # this row's pipeline and threads go before the next one's
+    return {**to_json(bench), "device": str(device), "rows": rows}
+
+
+def _print_loader(bench: LoaderBench, result: dict) -> None:
+    print(f"the loader alone on {bench.shards}, {result['device']}, batch {bench.batch_size}, median of "
+          f"{bench.repeats} x {bench.steps} batches after a warm-up (defaults, then one change per row)")
+    print(f"{'what':<8}{'change':<28}{'DALI batch':>11}{'threads':>8}{'images/s':>11}")
+    for r in result["rows"]:
+        change = ", ".join(f"{k}={v}" for k, v in r.items()
+                           if k not in ("what", "dali_batch", "threads", "images_per_s")) or "defaults"
+        print(f"{r['what']:<8}{change:<28}{r['dali_batch']:>11}{r['threads']:>8}{r['images_per_s']:>11.0f}")
+    print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
+
+
 # ---- train -----------------------------------------------------------------------------------------------
 
 FEEDS = "synthetic, dataloader, dali (the loader's defaults), dali-cpu (CPU decoding), dali-hwX (nvJPEG with " \
-        "hw_decoder_load X)"
+        "hw_decoder_load X), dali-runK (K batches per DALI run)"
 
 
 def _dali_overrides(feed: str) -> dict:
@@ -246,37 +345,27 @@ def _dali_overrides(feed: str) -> dict:
         return {}
     if feed == "dali-cpu":
         return {"decoder": "cpu"}
-    if feed.startswith("dali-hw"):
-        try:
-            return {"decoder": "mixed", "hw_decoder_load": float(feed[len("dali-hw"):])}
-        except ValueError:
-            pass
+    for prefix, name, kind in (("dali-hw", "hw_decoder_load", float), ("dali-run", "batches_per_run", int)):
+        if feed.startswith(prefix):
+            try:
+                return {**({"decoder": "mixed"} if prefix == "dali-hw" else {}), name: kind(feed[len(prefix):])}
+            except ValueError:
+                break
     raise OptionError(f"option feeds: unknown feed {feed!r} (feeds: {FEEDS})")
 
 
 @dataclass(kw_only=True)
-class TrainBench:
-    """images/s of one training step (model, loss, backward, optimizer, as alexnet-train runs it) fed by each
-    of `feeds`: a batch held on the device (synthetic, the ceiling), the DALI train pipeline (with its
-    decoding variants) and the DataLoader baseline (workers + PIL + the reference augmentation, what
-    pytorch/examples' ImageNet script does). Also the achieved TFLOP/s beside a bf16 matrix product's."""
+class TrainBench(Shards, Device, Batch, Decoding, Network, Stepping, Timing, Steps, Output):
+    """images/s of one training step (model, loss, backward, optimizer, built as alexnet-train builds it)
+    fed by each of `feeds`: a batch held on the device (synthetic, the ceiling), the DALI train loader (with
+    its decoding variants, each loader built once and kept across epochs, as alexnet-train keeps it) and the
+    DataLoader baseline (workers + PIL + the reference augmentation, what pytorch/examples' ImageNet script
+    does). Also the achieved TFLOP/s beside a bf16 matrix product's."""
 
-    shards: Path = option(Path("data/shards"), "directory written by alexnet-prep")
-    batch_size: int = option(128, "images per step (the paper's 128)", minimum=1)
-    steps: int = option(20, "steps per timed repeat", minimum=1)
-    repeats: int = option(5, "timed repeats (median), after a warm-up", minimum=1)
-    device: str = option("auto", "auto (the GPU if there is one), cpu, cuda")
-    num_threads: int | None = option(None, "DALI threads (default: cores)", minimum=1, flag="--threads")
     baseline_workers: int | None = option(None, "DataLoader workers of the baseline feed (default: cores)",
                                           minimum=1)
-    width: float = option(1.0, "channel multiplier of the model", minimum=1e-3)
-    variant: str = option("paper", "paper or torchvision", choices=("paper", "torchvision"))
-    precision: str = option("bf16", "bf16 autocast or fp32 on GPUs", choices=("bf16", "fp32"))
-    compile: bool = option(True, "torch.compile the network (GPU; as alexnet-train)")
-    cuda_graph: bool = option(True, "capture the step as a CUDA graph (GPU)")
     feeds: str = option("synthetic,dali,dataloader", f"comma-separated feeds to time: {FEEDS}")
     profile: bool = option(False, "also print the GPU kernels a synthetic step spends its time in")
-    json: bool = option(False, "print one JSON object instead of a table")
 
     def __post_init__(self):
         check(self)
@@ -323,79 +412,59 @@ def kernel_table(run_steps, steps: int, rows: int = 12) -> dict:
                     for e in kernels[:rows]]}
 
 
-def _dali_source(cfg):
-    """Batches from a DALI train loader, epoch after epoch."""
-    from .pipeline import Loader
+def bench_run_config(bench: TrainBench):
+    """The TrainConfig alexnet-train would run with the bench's options (the recipe's defaults otherwise)."""
+    from .train import TrainConfig
 
-    stream = itertools.chain.from_iterable(iter(Loader(cfg, True)) for _ in itertools.count())
-    return lambda: next(stream)
-
-
-def _dataloader_source(bench: TrainBench, tcfg, device, dtype):
-    """Batches from the DataLoader baseline, moved to the device as pytorch/examples does (pinned, async)."""
-    import torch
-
-    from .baseline import baseline_loader
-
-    loader = baseline_loader(tcfg.shards, bench.batch_size, workers=bench.baseline_workers or _cores(), train=True,
-                             mean=tcfg.mean, lighting_sigma=tcfg.lighting_sigma, lighting_form=tcfg.lighting_form,
-                             seed=tcfg.seed, pin_memory=device.type == "cuda", drop_last=True)
-    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    stream = itertools.chain.from_iterable(loader for _ in itertools.count())
-
-    def source():
-        images, labels = next(stream)
-        return (images.to(device, dtype, non_blocking=True, memory_format=layout),
-                labels.to(device, non_blocking=True))
-    return source
+    return TrainConfig(**subset(bench, TrainConfig), out=Path(tempfile.gettempdir()), global_batch=bench.batch_size)
 
 
 def train_rates(bench: TrainBench) -> dict:
     """Training images/s of the same model and step fed by each of bench.feeds, and ratios to synthetic."""
     import torch
 
-    from .distributed import World, resolve_device
-    from .model import AlexNet, AlexNetConfig, flops_per_image, place
+    from . import build
+    from .baseline import baseline_loader
+    from .distributed import World
+    from .model import flops_per_image
+    from .options import resolve_device
     from .pipeline import Loader
-    from .step import TrainStep
-    from .train import TrainConfig, loader_config, optimizer_for
+    from .shards import load_manifest
 
     dev = resolve_device(bench.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    world = World(0, 1, 0, dev)
-    tcfg = TrainConfig(shards=bench.shards, out=Path(tempfile.gettempdir()), batch_size=bench.batch_size,
-                       num_threads=bench.num_threads, precision=bench.precision)
-    first = Loader(loader_config(tcfg, world, "train"), train=True)
-    model_cfg = AlexNetConfig(len(first.classes), bench.variant, bench.width)
-    net = place(AlexNet(model_cfg), dev)
-    model = torch.compile(net) if bench.compile and dev.type == "cuda" else net
-    graph = bench.cuda_graph and dev.type == "cuda"
-    step = TrainStep(model, optimizer_for(tcfg, net), dev, bench.precision, graph=graph)
-    held = [t.clone() for t in next(iter(first))]  # same dtype, layout and device as the pipeline's batches
-    threads = first.pipe.num_threads
-    del first
+    sync, world = _sync_for(dev), World(0, 1, 0, dev)
+    cfg = bench_run_config(bench)
+    parts = build.training(cfg, len(load_manifest(cfg.shards)["classes"]), world)
+    held, kernels, rates = None, None, {}
 
-    def rate(source) -> float:
+    def rate(batches) -> float:
         def steps():
-            for _ in range(bench.steps):
-                step(*source())
+            for images, labels in itertools.islice(batches, bench.steps):
+                parts.step(images, labels)
             return bench.steps * bench.batch_size
         return _iter_rate(steps, bench.repeats, 1, sync)
 
-    rates, kernels = {}, None
     for feed in bench.feeds.split(","):
-        if feed == "synthetic":
-            rates[feed] = rate(lambda: held)
+        if feed == "dataloader":
+            lcfg = build.loader_config(cfg, world, "train")
+            base = baseline_loader(lcfg, True, workers=bench.baseline_workers or _cores(),
+                                   pin_memory=dev.type == "cuda", drop_last=True)
+            stream = itertools.chain.from_iterable(itertools.repeat(base))
+            rates[feed] = rate(_to_device(stream, dev, getattr(torch, lcfg.dtype), lcfg.channels_last))
+            continue
+        loader = Loader(build.loader_config(dataclasses.replace(cfg, **_dali_overrides(feed)) if feed != "synthetic"
+                                            else cfg, world, "train"), True)
+        if feed == "synthetic":  # one batch of the pipeline's own dtype, layout and device, held
+            held = [t.clone() for t in next(iter(loader))]
+            rates[feed] = rate(itertools.repeat(held))
             if bench.profile and dev.type == "cuda":
-                kernels = kernel_table(lambda: [step(*held) for _ in range(bench.steps)], bench.steps)
-        elif feed == "dataloader":
-            rates[feed] = rate(_dataloader_source(bench, tcfg, dev, held[0].dtype))
+                kernels = kernel_table(lambda: [parts.step(*held) for _ in range(bench.steps)], bench.steps)
         else:
-            rates[feed] = rate(_dali_source(loader_config(dataclasses.replace(tcfg, **_dali_overrides(feed)), world,
-                                                          "train")))
-            gc.collect()  # free that feed's DALI pipeline and threads before the next one
-    flops = flops_per_image(model_cfg)["train_flops"]
-    result = {**to_json(bench), "device": str(dev), "threads": threads, "images_per_s": rates,
+            rates[feed] = rate(loader.endless())
+        del loader
+        gc.collect()  # free that feed's DALI pipeline and threads before the next one
+    flops = flops_per_image(parts.net.cfg)["train_flops"]
+    result = {**to_json(bench), "device": str(dev), "threads": bench.num_threads or _cores(), "images_per_s": rates,
               "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items()},
               "train_flops_per_image": flops, "tflops": {k: v * flops / 1e12 for k, v in rates.items()},
               "matmul_bf16_tflops": matmul_tflops(dev) if dev.type == "cuda" else None}
@@ -426,10 +495,13 @@ def _print_train(bench: TrainBench, result: dict) -> None:
     print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
 
 
+STAGES = {PrepBench: (prep_rates, _print_prep), PipelineBench: (pipeline_rates, _print_pipeline),
+          LoaderBench: (loader_rates, _print_loader), TrainBench: (train_rates, _print_train)}
+
+
 def main(bench) -> int:
     """Run one stage's benchmark and print its table (or JSON)."""
-    run, show = {PrepBench: (prep_rates, _print_prep), PipelineBench: (pipeline_rates, _print_pipeline),
-                 TrainBench: (train_rates, _print_train)}[type(bench)]
+    run, show = STAGES[type(bench)]
     result = run(bench)
     if not _print_json_or(result, bench.json):
         show(bench, result)

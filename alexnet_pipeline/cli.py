@@ -7,25 +7,11 @@ import sys
 from pathlib import Path
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _splits(text: str) -> tuple[str, ...]:
-    parts = tuple(s.strip() for s in text.split(",") if s.strip())
-    if not parts or any(p not in ("train", "val") for p in parts) or len(set(parts)) != len(parts):
-        raise argparse.ArgumentTypeError(f"expected train, val or train,val; got {text!r}")
-    return parts
-
-
-def _quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"JPEG quality must be 1..100, got {value}")
-    return value
+def _printable_output() -> None:
+    """File names that are not valid UTF-8 print as escapes instead of stopping a command with a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _print_table(rows: dict) -> None:
@@ -36,22 +22,14 @@ def _print_table(rows: dict) -> None:
 
 def prep_main(argv=None) -> int:
     """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
-    p = argparse.ArgumentParser(prog="alexnet-prep", description=prep_main.__doc__.split(": ", 1)[1])
-    p.add_argument("--imagenet-root", type=Path, help="ImageNet as folders and/or the official tar archives")
-    p.add_argument("--out", type=Path, help="output directory for shards, dataset.json and stats.npz")
+    from .config import UserError, add_arguments, from_arguments
+    from .prep import Interrupted, PrepConfig, run
+
+    _printable_output()
+    p = _parser(prep_main, usage="%(prog)s --imagenet-root ROOT --out SHARDS [options] | --verify SHARDS | --version")
     p.add_argument("--verify", type=Path, metavar="SHARDS", help="re-read a prepared directory and check it")
     p.add_argument("--version", action="store_true", help="print versions, PIL flavour and GPUs, then exit")
-    p.add_argument("--splits", type=_splits, default=("train", "val"), help="train,val (default) or one")
-    p.add_argument("--workers", type=int, default=0, help="processes (default 0: every available core)")
-    p.add_argument("--shard-size", type=_positive, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality (default 95, as cuda-convnet2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the global train shuffle (default 0)")
-    p.add_argument("--limit-per-class", type=_positive, help="keep the first N files of each class")
-    p.add_argument("--layout", choices=("auto", "folders", "archives", "hf"), default="auto",
-                   help="which layout to read when several are present (default auto: folders, then the official "
-                        "archives, then Hugging Face's)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: when stderr is a terminal)")
+    add_arguments(p, PrepConfig, require=False)
     a = p.parse_args(argv)
     if a.version:
         from .environment import report
@@ -62,19 +40,12 @@ def prep_main(argv=None) -> int:
         return _verify(a.verify)
     if a.imagenet_root is None or a.out is None:
         p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
-    if a.workers < 0:
-        p.error("--workers must be 0 (all cores) or more")
-
-    from . import prep
-    from .config import UserError
-
-    cfg = prep.PrepConfig(a.imagenet_root, a.out, a.splits, a.workers, a.shard_size, a.quality, seed=a.seed,
-                          limit_per_class=a.limit_per_class, layout=a.layout, progress=a.progress)
     try:
-        report = prep.run(cfg)
+        cfg = from_arguments(PrepConfig, a)
+        report = run(cfg)
     except UserError as e:
         return _fail("alexnet-prep", e)
-    except prep.Interrupted as e:  # one line; the workers are gone; the same command resumes
+    except Interrupted as e:  # one line; the workers are gone; the same command resumes
         print(f"alexnet-prep: {e}", file=sys.stderr)
         return 128 + e.signum
     _print_prep_summary(cfg, report)
@@ -85,7 +56,7 @@ def _print_prep_summary(cfg, report) -> None:
     for note in report.notes:
         print(f"note: {note}")
     if report.resumed and not report.processed:
-        print(f"{cfg.out}: already complete with these options; nothing to do")
+        print(f"{cfg.out}: already complete with these options and this source; nothing to do")
     done = ", ".join(f"{n} {s}" for s, n in report.samples.items())
     rate = f", {report.processed / report.seconds:.0f} images/s" if report.processed else ""
     print(f"wrote {done} samples to {cfg.out} in {report.seconds:.1f} s{rate}")
@@ -108,6 +79,9 @@ def _verify(path: Path) -> int:
         for more in problems[1:10]:
             print(f"  also: {more}", file=sys.stderr)
         return 1
+    refreshed = shards.record_times(path)
+    if refreshed:
+        print(f"{path}: every byte intact; recorded the new modification times of {refreshed} shards")
     m = shards.load_manifest(path)
     print(f"{path}: OK, {len(m['classes'])} classes, " +
           ", ".join(f"{s} {e['samples']} samples in {len(e['shards'])} shards" for s, e in m["splits"].items()))
@@ -188,14 +162,12 @@ def bench_main(argv=None) -> int:
 
     p = _parser(bench_main)
     sub = p.add_subparsers(dest="stage", required=True)
-    for name, cls, help in (("prep", bench.PrepBench, "alexnet-prep (1 and all workers) vs a naive Pillow loop"),
-                            ("pipeline", bench.PipelineBench, "DALI loaders vs a DataLoader + Pillow-SIMD baseline "
-                                                              "vs decode only"),
-                            ("train", bench.TrainBench, "the training step fed by a batch held on the device, by "
-                                                        "the DALI pipeline and by the DataLoader baseline")):
-        add_arguments(sub.add_parser(name, help=help, description=cls.__doc__), cls)
+    stages = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "loader": bench.LoaderBench,
+              "train": bench.TrainBench}
+    for name, cls in stages.items():
+        add_arguments(sub.add_parser(name, help=cls.__doc__.split(":")[0].split(".")[0], description=cls.__doc__), cls)
     a = p.parse_args(argv)
-    cls = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "train": bench.TrainBench}[a.stage]
+    cls = stages[a.stage]
     try:
         return bench.main(from_arguments(cls, a))
     except UserError as e:

@@ -1,5 +1,6 @@
-"""Options declared once: a dataclass field carries its default, help, choices and bounds, and the same
-declaration gives the command-line flag, the keyword argument's check and the documentation.
+"""Options declared once: a dataclass field carries its default, help, choices, bounds and whether it is part
+of the training recipe, and the same declaration gives the command-line flag, the keyword argument's check
+and the documentation. The shared option groups are in options.py; each command composes them.
 
 Also the one exception type for problems a user can fix (`UserError`): the commands turn it into one line on
 stderr and exit status 2; anything else is a bug and keeps its traceback. Imports nothing from the package.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,16 +26,19 @@ class OptionError(UserError, ValueError):
 
 
 def option(default, help: str, *, choices: tuple = (), minimum: float | None = None, maximum: float | None = None,
-           flag: str | None = None, cli: bool = True, scope: str | None = None):
+           flag: str | None = None, cli: bool = True, scope: str | None = None, recipe: bool = False,
+           validate=None):
     """A dataclass field with its documentation and checks. `flag` overrides the command-line spelling
     (default: --name-with-dashes); `cli=False` keeps it out of the command line; `scope` ("train" or "eval")
-    marks an option that only one kind of loader takes."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": tuple(choices), "minimum": minimum,
-                                                        "maximum": maximum, "flag": flag, "cli": cli, "scope": scope})
+    marks an option that only one kind of loader takes; `recipe` marks an option that defines a training run
+    (a resume must keep it); `validate(value)` returns an error text, or None when the value is fine."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "flag": flag, "cli": cli,
+        "scope": scope, "recipe": recipe, "validate": validate})
 
 
 def _allowed_types(tp) -> tuple:
-    """The runtime types accepted for an annotation like `int`, `float | None`, `Path`."""
+    """The runtime types accepted for an annotation like `int`, `float | None`, `Path`, `tuple[str, ...]`."""
     args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
     out = []
     for a in args:
@@ -43,27 +48,41 @@ def _allowed_types(tp) -> tuple:
             out += [float, int]  # an int is a fine float
         elif a is Path:
             out += [Path, str]
+        elif typing.get_origin(a) is tuple:
+            out += [tuple, list]
         else:
             out.append(a)
     return tuple(out)
 
 
+def _check_value(name: str, value, meta) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"option {name}: must be a finite number; got {value!r}")
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if meta.get("choices") and any(v not in meta["choices"] for v in values):
+        raise OptionError(f"option {name}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+    if value is None or isinstance(value, (tuple, list)):
+        return
+    if meta.get("minimum") is not None and value < meta["minimum"]:
+        raise OptionError(f"option {name}: must be at least {meta['minimum']}; got {value!r}")
+    if meta.get("maximum") is not None and value > meta["maximum"]:
+        raise OptionError(f"option {name}: must be at most {meta['maximum']}; got {value!r}")
+    problem = meta["validate"](value) if meta.get("validate") else None
+    if problem:
+        raise OptionError(f"option {name}: {problem}; got {value!r}")
+
+
 def check(obj) -> None:
-    """Check every declared field of the dataclass instance `obj`: type, choices and minimum. Raises
-    OptionError naming the option."""
+    """Check every declared field of the dataclass instance `obj`: type, finiteness, choices, bounds and its
+    own validation. Raises OptionError naming the option."""
     hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, meta = getattr(obj, f.name), f.metadata
+    for f in documented_fields(type(obj)):
+        value = getattr(obj, f.name)
         allowed = _allowed_types(hints[f.name])
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
             names = ", ".join(sorted({t.__name__ for t in allowed}))
             raise OptionError(f"option {f.name}: expected {names}, got {value!r} ({type(value).__name__})")
-        if meta.get("choices") and value not in meta["choices"]:
-            raise OptionError(f"option {f.name}: must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
-        if meta.get("minimum") is not None and value is not None and value < meta["minimum"]:
-            raise OptionError(f"option {f.name}: must be at least {meta['minimum']}; got {value!r}")
-        if meta.get("maximum") is not None and value is not None and value > meta["maximum"]:
-            raise OptionError(f"option {f.name}: must be at most {meta['maximum']}; got {value!r}")
+        _check_value(f.name, value, f.metadata)
 
 
 def documented_fields(cls) -> list[dataclasses.Field]:
@@ -71,32 +90,49 @@ def documented_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
+def recipe_fields(cls) -> list[str]:
+    """Names of the options of `cls` declared with recipe=True: what defines a training run."""
+    return [f.name for f in documented_fields(cls) if f.metadata["recipe"]]
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line spelling of a declared field."""
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _parse_type(tp):
-    """The argparse type of an annotation: Path, float, int or str (None allowed or not)."""
+    """The argparse type of an annotation: Path, float, int, str, or a comma-separated tuple."""
     args = typing.get_args(tp) or (tp,)
+    if typing.get_origin(tp) is tuple:
+        return _comma_list
     return next(t for t in (Path, float, int, str) if t in args)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per documented field of `cls` (not in `exclude`), with its default, help and choices.
-    Values are checked again by `check` when the config is built, so the two can never disagree."""
+def add_arguments(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...] = (), scope: str | None = None,
+                  require: bool = True) -> None:
+    """One flag per documented field of `cls` (not in `exclude`, and of `scope` or of none), with its default,
+    help and choices. Values are checked again by `check` when the config is built, so the two can never
+    disagree. `require=False` leaves options without a default optional (the command checks them itself)."""
     hints = typing.get_type_hints(cls)
     for f in documented_fields(cls):
         meta = f.metadata
-        if not meta["cli"] or f.name in exclude:
+        if not meta["cli"] or f.name in exclude or meta["scope"] not in (None, scope):
             continue
-        flag = meta["flag"] or "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        shown = "" if default is None or f.default is dataclasses.MISSING else f" (default {default})"
+        default = None if f.default is dataclasses.MISSING else f.default
+        shown = "" if default is None else f" (default {','.join(default) if isinstance(default, tuple) else default})"
         kwargs = {"dest": f.name, "help": meta["help"] + shown}
-        if f.default is dataclasses.MISSING:
+        if f.default is dataclasses.MISSING and require:
             kwargs["required"] = True
-        if hints[f.name] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        if hints[f.name] in (bool, bool | None):
+            parser.add_argument(flag_of(f), action=argparse.BooleanOptionalAction, default=default, **kwargs)
             continue
-        if meta["choices"]:
+        if meta["choices"] and typing.get_origin(hints[f.name]) is not tuple:
             kwargs["choices"] = meta["choices"]
-        parser.add_argument(flag, type=_parse_type(hints[f.name]), default=default, **kwargs)
+        parser.add_argument(flag_of(f), type=_parse_type(hints[f.name]), default=default, **kwargs)
 
 
 def from_arguments(cls, namespace: argparse.Namespace, **fixed):
@@ -107,5 +143,12 @@ def from_arguments(cls, namespace: argparse.Namespace, **fixed):
 
 
 def to_json(obj) -> dict:
-    """The dataclass as JSON-ready values (paths as strings)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(obj).items()}
+    """The dataclass as JSON-ready values (paths as strings, tuples as lists)."""
+    def plain(v):
+        return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+    return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
+
+
+def subset(obj, cls) -> dict:
+    """The values of `obj`'s fields that `cls` declares too (to build one config from another's options)."""
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if hasattr(obj, f.name)}

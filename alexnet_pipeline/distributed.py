@@ -13,18 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .config import UserError, option
-
-BACKENDS = ("auto", "nccl", "gloo")
-
-
-@dataclass(kw_only=True)
-class Placement:
-    """Where a command runs (options shared by alexnet-train and alexnet-eval)."""
-
-    device: str = option("auto", "auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N")
-    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on the CPU), "
-                          "nccl, or gloo (e.g. several ranks sharing one GPU, which NCCL refuses)", choices=BACKENDS)
+from .config import UserError
+from .options import resolve_device
 
 
 @dataclass
@@ -49,18 +39,6 @@ class World:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto": this process's GPU (cuda:LOCAL_RANK) if torch sees one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"option device: {name!r} requested but torch sees no GPU; use --device cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def setup(device: str = "auto", backend: str = "auto") -> World:

@@ -6,7 +6,6 @@ padding with label PAD_LABEL, and the counts are summed across ranks (one all-re
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,34 +13,22 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
+from .checkpoint import Checkpoint, Weights
 from .config import UserError, check, option
-from .model import AlexNet, AlexNetConfig, place
+from .options import Batch, Decoding, Output, Placement, Shards
 from .step import autocast
 
 
 @dataclass(kw_only=True)
-class EvalConfig(distributed.Placement):
+class EvalConfig(Shards, Weights, Placement, Batch, Decoding, Output):
     """Options of alexnet-eval. The preprocessing (mean mode) and the precision come from the checkpoint, so
     a model is always evaluated as it was trained."""
 
-    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep (its val split is used)")
-    checkpoint: Path = option(dataclasses.MISSING, "RUN/checkpoint.pt or RUN/best.pt")
     tencrop: bool = option(False, "also the paper's ten crops: 4 corners + center, and their mirrors")
-    batch_size: int = option(128, "images per rank (a ten-crop batch is 10x as many views)", minimum=1)
-    num_threads: int | None = option(None, "DALI threads per rank (default: every core)", minimum=1,
-                                     flag="--threads")
-    json: bool = option(False, "print one JSON object instead of a table")
 
     def __post_init__(self):
         self.shards, self.checkpoint = Path(self.shards), Path(self.checkpoint)
         check(self)
-
-
-def batch_format(device: torch.device, precision: str = "bf16") -> dict:
-    """The loader options that match `autocast` and `place`: bfloat16 channels_last batches on GPUs (float32
-    channels_last with precision fp32), float32 NCHW on the CPU."""
-    gpu = device.type == "cuda"
-    return {"dtype": "bfloat16" if gpu and precision == "bf16" else "float32", "layout": "NHWC" if gpu else "NCHW"}
 
 
 def predictions(model, loader, tencrop: bool, precision: str = "bf16"):
@@ -80,35 +67,30 @@ def errors(counts: torch.Tensor) -> dict:
     return {"images": int(n), "top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n}
 
 
-def load_model(checkpoint: dict, device: torch.device) -> AlexNet:
-    """The grouped AlexNet of a checkpoint written by alexnet-train (any layout it was trained in)."""
-    net = AlexNet(AlexNetConfig(**checkpoint["model_config"]))
-    net.load_state_dict(checkpoint["model"])
-    return place(net, device)
-
-
 def run(cfg: EvalConfig) -> dict:
     """Center-crop (and with cfg.tencrop, ten-crop) errors of a checkpoint over SHARDS/val, on every rank of
     torchrun's world if launched by it. Returns {"center": errors, "tencrop": errors?, ...} on rank 0."""
+    from .build import batch_format
+    from .config import subset
     from .pipeline import Loader, LoaderConfig
-    from .rundir import read_checkpoint
 
     world = distributed.setup(cfg.device, cfg.backend)
     try:
-        ckpt = read_checkpoint(cfg.checkpoint)
-        recipe = ckpt["config"]  # evaluate with the preprocessing and precision the network was trained with
-        model = load_model(ckpt, world.device)
-        result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt["epoch"], "classes": len(ckpt["classes"]),
-                  "ranks": world.size, "device": str(world.device), "mean": recipe["mean"],
-                  "precision": recipe["precision"] if world.device.type == "cuda" else "fp32"}
+        ckpt = Checkpoint.load(cfg.checkpoint)
+        precision = ckpt.config["precision"]  # evaluate with the preprocessing and precision it was trained with
+        model = ckpt.network(world.device)
+        result = {"checkpoint": str(cfg.checkpoint), "epoch": ckpt.epoch, "classes": len(ckpt.classes),
+                  "ranks": world.size, "device": str(world.device), "mean": ckpt.preprocessing["mean"],
+                  "precision": precision if world.device.type == "cuda" else "fp32"}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
-            lcfg = LoaderConfig(shards=cfg.shards, split="val", batch_size=cfg.batch_size, device=str(world.device),
-                                rank=world.rank, world_size=world.size, mean=recipe["mean"], tencrop=tencrop,
-                                num_threads=cfg.num_threads, **batch_format(world.device, recipe["precision"]))
+            lcfg = LoaderConfig(**subset(cfg, Decoding), shards=cfg.shards, split="val", batch_size=cfg.batch_size,
+                                device=str(world.device), rank=world.rank, world_size=world.size,
+                                mean=ckpt.preprocessing["mean"], tencrop=tencrop,
+                                **batch_format(world.device, precision))
             loader = Loader(lcfg, train=False)
-            if loader.classes != ckpt["classes"]:
+            if loader.classes != ckpt.classes:
                 raise UserError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
-            result[name] = errors(error_counts(model, loader, tencrop, recipe["precision"]))
+            result[name] = errors(error_counts(model, loader, tencrop, precision))
         return result if world.main else {}
     finally:
         world.close()

@@ -21,14 +21,47 @@ RESAMPLE = Image.Resampling.LANCZOS
 # ImageNet has files with broken EXIF blocks; PIL warns about each, which would flood a prep log.
 warnings.filterwarnings("ignore", message=".*(EXIF|exif).*")
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A format this PIL build lacks (WebP on Pillow-SIMD) is named in the skip reason instead.
+warnings.filterwarnings("ignore", message="image file could not be identified")
 
 
 class BadImage(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
+# What a file really is, by its first bytes: (prefix, offset, name). Names the format in a skip reason.
+SIGNATURES = [(b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"GIF87a", 0, "GIF"),
+              (b"GIF89a", 0, "GIF"), (b"BM", 0, "BMP"), (b"II*\x00", 0, "TIFF"), (b"MM\x00*", 0, "TIFF"),
+              (b"WEBP", 8, "WebP"), (b"ftypavif", 4, "AVIF"), (b"ftypheic", 4, "HEIC"), (b"ftypheix", 4, "HEIC"),
+              (b"ftypmif1", 4, "HEIF"), (b"\x00\x00\x00\x0cjP  ", 0, "JPEG 2000"), (b"\xff\x4f\xff\x51", 0,
+              "JPEG 2000"), (b"%PDF", 0, "PDF"), (b"PK\x03\x04", 0, "ZIP archive"), (b"\x1f\x8b", 0, "gzip file"),
+              (b"<!DOCTYPE html", 0, "HTML page"), (b"<html", 0, "HTML page"), (b"<?xml", 0, "XML (or SVG) file"),
+              (b"<svg", 0, "SVG image")]
+
+
+IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WebP", "AVIF", "HEIC", "HEIF", "JPEG 2000", "SVG image"}
+
+
+def sniff(data: bytes) -> str:
+    """The format of `data` by its signature: 'JPEG', 'WebP', 'HTML page', ..., or 'unknown format'."""
+    for prefix, offset, name in SIGNATURES:
+        if data[offset:offset + len(prefix)] == prefix:
+            return name
+    return "text" if data[:64].isascii() and data[:64].strip() else "unknown format"
+
+
+def _to_8_bits(im: Image.Image) -> Image.Image:
+    """16- and 32-bit greyscale ('I;16*', 'I') as 8 bits by value >> 8 (PIL's own conversion clips at 255,
+    which turns most of a 16-bit image white); float images ('F') clipped to 0-255."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(a.astype(np.int64) >> 8, 0, 255).astype(np.uint8))
+
+
 def decode_rgb(data: bytes, size: int) -> Image.Image:
-    """Decode any PIL-readable image to RGB, letting JPEGs shrink in the DCT domain towards `size`."""
+    """Decode any image this PIL reads to RGB, letting JPEGs shrink in the DCT domain towards `size`. EXIF
+    orientation is not applied (the ImageNet convention: pixels as stored)."""
     if not data:
         raise BadImage("empty file")
     try:
@@ -39,9 +72,14 @@ def decode_rgb(data: bytes, size: int) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise BadImage(f"too many pixels: {e}") from e
     except UnidentifiedImageError:
-        raise BadImage("not an image (no format PIL knows)") from None
+        kind = sniff(data)
+        if kind in IMAGE_FORMATS:
+            raise BadImage(f"a {kind} image, which this PIL build ({pil_flavour()}) cannot decode") from None
+        raise BadImage(f"not an image ({kind})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
-        raise BadImage(f"cannot decode: {e}") from e
+        raise BadImage(f"cannot decode this {sniff(data)} ({e})") from e
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        im = _to_8_bits(im)
     if im.mode != "RGB":
         # CMYK (22 ImageNet train files), grayscale, palette and alpha PNGs all end as plain RGB.
         im = im.convert("RGB")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import heapq
 import io
+import os
 import queue
 import re
 import tarfile
@@ -35,6 +35,8 @@ GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 FILES_PER_UNIT = 64  # small enough to balance 2-16 workers, large enough that per-unit files stay few
 # Hugging Face's ILSVRC/imagenet-1k: gzipped tars of flat files named <original stem>_<wnid>.JPEG
 HF_TRAIN, HF_VAL, HF_TEST = "train_images_*.tar.gz", "val_images.tar.gz", "test_images.tar.gz"
+HF_CLASSES = "classes.py"  # the dataset repository's wnid -> name table
+KAGGLE_MAPPING = "LOC_synset_mapping.txt"
 HF_SUFFIX = re.compile(r"_(n\d{8})$")
 ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # EOFError: a gzip cut short
 
@@ -56,42 +58,102 @@ class Item:
 
 
 @dataclass(frozen=True)
+class FileEntry:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A member of a flat tar (ILSVRC2012_img_val.tar): where its bytes are."""
+
+    offset: int
+    size: int
+    name: str
+    label: int
+
+
+@dataclass(frozen=True)
+class GzMember:
+    """A member of a .tar.gz (Hugging Face): its index among the archive's files."""
+
+    index: int
+    name: str
+    label: int
+
+
+@dataclass(frozen=True)
 class Unit:
-    """A recipe for a group of items. kind: 'files' | 'members' (of a flat tar) | 'inner_tar' (per-class tar) |
-    'gz_members' (consecutive members of a .tar.gz, whose bytes `with_payloads` reads into `payload`)."""
+    """A picklable recipe for a group of items of one split, which a worker turns into `Item`s. One subclass
+    per kind of source: FolderUnit, TarUnit, ClassTarUnit, HfUnit."""
 
     split: str
     name: str
-    kind: str
-    entries: tuple = ()  # files: (path, label); members: (offset, size, name, label); gz_members: (index, name, label)
+    expected: int | None = None  # number of items, where known without reading
+
+    def items(self):
+        """Yield the unit's `Item`s; unreadable entries come with empty bytes and a reason."""
+        raise NotImplementedError
+
+    def source_files(self) -> list[str]:
+        """The files this unit reads (for the source listing prep compares on a re-run)."""
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """What to name when the unit's source fails."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class FolderUnit(Unit):
+    """Files of a folder (a slice of a class folder, a run of flat val files)."""
+
+    files: tuple[FileEntry, ...] = ()
+
+    def items(self):
+        for f in self.files:
+            try:
+                yield Item(sample_key(f.path), f.label, f.path, Path(f.path).read_bytes())
+            except OSError as e:  # a broken or looping symbolic link, a directory, no permission
+                yield Item(sample_key(f.path), f.label, f.path, b"", error=f"unreadable ({e.strerror})")
+
+    def source_files(self) -> list[str]:
+        return [f.path for f in self.files]
+
+
+@dataclass(frozen=True)
+class TarUnit(Unit):
+    """Members of a flat tar, read by seeking to each."""
+
+    archive: str = ""
+    members: tuple[TarMember, ...] = ()
+
+    def items(self):
+        with open(self.archive, "rb") as f:
+            for m in self.members:
+                f.seek(m.offset)
+                yield Item(sample_key(m.name), m.label, f"{self.archive}:{m.name}", f.read(m.size))
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return self.archive
+
+
+@dataclass(frozen=True)
+class ClassTarUnit(Unit):
+    """One per-class tar inside ILSVRC2012_img_train.tar, streamed from its offset (nothing extracted)."""
+
     archive: str = ""
     offset: int = 0
     size: int = 0
     label: int = -1
     limit: int | None = None
-    expected: int | None = None  # number of items, where known without reading
-    payload: tuple = ()  # gz_members: the members' bytes, in entry order
 
     def items(self):
-        """Yield the unit's `Item`s; unreadable entries come with empty bytes (reported as bad later)."""
-        if self.kind == "files":
-            for path, label in self.entries:
-                try:
-                    yield Item(sample_key(path), label, str(path), Path(path).read_bytes())
-                except OSError as e:  # a broken or looping symbolic link, a directory, no permission
-                    yield Item(sample_key(path), label, str(path), b"", error=f"unreadable ({e.strerror})")
-        elif self.kind == "members":
-            with open(self.archive, "rb") as f:
-                for offset, size, member, label in self.entries:
-                    f.seek(offset)
-                    yield Item(sample_key(member), label, f"{self.archive}:{member}", f.read(size))
-        elif self.kind == "gz_members":
-            for (_, name, label), data in zip(self.entries, self.payload, strict=True):
-                yield Item(hf_key(name)[0], label, f"{self.archive}:{name}", data)
-        else:
-            yield from self._inner_tar_items()
-
-    def _inner_tar_items(self):
         with open(self.archive, "rb") as f:
             f.seek(self.offset)
             window = _Window(f, self.size)
@@ -102,6 +164,33 @@ class Unit:
                     members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
                 for name, data in members:
                     yield Item(sample_key(name), self.label, f"{where}/{name}", data)
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
+
+
+@dataclass(frozen=True)
+class HfUnit(Unit):
+    """Consecutive members of a Hugging Face .tar.gz; `with_payloads` reads their bytes into `payload`."""
+
+    archive: str = ""
+    members: tuple[GzMember, ...] = ()
+    payload: tuple = ()  # the members' bytes, in member order
+
+    def items(self):
+        for m, data in zip(self.members, self.payload, strict=True):
+            yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", data)
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return self.archive
 
 
 class _Window(io.RawIOBase):
@@ -121,20 +210,24 @@ class _Window(io.RawIOBase):
 
 @dataclass
 class Source:
-    """What `find` found: classes (sorted wnids), units per split, and a description of the layout."""
+    """What `find` found: classes (sorted wnids), units per split, a description of the layout, the class
+    names found beside the images, files passed over while finding (reported like skipped images) and
+    notes."""
 
     root: Path
     classes: list[str]
     units: dict[str, list[Unit]] = field(default_factory=dict)
     layout: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was found and deliberately not read
+    class_names: dict[str, str] = field(default_factory=dict)
+    skipped: list[dict] = field(default_factory=list)
 
 
 def sample_key(name) -> str:
     """The sample key of a file: its base name up to the first dot (keys must not contain dots), with any
-    character other than letters, digits, '-', '_' and '~' percent-encoded (a space would split a line of
-    DALI's index). ImageNet's own names are unchanged."""
-    return urllib.parse.quote(Path(str(name)).name.split(".", 1)[0], safe="-_~")
+    byte other than letters, digits, '-', '_' and '~' percent-encoded (a space would split a line of DALI's
+    index; a name that is not valid UTF-8 keeps its bytes). ImageNet's own names are unchanged."""
+    return urllib.parse.quote(os.fsencode(Path(str(name)).name.split(".", 1)[0]), safe="-_~")
 
 
 def hf_key(name) -> tuple[str, str | None]:
@@ -176,22 +269,22 @@ def _hf_units(split: str, archives: dict[Path, list[str]], index: dict[str, int]
         keep = {k for label, keys in by_class.items() for k in (keys if label < 0 else sorted(keys)[:limit])}
     units = []
     for archive, names in sorted(archives.items()):
-        entries = [(i, name, index.get(hf_key(name)[1], -1)) for i, name in enumerate(names)
+        members = [GzMember(i, name, index.get(hf_key(name)[1], -1)) for i, name in enumerate(names)
                    if keep is None or hf_key(name)[0] in keep]
         stem = archive.name.split(".")[0]
-        units += [Unit(split, f"{split}/{stem}-{k:05d}", "gz_members", chunk, archive=str(archive), expected=len(chunk))
-                  for k, chunk in enumerate(_chunks(entries))]
+        units += [HfUnit(split, f"{split}/{stem}-{k:05d}", len(chunk), archive=str(archive), members=chunk)
+                  for k, chunk in enumerate(_chunks(members))]
     return units
 
 
 def with_payloads(units, queue_size: int = 8):
-    """Yield `units`, each gz_members unit with its members' bytes attached. Each .tar.gz is streamed once,
-    by its own thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size`
-    units wait in memory. Nothing is extracted to disk."""
-    yield from (u for u in units if u.kind != "gz_members")
-    by_archive: dict[str, list[Unit]] = {}
+    """Yield `units`, each HfUnit with its members' bytes attached. Each .tar.gz is streamed once, by its own
+    thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size` units wait in
+    memory. Nothing is extracted to disk."""
+    yield from (u for u in units if not isinstance(u, HfUnit))
+    by_archive: dict[str, list[HfUnit]] = {}
     for u in units:
-        if u.kind == "gz_members":
+        if isinstance(u, HfUnit):
             by_archive.setdefault(u.archive, []).append(u)
     if not by_archive:
         return
@@ -205,10 +298,10 @@ def with_payloads(units, queue_size: int = 8):
             except queue.Full:
                 continue
 
-    def read(archive: str, archive_units: list[Unit]):
-        owner = {e[0]: (n, j) for n, u in enumerate(archive_units) for j, e in enumerate(u.entries)}
-        parts = [[None] * len(u.entries) for u in archive_units]
-        left = [len(u.entries) for u in archive_units]
+    def read(archive: str, archive_units: list[HfUnit]):
+        owner = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
+        parts = [[None] * len(u.members) for u in archive_units]
+        left = [len(u.members) for u in archive_units]
         try:
             with tarfile.open(archive, "r|gz") as tf:
                 files = (m for m in tf if m.isfile())
@@ -248,8 +341,8 @@ def with_payloads(units, queue_size: int = 8):
             t.join()
 
 
-def _find_hf(root: Path, hf: Path, splits, limit, source_notes: list[str]):
-    """(classes, {split: units}, {split: description}) of the Hugging Face layout under `hf`."""
+def _find_hf(root: Path, hf: Path, splits, limit) -> Source:
+    """The Hugging Face layout under `hf`."""
     train = sorted(hf.glob(HF_TRAIN))
     wanted = (train if "train" in splits or not (hf / HF_VAL).is_file() else []) + \
         ([hf / HF_VAL] if "val" in splits and (hf / HF_VAL).is_file() else [])
@@ -259,20 +352,29 @@ def _find_hf(root: Path, hf: Path, splits, limit, source_notes: list[str]):
     classes = sorted({w for a in label_source for w in (hf_key(n)[1] for n in names[a]) if w})
     _check_wnids(classes, hf)
     index = {w: i for i, w in enumerate(classes)}
-    units, layout = {}, {}
+    source = Source(root, classes, class_names=_hf_names(root, hf))
     if "train" in splits:
         if not train:
             raise LayoutError(f"{hf}: no training archives ({HF_TRAIN})")
-        units["train"] = _hf_units("train", {a: names[a] for a in train}, index, limit)
-        layout["train"] = f"Hugging Face archives ({', '.join(a.name for a in train)})"
+        source.units["train"] = _hf_units("train", {a: names[a] for a in train}, index, limit)
+        source.layout["train"] = f"Hugging Face archives ({', '.join(a.name for a in train)})"
     if "val" in splits:
         if hf / HF_VAL not in names:
             raise LayoutError(f"{hf}: no validation archive ({HF_VAL})")
-        units["val"] = _hf_units("val", {hf / HF_VAL: names[hf / HF_VAL]}, index, limit)
-        layout["val"] = f"Hugging Face archive ({HF_VAL})"
+        source.units["val"] = _hf_units("val", {hf / HF_VAL: names[hf / HF_VAL]}, index, limit)
+        source.layout["val"] = f"Hugging Face archive ({HF_VAL})"
     if (hf / HF_TEST).is_file():
-        source_notes.append(f"{hf / HF_TEST}: test images carry no class; not read")
-    return classes, units, layout
+        source.notes.append(f"{hf / HF_TEST}: test images carry no class; not read")
+    return source
+
+
+def _hf_names(root: Path, hf: Path) -> dict[str, str]:
+    from .classnames import parse_hf_classes
+
+    for d in (root, hf, hf.parent):
+        if (d / HF_CLASSES).is_file():
+            return parse_hf_classes((d / HF_CLASSES).read_text(errors="replace"))
+    return {}
 
 
 def find(root, splits=("train", "val"), layout: str = "auto", limit_per_class: int | None = None) -> Source:
@@ -286,65 +388,77 @@ def find(root, splits=("train", "val"), layout: str = "auto", limit_per_class: i
     hf = _hf_dir(root) if layout in ("auto", "hf") else None
     if hf is not None and not (use_folders and _wnid_dirs(data / "train")) and \
             not (use_archives and (root / TRAIN_TAR).is_file()):
-        notes: list[str] = []
-        classes, units, described = _find_hf(root, hf, splits, limit_per_class, notes)
-        return Source(root, classes, units, described, notes)
-
-    train_dir = data / "train"
-    train_tar = root / TRAIN_TAR
-    classes = None
-    if use_folders and _wnid_dirs(train_dir):
-        classes, train_kind = _wnid_dirs(train_dir), "folders"
-    elif use_archives and train_tar.is_file():
-        inner = _tar_index(train_tar)
-        classes, train_kind = sorted(n.split(".")[0] for n in inner if n.endswith(".tar")), "archives"
-        _check_wnids(classes, train_tar)
-        listed = _devkit_classes(root, data)
-        if listed and set(listed) - set(classes):
-            raise LayoutError(f"{train_tar}: holds {len(classes)} class archives but the devkit lists "
-                              f"{len(listed)} classes (missing {sorted(set(listed) - set(classes))[:3]}...); "
-                              "an incomplete download?")
-    elif use_folders and _wnid_dirs(data / "val"):
-        classes, train_kind = _wnid_dirs(data / "val"), None
-    if not classes:
-        classes, train_kind = _devkit_classes(root, data), None
-    if not classes:
-        raise LayoutError(
-            f"{root}: no ImageNet classes found. Expected train/<wnid>/ folders, {TRAIN_TAR}, Hugging Face's "
-            f"data/{HF_TRAIN}, val/<wnid>/ folders or a devkit ({DEVKIT}/ or {DEVKIT}.tar.gz)"
-            + ("" if layout == "auto" else
-                                                                      f" in the '{layout}' layout"))
-    source = Source(root, classes)
-    index = {w: i for i, w in enumerate(classes)}
-
+        return _find_hf(root, hf, splits, limit_per_class)
+    source = Source(root, [], class_names=_found_names(root, data))
+    train_units = _find_train(source, data, use_folders, use_archives, limit_per_class)
+    index = {w: i for i, w in enumerate(source.classes)}
     for split in splits:
         if split == "train":
-            if train_kind == "folders":
-                source.units["train"] = _folder_units("train", train_dir, classes, limit_per_class)
-                source.layout["train"] = f"folders ({train_dir})"
-            elif train_kind == "archives":
-                source.units["train"] = [
-                    Unit("train", f"train/{w}", "inner_tar", archive=str(train_tar), offset=inner[w + ".tar"][0],
-                         size=inner[w + ".tar"][1], label=index[w], limit=limit_per_class) for w in classes]
-                source.layout["train"] = f"archive ({train_tar})"
-            else:
+            if train_units is None:
                 raise LayoutError(f"{root}: no training images (train/<wnid>/ folders or {TRAIN_TAR})")
+            source.units["train"] = train_units(index)
         elif split == "val":
-            source.units["val"], source.layout["val"] = _val_units(root, data, index, use_folders,
-                                                                   use_archives, limit_per_class)
+            source.units["val"], source.layout["val"] = _val_units(root, data, index, use_folders, use_archives,
+                                                                   limit_per_class, source)
         else:
             raise LayoutError(f"unknown split {split!r} (expected train or val)")
     return source
 
 
-def _wnid_dirs(d: Path) -> list[str]:
+def _find_train(source: Source, data: Path, use_folders: bool, use_archives: bool, limit):
+    """Set source.classes (and the train layout) from the first layout present; returns a function of the
+    class index that makes the train units, or None when there are no training images."""
+    root, train_dir, train_tar = source.root, data / "train", source.root / TRAIN_TAR
+    if use_folders and _wnid_dirs(train_dir):
+        source.classes = _wnid_dirs(train_dir, "train", source.skipped)
+        source.layout["train"] = f"folders ({train_dir})"
+        return lambda index: _folder_units("train", train_dir, source.classes, limit)
+    if use_archives and train_tar.is_file():
+        inner = _tar_index(train_tar)
+        source.classes = sorted(n.split(".")[0] for n in inner if n.endswith(".tar"))
+        _check_wnids(source.classes, train_tar)
+        listed = _devkit_classes(root, data)
+        if listed and set(listed) - set(source.classes):
+            raise LayoutError(f"{train_tar}: holds {len(source.classes)} class archives but the devkit lists "
+                              f"{len(listed)} classes (missing {sorted(set(listed) - set(source.classes))[:3]}...); "
+                              "an incomplete download?")
+        source.layout["train"] = f"archive ({train_tar})"
+        return lambda index: [
+            ClassTarUnit("train", f"train/{w}", archive=str(train_tar), offset=inner[w + ".tar"][0],
+                         size=inner[w + ".tar"][1], label=index[w], limit=limit) for w in source.classes]
+    source.classes = (_wnid_dirs(data / "val") if use_folders else []) or _devkit_classes(root, data)
+    if not source.classes:
+        raise LayoutError(
+            f"{root}: no ImageNet classes found. Expected train/<wnid>/ folders, {TRAIN_TAR}, Hugging Face's "
+            f"data/{HF_TRAIN}, val/<wnid>/ folders or a devkit ({DEVKIT}/ or {DEVKIT}.tar.gz)")
+    return None
+
+
+def _found_names(root: Path, data: Path) -> dict[str, str]:
+    """Class names beside the images: Kaggle's LOC_synset_mapping.txt, else the devkit's meta.mat words."""
+    from .classnames import parse_mapping
+
+    for d in (root, data):
+        if (d / KAGGLE_MAPPING).is_file():
+            return parse_mapping((d / KAGGLE_MAPPING).read_text(errors="replace"))
+    devkit = _devkit_files(root, data)
+    return _meta_words(devkit[0], devkit[2]) if devkit else {}
+
+
+def _wnid_dirs(d: Path, split: str | None = None, skipped: list | None = None) -> list[str]:
+    """The class folders of `d`, sorted. Regular files beside them are listed in `skipped` (they are
+    reported, not silently passed over); other folders are an error."""
     if not d.is_dir():
         return []
-    subdirs = sorted(p.name for p in d.iterdir() if p.is_dir())
+    entries = sorted(d.iterdir())
+    subdirs = [p.name for p in entries if p.is_dir()]
     wnids = [s for s in subdirs if WNID.match(s)]
     if wnids and len(wnids) != len(subdirs):
         others = [s for s in subdirs if not WNID.match(s)]
         raise LayoutError(f"{d}: folders that are not wnids (like n01440764): {', '.join(others[:5])}")
+    if skipped is not None:
+        skipped += [{"split": split, "source": str(p), "reason": f"a file where a class folder belongs ({d.name}/ "
+                     "holds one folder per wnid); not read"} for p in entries if not p.is_dir()]
     return wnids
 
 
@@ -392,43 +506,45 @@ def _folder_units(split, top: Path, classes, limit) -> list[Unit]:
     for label, wnid in enumerate(classes):
         d = top / wnid
         files = _limited(_listed_files(d), limit) if d.is_dir() else []
-        for part, chunk in enumerate(_chunks([(str(p), label) for p in files])):
-            units.append(Unit(split, f"{split}/{wnid}-{part:03d}", "files", chunk, expected=len(chunk)))
+        for part, chunk in enumerate(_chunks([FileEntry(str(p), label) for p in files])):
+            units.append(FolderUnit(split, f"{split}/{wnid}-{part:03d}", len(chunk), files=chunk))
     return units
 
 
-def _val_units(root, data, index, use_folders, use_archives, limit):
+def _val_units(root, data, index, use_folders, use_archives, limit, source: Source):
     val_dir, val_tar = data / "val", root / VAL_TAR
     if use_folders and _wnid_dirs(val_dir):
-        unknown = [w for w in _wnid_dirs(val_dir) if w not in index]
+        found = _wnid_dirs(val_dir, "val", source.skipped)
+        unknown = [w for w in found if w not in index]
         if unknown:
             raise LayoutError(f"{val_dir}: class folders not among the training classes: {unknown[:5]}")
         return _folder_units("val", val_dir, list(index), limit), f"class folders ({val_dir})"
     if use_folders and val_dir.is_dir() and any(p.is_file() for p in val_dir.iterdir()):
         labels, how = _val_labels(root, data, index)
         files = _listed_files(val_dir)
-        entries = _limit_by_label([(str(p), labels.get(sample_key(p), -1)) for p in files], limit)
-        units = [Unit("val", f"val/{i:05d}", "files", c, expected=len(c)) for i, c in enumerate(_chunks(entries))]
+        entries = _limit_by_label([FileEntry(str(p), labels.get(sample_key(p), -1)) for p in files], limit)
+        units = [FolderUnit("val", f"val/{i:05d}", len(c), files=c) for i, c in enumerate(_chunks(entries))]
         return units, f"flat folder ({val_dir}), labels from {how}"
     if use_archives and val_tar.is_file():
         labels, how = _val_labels(root, data, index)
         members = sorted(_tar_index(val_tar).items())
-        entries = _limit_by_label([(off, size, name, labels.get(sample_key(name), -1))
+        entries = _limit_by_label([TarMember(off, size, name, labels.get(sample_key(name), -1))
                                    for name, (off, size) in members], limit)
-        units = [Unit("val", f"val/{i:05d}", "members", c, archive=str(val_tar), expected=len(c))
+        units = [TarUnit("val", f"val/{i:05d}", len(c), archive=str(val_tar), members=c)
                  for i, c in enumerate(_chunks(entries))]
         return units, f"archive ({val_tar}), labels from {how}"
     raise LayoutError(f"{root}: no validation images (val/<wnid>/ folders, flat val/*.JPEG or {VAL_TAR})")
 
 
 def _limit_by_label(entries, limit):
+    """The first `limit` entries of each label (entries are in sorted name order); unlabelled ones all."""
     if limit is None:
         return entries
     seen: dict[int, int] = {}
     kept = []
-    for e in entries:  # entries are in sorted file order, so this keeps the first N names of each class
-        seen[e[-1]] = seen.get(e[-1], 0) + 1
-        if seen[e[-1]] <= limit or e[-1] < 0:
+    for e in entries:
+        seen[e.label] = seen.get(e.label, 0) + 1
+        if seen[e.label] <= limit or e.label < 0:
             kept.append(e)
     return kept
 
@@ -479,16 +595,29 @@ def _devkit_files(root: Path, data: Path):
     return None
 
 
-def _meta_ids(meta: bytes, where) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid for the 1,000 leaf synsets of meta.mat."""
+def _meta_leaves(meta: bytes, where):
+    """The 1,000 leaf synsets of meta.mat (a numpy record array)."""
     from scipy.io import loadmat
 
     try:
         synsets = loadmat(io.BytesIO(meta), squeeze_me=True)["synsets"]
-        leaves = synsets[synsets["num_children"] == 0]
-        return {int(i): str(w) for i, w in zip(leaves["ILSVRC2012_ID"], leaves["WNID"])}
+        return synsets[synsets["num_children"] == 0]
     except (KeyError, ValueError, TypeError) as e:
         raise LayoutError(f"{where}: meta.mat has no usable 'synsets' table ({e})") from None
+
+
+def _meta_ids(meta: bytes, where) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid for the 1,000 leaf synsets of meta.mat."""
+    leaves = _meta_leaves(meta, where)
+    return {int(i): str(w) for i, w in zip(leaves["ILSVRC2012_ID"], leaves["WNID"])}
+
+
+def _meta_words(meta: bytes, where) -> dict[str, str]:
+    """wnid -> the synset's words, from meta.mat."""
+    leaves = _meta_leaves(meta, where)
+    if "words" not in leaves.dtype.names:
+        return {}
+    return {str(w): str(words) for w, words in zip(leaves["WNID"], leaves["words"])}
 
 
 def _devkit_classes(root, data) -> list[str]:
@@ -496,21 +625,27 @@ def _devkit_classes(root, data) -> list[str]:
     return sorted(_meta_ids(devkit[0], devkit[2]).values()) if devkit else []
 
 
-def source_signature(source: Source) -> str:
-    """A digest of what a Source reads: every file's (path, size, modification time), every archive's. A run
-    resumed over a changed source would mix old and new images; prep compares this to refuse it."""
-    h = hashlib.sha256()
-    seen = set()
+def source_listing(source: Source) -> dict[str, tuple[int, int]]:
+    """{name: (size, mtime_ns)} of every file a Source reads (archives as one file each), names relative to
+    its root where they are below it. Prep keeps it with a finished output and compares it on a re-run: a
+    resume or a finished output over a changed source would mix or keep old images."""
+    listing = {}
     for split in sorted(source.units):
         for unit in source.units[split]:
-            paths = [e[0] for e in unit.entries] if unit.kind == "files" else [unit.archive]
-            for path in paths:
-                if path in seen:
+            for path in unit.source_files():
+                name = _relative(path, source.root)
+                if name in listing:
                     continue
-                seen.add(path)
                 try:
                     st = Path(path).stat()
-                    h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    listing[name] = (st.st_size, st.st_mtime_ns)
                 except OSError:
-                    h.update(f"{path}\0missing\n".encode())
-    return h.hexdigest()
+                    listing[name] = (-1, -1)  # a broken link: listed, so that its repair counts as a change
+    return listing
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)

@@ -4,21 +4,24 @@ Train: read shards (sharded across ranks; the shards in a new order every epoch,
 buffer; prep shuffled them globally once), decode (nvJPEG via ``mixed`` on a GPU, or libjpeg-turbo on CPU
 threads), then a single fused ``crop_mirror_normalize`` pass does crop, flip, mean subtraction, lighting,
 layout and cast: the lighting shift is a per-image constant per channel, so it folds into a per-sample mean
-(docs/design.md). One switch, ``device``, picks where the augmentation runs; the graph is otherwise the same.
+(docs/design.md). The per-image draws come from one external source that computes the whole batch's crops,
+flips and per-sample means at once from a counter-based generator (``draws="host"``), or from DALI's random
+operators (``draws="dali"``). One switch, ``device``, picks where the augmentation runs.
 
 Eval: the center crop, or the ten crops stacked as [10, 3, 224, 224] per image. Across ranks every image is
 seen exactly once: DALI pads each rank's shard to the same number of batches by repeating its last sample,
 and the loader marks those repeats with label PAD_LABEL (-100, torch's default ignore_index).
+
+A DALI run may hold several batches (``batches_per_run``): the loader slices it into batches in order, so
+the batches, their padding marks and the data position are the same as with one batch per run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,124 +30,78 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import augment, shards
-from .config import OptionError, check, documented_fields, option
+from .config import OptionError, documented_fields
+from .options import LoaderConfig, batches_per_epoch, rank_samples, runs_per_epoch
 from .shards import ShardError  # noqa: F401 (the loaders' errors; shards.py owns the format)
 
 PAD_LABEL = -100
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(kw_only=True)
-class Augmentation:
-    """The paper's augmentation and normalisation (shared by the loaders and alexnet-train)."""
-
-    mean: str = option("pixel", "what is subtracted: pixel = the training set's mean image (its center 224 patch, "
-                       "cuda-convnet2; the paper); channel = the per-channel mean (the modern habit)",
-                       choices=augment.MEAN_MODES)
-    lighting_sigma: float = option(0.1, "std of the PCA lighting alphas (the paper's 0.1); 0 turns lighting off",
-                                   minimum=0.0, scope="train")
-    lighting_form: str = option("sqrt", "scale of the lighting axes: sqrt = sqrt(eigval) in 0-255 units "
-                                "(cuda-convnet2); eigval = fb.resnet.torch's eigenvalues of [0,1] pixels",
-                                choices=augment.LIGHTING_FORMS, scope="train")
+def _base_mean(cfg: LoaderConfig, stats: dict) -> np.ndarray:
+    """What crop_mirror_normalize subtracts before lighting: mean_rgb (channel mode) or nothing (pixel mode,
+    whose mean image is subtracted after the pass)."""
+    return (stats["mean_rgb"] if cfg.mean == "channel" else np.zeros(3)).astype(np.float32)
 
 
-@dataclass(kw_only=True)
-class Feed:
-    """How samples are read and decoded (shared by the loaders and alexnet-train)."""
-
-    seed: int = option(0, "seed of the random crops, flips, lighting and shuffling (alexnet-train: also the "
-                       "initial weights)")
-    num_threads: int | None = option(None, "DALI threads per process (default: every core it may use)", minimum=1,
-                                     flag="--threads")
-    prefetch: int = option(2, "batches DALI prepares ahead of the one being used", minimum=1)
-    decoder: str = option("auto", "JPEG decoding: mixed = nvJPEG on the GPU (its hardware decoder takes "
-                          "hw_decoder_load of each batch); cpu = libjpeg-turbo on the DALI threads, the "
-                          "augmentation then runs on the GPU; auto = mixed on a GPU, cpu on the CPU",
-                          choices=("auto", "mixed", "cpu"))
-    # Fastest feed of the full-width training step on an H100 (alexnet-bench train, batch 128, one run):
-    # 12,392 images/s at 0.9, against 11,540 at 1.0, 11,292 at 0.5, 10,557 at 0 and 7,462 decoding on 14 CPU
-    # threads (README, "Feeding it").
-    hw_decoder_load: float = option(0.9, "share of each batch for the hardware JPEG decoder of A100/H100 GPUs "
-                                    "(mixed decoding; the rest is CUDA decoding)", minimum=0.0, maximum=1.0)
-    shuffle_buffer: int = option(4096, "samples DALI shuffles among as it reads", minimum=1, scope="train")
-    shard_shuffle: bool = option(True, "draw a new order of the shards every epoch (with the buffer, a new "
-                                 "sample order every epoch); off: every epoch reads the same sequence",
-                                 scope="train")
+def _lighting_columns(cfg: LoaderConfig, stats: dict) -> np.ndarray:
+    """shift = columns @ alpha: the eigenvectors scaled by the lighting form's per-axis magnitude."""
+    return stats["eigvec"] * augment.lighting_scale(stats["eigval"], cfg.lighting_form)
 
 
-@dataclass(kw_only=True)
-class LoaderConfig(Augmentation, Feed):
-    """Options of train_loader / eval_loader (their keyword arguments)."""
+class _HostDraws:
+    """The external source of the train graph: for a DALI run, every sample's crop offsets (as fractions of
+    the span), flip and per-sample mean (base mean minus the lighting shift), from augment.counter_draws
+    keyed on (seed, rank, epoch) and the sample's position in its epoch. DALI calls it with the run's
+    iteration, which its checkpoints restore, so a resumed pipeline draws exactly what it would have."""
 
-    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep")
-    split: str | None = option(None, "split to read (default: train for train_loader, val for eval_loader)")
-    batch_size: int = option(128, "samples per batch (per rank)", minimum=1)
-    device: str = option("cpu", "cpu, cuda or cuda:N: where DALI works and where the batches are")
-    rank: int = option(0, "this process's global rank (its part of the data)", minimum=0)
-    world_size: int = option(1, "number of ranks sharing the data", minimum=1)
-    dtype: str = option("float32", "float32, or float16 / bfloat16 on a GPU", choices=tuple(DTYPES))
-    layout: str = option("NCHW", "NCHW, or NHWC for channels_last tensors", choices=("NCHW", "NHWC"))
-    tencrop: bool = option(False, "the paper's ten crops per image, [B, 10, 3, 224, 224]", scope="eval")
+    def __init__(self, cfg: LoaderConfig, stats: dict, runs: int, span: int, first_epoch: int, alphas: bool):
+        self.cfg, self.runs, self.span, self.first_epoch, self.alphas = cfg, runs, span, first_epoch, alphas
+        self.base, self.columns = _base_mean(cfg, stats), _lighting_columns(cfg, stats).astype(np.float64)
 
-    def __post_init__(self):
-        self.shards = Path(self.shards)
-        check(self)
-        if self.split is None:
-            raise OptionError("option split: required (train_loader and eval_loader choose it)")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise OptionError(f"option device: must be cpu, cuda or cuda:N; got {self.device!r}")
-        if self.dtype != "float32" and not self.on_gpu:
-            raise OptionError("option dtype: float16/bfloat16 output is for GPUs; the CPU path gives float32")
-        if self.decoder == "mixed" and not self.on_gpu:
-            raise OptionError("option decoder: mixed (nvJPEG) decoding needs device='cuda'")
-        if not self.rank < self.world_size:
-            raise OptionError(f"option rank: {self.rank} is not in [0, world_size={self.world_size})")
-        if self.on_gpu and not torch.cuda.is_available():
-            raise OptionError(f"option device: {self.device!r} requested but torch sees no GPU; use device='cpu'")
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.startswith("cuda")
-
-    @property
-    def gpu_decoding(self) -> bool:
-        return self.on_gpu and self.decoder in ("auto", "mixed")
-
-    @property
-    def device_id(self) -> int | None:
-        if not self.on_gpu:
-            return None
-        return int(self.device.split(":")[1]) if ":" in self.device else torch.cuda.current_device()
+    def __call__(self, info):
+        cfg = self.cfg
+        epoch, run = self.first_epoch + info.iteration // self.runs, info.iteration % self.runs
+        x, y, flip, alpha = augment.counter_draws((cfg.seed, cfg.rank, epoch), run * cfg.run_size, cfg.run_size,
+                                                  cfg.lighting_sigma, self.span + augment.CROP)
+        out = (x / self.span, y / self.span, flip, self.base - alpha @ self.columns.T) + ((alpha,) if self.alphas else ())
+        # DALI takes dense arrays only (a matrix product may come back in column-major order)
+        return tuple(np.ascontiguousarray(a, np.int32 if a is flip else np.float32) for a in out)
 
 
-def _shard_size(n: int, shard: int, shards_: int) -> int:
-    """Samples in DALI's reader shard `shard` of `shards_` (contiguous, sizes differ by at most one)."""
-    return n * (shard + 1) // shards_ - n * shard // shards_
+def _draws(cfg: LoaderConfig, stats: dict, n_samples: int, span: int, first_epoch: int, expose: bool, drawn: dict):
+    """The train graph's random choices: x, y and mirror into `drawn` (with `expose`, the alphas too), and the
+    per-sample mean (base mean minus the lighting shift) returned, from the host draws or DALI's operators."""
+    if cfg.draws == "host":
+        source = _HostDraws(cfg, stats, runs_per_epoch(cfg, n_samples), span, first_epoch, alphas=expose)
+        x, y, mirror, mean, *alpha = fn.external_source(source, num_outputs=4 + expose, batch=True, batch_info=True)
+        drawn.update(x=x, y=y, mirror=mirror, **({"alpha": alpha[0]} if expose else {}))
+        return mean
+    return _dali_draws(cfg, stats, span, drawn)
 
 
-def batches_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
-    """Batches every rank yields per epoch: its largest part of the split, padded to whole batches."""
-    return math.ceil(max(_shard_size(n_samples, s, cfg.world_size) for s in range(cfg.world_size)) / cfg.batch_size)
+def _dali_draws(cfg: LoaderConfig, stats: dict, span: int, drawn: dict):
+    """The draws from DALI's random operators: x, y, mirror and the per-sample mean (or a constant)."""
+    offsets = [k / span for k in range(span + 1)]  # k / span is exact in float, so DALI crops at exactly k
+    drawn["x"], drawn["y"] = fn.random.uniform(values=offsets), fn.random.uniform(values=offsets)
+    drawn["mirror"] = fn.random.coin_flip(probability=0.5)
+    if cfg.lighting_sigma == 0:
+        return _base_mean(cfg, stats).tolist()
+    columns, shift = _lighting_columns(cfg, stats), None
+    for j in range(3):  # shift = sum_j alpha_j * column_j, per sample on the CPU (3 numbers per image)
+        drawn[f"alpha{j}"] = fn.random.normal(stddev=cfg.lighting_sigma)
+        term = drawn[f"alpha{j}"] * types.Constant(columns[:, j].astype(np.float32))
+        shift = term if shift is None else shift + term
+    return types.Constant(_base_mean(cfg, stats)) - shift
 
 
-def _mean_and_shift(cfg: LoaderConfig, stats: dict, train: bool, drawn: dict):
-    """(per-sample mean argument for crop_mirror_normalize, center patch to subtract after it or None)."""
-    shift = None
-    if train and cfg.lighting_sigma > 0:
-        columns = stats["eigvec"] * augment.lighting_scale(stats["eigval"], cfg.lighting_form)
-        # shift = sum_j alpha_j * eigvec[:, j] * s_j, computed per sample on the CPU (3 numbers per image)
-        for j in range(3):
-            drawn[f"alpha{j}"] = fn.random.normal(stddev=cfg.lighting_sigma)
-            term = drawn[f"alpha{j}"] * types.Constant(columns[:, j].astype(np.float32))
-            shift = term if shift is None else shift + term
-    # channel mode subtracts mean_rgb inside crop_mirror_normalize; pixel mode subtracts nothing there
-    base = stats["mean_rgb"] if cfg.mean == "channel" else np.zeros(3)
-    mean = base.astype(np.float32).tolist() if shift is None else types.Constant(base.astype(np.float32)) - shift
+def _mean_patch(cfg: LoaderConfig, stats: dict):
+    """Pixel mode: the center 224 patch of the mean image, subtracted after the fused pass; else None."""
     if cfg.mean == "channel":
-        return mean, None
+        return None
     patch = augment.mean_to_subtract(stats, "pixel").astype(np.float32)
-    patch = np.ascontiguousarray(patch if cfg.layout == "NHWC" else patch.transpose(2, 0, 1))
-    return mean, types.Constant(patch, device="gpu" if cfg.on_gpu else "cpu")
+    patch = np.ascontiguousarray(patch if cfg.channels_last else patch.transpose(2, 0, 1))
+    return types.Constant(patch, device="gpu" if cfg.on_gpu else "cpu")
 
 
 def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
@@ -155,17 +112,32 @@ def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
     out = fn.crop_mirror_normalize(
         image, crop=(augment.CROP, augment.CROP), crop_pos_x=x, crop_pos_y=y, mirror=mirror, mean=mean,
         std=1.0, dtype=types.FLOAT16 if half and patch is None else types.FLOAT,
-        output_layout="HWC" if cfg.layout == "NHWC" else "CHW", device="gpu" if cfg.on_gpu else "cpu")
+        output_layout="HWC" if cfg.channels_last else "CHW", device="gpu" if cfg.on_gpu else "cpu")
     if patch is None:
         return out
     return fn.cast(out - patch, dtype=types.FLOAT16) if half else out - patch
 
 
-def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_only: bool = False,
-                   checkpoint: str | None = None):
-    """The DALI pipeline, built. Outputs (images, labels); with `expose`, also the decoded 256x256 image and
-    the random draws, sorted by name (alpha0..2, mirror, x, y; x and y as fractions of the 32-pixel span), so
-    tests can replay them through the reference. `decode_only` stops after decoding: the benchmarks' ceiling."""
+def _decode(cfg: LoaderConfig, jpg):
+    if not cfg.gpu_decoding:
+        image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        return image.gpu() if cfg.on_gpu else image  # CPU decoding feeding the GPU augmentation
+    hints = {"preallocate_width_hint": 256, "preallocate_height_hint": 256} if cfg.preallocate else {}
+    return fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load,
+                             **hints)
+
+
+STAGES = ("read", "decode", "all")
+
+
+def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: str = "all",
+                   checkpoint: str | None = None, first_epoch: int = 0):
+    """The DALI pipeline, built, making cfg.run_size samples per run. Outputs (images, labels); with
+    `expose`, also the decoded 256x256 image and the random draws, sorted by name (alpha0..2, mirror, x, y;
+    with host draws alpha as one [3] vector; x and y as fractions of the 32-pixel span), so tests can replay
+    them through the reference. `upto` stops early, for the benchmarks: "decode" after decoding (the
+    decoder's ceiling), "read" after reading and the random draws (the graph's CPU side, no image work).
+    `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws."""
     paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split)
     stats = shards.load_stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
@@ -178,7 +150,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
 
     # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
     # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=threads, device_id=cfg.device_id,
+    @pipeline_def(batch_size=cfg.run_size, num_threads=threads, device_id=_device_id(cfg),
                   seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
                   enable_checkpointing=True, checkpoint=checkpoint)
     def graph():
@@ -187,20 +159,15 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
             ext=["jpg", shards.LABEL_EXT], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
             shard_id=cfg.rank, num_shards=cfg.world_size, pad_last_batch=True, random_shuffle=train,
             initial_fill=max(1, min(cfg.shuffle_buffer, n_samples)), name="reader", **shard_order)
-        if cfg.gpu_decoding:
-            image = fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load)
-        else:
-            image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
-            image = image.gpu() if cfg.on_gpu else image  # CPU decoding feeding the GPU augmentation
-        if decode_only:
-            return image, label
-        drawn = {}
-        mean, patch = _mean_and_shift(cfg, stats, train, drawn)
+        if upto == "decode":
+            return _decode(cfg, jpg), label
+        drawn, patch = {}, _mean_patch(cfg, stats)
+        mean = _draws(cfg, stats, n_samples, span, first_epoch, expose, drawn) if train else \
+            _base_mean(cfg, stats).tolist()
+        if upto == "read":
+            return (jpg, label, mean, drawn["x"], drawn["y"], drawn["mirror"]) if train else (jpg, label)
+        image = _decode(cfg, jpg)
         if train:
-            # offsets 0..span, each equally likely; k / span is exact in float, so DALI crops at exactly k
-            offsets = [k / span for k in range(span + 1)]
-            drawn["x"], drawn["y"] = fn.random.uniform(values=offsets), fn.random.uniform(values=offsets)
-            drawn["mirror"] = fn.random.coin_flip(probability=0.5)
             out = _normalize(cfg, image, drawn["x"], drawn["y"], drawn["mirror"], mean, patch)
         elif cfg.tencrop:
             views = [_normalize(cfg, image, cx / span, cy / span, int(flip), mean, patch)
@@ -221,26 +188,39 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, decode_
     return pipe, n_samples, manifest
 
 
+def _device_id(cfg: LoaderConfig) -> int | None:
+    if not cfg.on_gpu:
+        return None
+    return int(cfg.device.split(":")[1]) if ":" in cfg.device else torch.cuda.current_device()
+
+
 class Loader:
     """Iterable of (images, labels) torch tensors on the loader's device; len() is batches per epoch.
 
-    Every rank yields the same number of batches. Positions past the end of this rank's part of the epoch
-    (DALI's padding) carry label PAD_LABEL, so losses with ignore_index=-100 and metrics that skip negative
-    labels count each sample exactly once.
+    One Loader serves every epoch (its DALI pipeline, threads and decoder state are built once). Every rank
+    yields the same number of batches. Positions past the end of this rank's part of the epoch (DALI's
+    padding) carry label PAD_LABEL, so losses with ignore_index=-100 and metrics that skip negative labels
+    count each sample exactly once.
     """
 
-    def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None):
+    def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None, first_epoch: int = 0):
         if train and cfg.tencrop:
             raise OptionError("option tencrop: ten crops are for evaluation (eval_loader), not training")
         self.cfg, self.train = cfg, train
         checkpoint = None if state is None else state["dali"].numpy().tobytes()
-        self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint)
+        # the epoch the pipeline's first run belongs to; a restored pipeline counts its runs from there too
+        self.first_epoch = first_epoch if state is None else int(state["first_epoch"])
+        self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint,
+                                                             first_epoch=self.first_epoch)
         self.classes = manifest["classes"]
         self.batches = batches_per_epoch(cfg, self.n_samples)
-        self.epoch = 0 if state is None else int(state["epoch"])
-        self._position = 0 if state is None else int(state["position"])  # batches of `epoch` taken from DALI
+        self.runs = runs_per_epoch(cfg, self.n_samples)
+        self.epoch = self.first_epoch if state is None else int(state["epoch"])
+        self._position = 0 if state is None else int(state["position"])  # batches of `epoch` yielded
         self._resuming = state is not None
+        self._before_run = None  # DALI's state before the run being sliced (batches_per_run > 1)
         self._torch_device = torch.device(cfg.device if cfg.on_gpu else "cpu")
+        self._stream_ordered = cfg.stream_ordered and cfg.on_gpu
 
     def __len__(self) -> int:
         return self.batches
@@ -252,16 +232,16 @@ class Loader:
 
     def state_dict(self) -> dict:
         """Where the data stream is: DALI's reader and random-generator states (a uint8 tensor), the epoch and
-        the batches of it already taken. `Loader(cfg, train, state)` continues with exactly the next batch."""
+        the batches of it already taken. `Loader(cfg, train, state)` continues with exactly the next batch.
+        In the middle of a run of several batches, DALI's state before that run: the restored loader makes
+        the run again and skips the batches already taken."""
         epoch, position = self.epoch, self._position
         if position == self.batches:
             epoch, position = epoch + 1, 0
-        dali = torch.frombuffer(bytearray(self.pipe.checkpoint()), dtype=torch.uint8)
-        return {"dali": dali, "epoch": epoch, "position": position}
-
-    def _valid(self, epoch: int) -> int:
-        # DALI readers move to the next shard every epoch (stick_to_shard=False)
-        return _shard_size(self.n_samples, (self.cfg.rank + epoch) % self.cfg.world_size, self.cfg.world_size)
+        mid_run = position % self.cfg.batches_per_run
+        dali = self._before_run if mid_run else self.pipe.checkpoint()
+        return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "epoch": epoch, "position": position,
+                "first_epoch": self.first_epoch}
 
     def _to_torch(self, tensor_list):
         t = tensor_list.as_tensor()
@@ -274,9 +254,13 @@ class Loader:
         feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(self._torch_device))
         return out
 
-    def _run(self):
+    def _next_run(self):
+        """One DALI run as torch tensors (images, labels)."""
+        if self.cfg.batches_per_run > 1:
+            self._before_run = self.pipe.checkpoint()
         try:
-            return self.pipe.run()[:2]
+            outs = self.pipe.run(torch.cuda.current_stream(self._torch_device)) if self._stream_ordered \
+                else self.pipe.run()
         except RuntimeError:
             # DALI names no file; the shard whose bytes changed since prep wrote it is the likely culprit
             damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split)
@@ -284,24 +268,34 @@ class Loader:
                 raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}; "
                                  "alexnet-prep --verify checks everything)") from None
             raise
+        return self._to_torch(outs[0]), self._to_torch(outs[1]).view(-1)
+
+    def _finish_abandoned_epoch(self) -> None:
+        """An epoch abandoned part-way (a `break`) leaves DALI's reader mid-epoch; its remaining runs are made
+        and dropped, so that epochs, shard rotation and padding marks stay aligned."""
+        taken = -(-self._position // self.cfg.batches_per_run)
+        for _ in range(taken, self.runs):
+            self._next_run()
+        self.epoch, self._position = self.epoch + 1, 0
 
     def __iter__(self):
-        # An epoch abandoned part-way (a `break`) leaves DALI's reader mid-epoch; finish it first so that
-        # epochs, shard rotation and padding marks stay aligned. A resumed loader continues its epoch instead.
-        if not self._resuming and self._position:
-            for _ in range(self._position, self.batches):
-                self._run()
-            self.epoch, self._position = self.epoch + 1, 0
+        if self._position and not self._resuming:
+            self._finish_abandoned_epoch()
+        per_run, size = self.cfg.batches_per_run, self.cfg.batch_size
+        # a resumed loader continues its epoch, inside a run of several batches if it stopped in one
+        held = self._next_run() if self._resuming and self._position % per_run else None
         self._resuming = False
-        valid = self._valid(self.epoch)
+        valid = rank_samples(self.cfg, self.n_samples, self.epoch)
         for b in range(self._position, self.batches):
-            images, labels = self._run()
+            if b % per_run == 0:
+                held = self._next_run()
+            part = slice(b % per_run * size, (b % per_run + 1) * size)
+            images, labels = held[0][part], held[1][part]
             self._position = b + 1
-            images, labels = self._to_torch(images), self._to_torch(labels).view(-1)
-            n_valid = min(max(valid - b * self.cfg.batch_size, 0), self.cfg.batch_size)
-            if n_valid < self.cfg.batch_size:
+            n_valid = min(max(valid - b * size, 0), size)
+            if n_valid < size:
                 labels[n_valid:] = PAD_LABEL
-            if self.cfg.layout == "NHWC":
+            if self.cfg.channels_last:
                 dims = (0, 1, 4, 2, 3) if images.dim() == 5 else (0, 3, 1, 2)
                 images = images.permute(*dims)  # a channels_last view of NCHW, no copy
             if self.cfg.dtype == "bfloat16":
@@ -310,6 +304,11 @@ class Loader:
                 images = images.to(torch.bfloat16)
             yield images, labels
         self.epoch, self._position = self.epoch + 1, 0
+
+    def endless(self):
+        """Batches epoch after epoch from this one loader (its pipeline is never rebuilt)."""
+        while True:
+            yield from self
 
 
 def _loader_options(scope: str) -> list[dataclasses.Field]:

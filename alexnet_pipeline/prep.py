@@ -25,34 +25,60 @@ import shutil
 import signal
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, imagenet, shards
-from .config import UserError
+from . import __version__, files, imagenet, shards
+from .config import OptionError, UserError, check, option
 from .image import BadImage, prepare
 from .stats import Moments, summarize
 
 WORK = ".work"
+SPLITS = ("train", "val")
+
+
+def _quality_problem(q: int) -> str | None:
+    return None if 1 <= q <= 100 else "JPEG quality is 1..100"
 
 
 @dataclass
-class PrepConfig:
-    """Everything alexnet-prep needs; `fingerprint` is the part that determines the output bytes."""
+class Source:
+    imagenet_root: Path = option(dataclasses.MISSING, "ImageNet as folders, the official tars, Kaggle's or Hugging "
+                                 "Face's layout (found by itself)")
 
-    imagenet_root: Path
-    out: Path
-    splits: tuple[str, ...] = ("train", "val")
-    workers: int = 0  # 0: every core this process may use
-    shard_size: int = 1000
-    quality: int = 95
-    image_size: int = 256
-    seed: int = 0
-    limit_per_class: int | None = None
-    layout: str = "auto"
-    progress: bool | None = None  # None: a bar when stderr is a terminal
+
+@dataclass(kw_only=True)
+class Workers:
+    workers: int = option(0, "processes (0: every core this process may use)", minimum=0)
+
+
+@dataclass
+class PrepConfig(Source, Workers):
+    """Options of alexnet-prep; `fingerprint` is the part that determines the output bytes."""
+
+    out: Path = option(dataclasses.MISSING, "output directory for shards, dataset.json and stats.npz")
+    splits: tuple[str, ...] = option(("train", "val"), "splits to prepare: train,val or one of them",
+                                     choices=SPLITS)
+    shard_size: int = option(1000, "samples per shard", minimum=1)
+    quality: int = option(95, "JPEG quality (cuda-convnet2's 95)", validate=_quality_problem)
+    image_size: int = option(256, "side of the prepared images (the paper's 256)", minimum=224, cli=False)
+    seed: int = option(0, "seed of the global train shuffle", minimum=0)
+    limit_per_class: int | None = option(None, "keep the first N files of each class", minimum=1)
+    layout: str = option("auto", "which layout to read when several are present: auto (folders, then the "
+                         "official archives, then Hugging Face's), folders, archives or hf",
+                         choices=("auto", "folders", "archives", "hf"))
+    progress: bool | None = option(None, "progress bars (default: when stderr is a terminal)")
+    rebuild: bool = option(False, "if the source changed since OUT was written, rebuild OUT from it (without "
+                           "this, a changed source is refused)")
+
+    def __post_init__(self):
+        self.imagenet_root, self.out, self.splits = Path(self.imagenet_root), Path(self.out), tuple(self.splits)
+        check(self)
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise OptionError(f"option splits: expected train, val or train,val; got {','.join(self.splits)!r}")
 
     def fingerprint(self) -> dict:
         return {"imagenet_root": str(Path(self.imagenet_root).resolve()), "splits": list(self.splits),
@@ -139,9 +165,9 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
                     _counter.value += 1
     except imagenet.ARCHIVE_ERRORS as e:
         # a damaged archive loses the rest of this unit only; what was read so far is kept
-        skipped.append({"split": unit.split, "source": unit.archive or unit.name,
+        skipped.append({"split": unit.split, "source": unit.where,
                         "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
-    shards.atomic_write(bin_path, out.getvalue())
+    files.atomic_write(bin_path, out.getvalue())
     arrays = {"keys": np.array(keys, dtype=str), "labels": np.array(labels, np.int64),
               "offsets": np.array(offsets, np.int64), "sizes": np.array(sizes, np.int64),
               "skipped": np.array(json.dumps(skipped))}
@@ -223,17 +249,17 @@ def _write_shard_task(args) -> shards.ShardInfo:
     path, members = args
     if path.exists():  # renamed into place complete by an earlier run
         return shards.describe_shard(path)
-    files = {}
+    opened = {}
 
     def read(bin_path, offset, size):
-        f = files.get(bin_path) or files.setdefault(bin_path, open(bin_path, "rb"))
+        f = opened.get(bin_path) or opened.setdefault(bin_path, open(bin_path, "rb"))
         f.seek(offset)
         return f.read(size)
 
     try:
         return shards.write_shard(path, ((k, read(b, o, s), lab) for k, lab, b, o, s in members))
     finally:
-        for f in files.values():
+        for f in opened.values():
             f.close()
 
 
@@ -267,8 +293,6 @@ def _bar(cfg: PrepConfig, total, desc, unit):
 def _check_out(cfg: PrepConfig) -> bool:
     """True if `out` already holds this exact run, finished. Raises if it holds a different one."""
     out, ours = Path(cfg.out), cfg.fingerprint()
-    if out.exists() and not out.is_dir():
-        raise PrepError(f"{out}: exists and is not a directory")
     if (out / WORK).is_dir() and not (out / WORK / "plan.json").exists():
         shutil.rmtree(out / WORK)  # killed before its plan was written: nothing was done yet
     for marker in (out / shards.MANIFEST, out / WORK / "plan.json"):
@@ -280,13 +304,13 @@ def _check_out(cfg: PrepConfig) -> bool:
                 raise PrepError(f"{marker}: {out} holds a run with other options ({', '.join(diff)} differ); "
                                 "use another --out or delete it")
             return marker.name == shards.MANIFEST
-    if out.exists() and any(out.iterdir()):
+    if any(p.name != files.LOCK for p in out.iterdir()):
         raise PrepError(f"{out}: exists, is not empty and was not written by alexnet-prep")
     return False
 
 
 # A full disk, a read-only or forbidden place: one line naming the file; the rerun resumes.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENAMETOOLONG}
+DISK_ERRNOS = files.DISK_ERRNOS | {errno.ENOTDIR, errno.ENAMETOOLONG}
 
 
 def run(cfg: PrepConfig) -> PrepReport:
@@ -309,42 +333,88 @@ def run(cfg: PrepConfig) -> PrepReport:
         signal.signal(signal.SIGTERM, old_handler)
 
 
-def _start(cfg: PrepConfig, source) -> bool:
-    """Create OUT/.work with its plan, or check that a resumed run reads the same source; True if resumed."""
+def _changed(cfg: PrepConfig, old: dict | None, new: dict, what: str) -> bool:
+    """Whether the source differs from `old` (the listing a run was started or finished with). Without
+    --rebuild a difference is refused in one line that says what changed."""
+    changes = shards.source_changes(old or {}, new) if old is not None else "no record of its source"
+    if not changes:
+        return False
+    if not cfg.rebuild:
+        raise PrepError(f"{cfg.imagenet_root}: changed since {cfg.out} was {what} ({changes}); run again with "
+                        f"--rebuild to rebuild {cfg.out} from it, or use another --out")
+    return True
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous run's outputs (for --rebuild), leaving the lock."""
+    for p in out.iterdir():
+        if p.name != files.LOCK:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _start(cfg: PrepConfig, listing: dict) -> bool:
+    """Create OUT/.work with its plan and source listing, or check that a resumed run reads the same
+    source; True if resumed."""
     out, work = Path(cfg.out), Path(cfg.out) / WORK
-    signature = imagenet.source_signature(source)
     if work.exists():
-        if json.loads((work / "plan.json").read_text()).get("source") != signature:
-            raise PrepError(f"{cfg.imagenet_root}: files were added, removed or changed since {out} was started "
-                            f"(a resume would mix old and new images); delete {out} and run again")
-        shards.remove_partials(out)  # files a killed run was writing; their units/shards are redone
-        return True
+        if not _changed(cfg, shards.read_source(work), listing, "started"):
+            files.remove_partials(out)  # files a killed run was writing; their units/shards are redone
+            return True
+        _clear(out)
     work.mkdir(parents=True)
-    plan = {"fingerprint": cfg.fingerprint(), "source": signature}
-    shards.atomic_write(work / "plan.json", json.dumps(plan, indent=1).encode())
+    shards.write_source(work, listing)
+    plan = {"fingerprint": cfg.fingerprint(), "source": shards.source_digest(listing)}
+    files.atomic_write(work / "plan.json", json.dumps(plan, indent=1).encode())
     return False
 
 
 def _run(cfg: PrepConfig) -> PrepReport:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"{out}: exists and is not a directory")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with files.DirectoryLock(out, "alexnet-prep"):
+            return _locked_run(cfg)
+    except BaseException:
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        raise
+
+
+def _finished_report(cfg: PrepConfig, t0: float) -> PrepReport:
+    out = Path(cfg.out)
+    shutil.rmtree(out / WORK, ignore_errors=True)  # a run stopped right after its manifest left its work files
+    manifest = shards.load_manifest(out)
+    if not (out / shards.TIMM_INFO).exists():  # written after the manifest
+        shards.write_timm_info(out, manifest)
+    return PrepReport({s: e["samples"] for s, e in manifest["splits"].items()}, manifest["skipped"], 0,
+                      time.perf_counter() - t0, resumed=True)
+
+
+def _locked_run(cfg: PrepConfig) -> PrepReport:
     global _counter
     t0 = time.perf_counter()
     out, work = Path(cfg.out), Path(cfg.out) / WORK
-    if _check_out(cfg):
-        shutil.rmtree(work, ignore_errors=True)  # a run stopped right after its manifest left its work files
-        manifest = shards.load_manifest(cfg.out)
-        if not (out / shards.TIMM_INFO).exists():  # written after the manifest (and by older versions, not at all)
-            shards.write_timm_info(out, manifest)
-        return PrepReport({s: e["samples"] for s, e in manifest["splits"].items()}, manifest["skipped"],
-                          0, time.perf_counter() - t0, resumed=True)
+    finished = _check_out(cfg)
     source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class)
-    report = PrepReport(resumed=_start(cfg, source), notes=list(source.notes))
+    listing = imagenet.source_listing(source)
+    if finished:
+        if not _changed(cfg, shards.read_source(out), listing, "written"):
+            return _finished_report(cfg, t0)
+        _clear(out)
+    report = PrepReport(resumed=_start(cfg, listing), notes=list(source.notes))
     units = sum(len(u) for u in source.units.values())
     workers = min(cfg.n_workers(), units)
     if workers < cfg.n_workers():
         report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {units} units of work")
     manifest = {"format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
-                "classes": source.classes, "layout": source.layout, "splits": {}, "skipped": [],
-                "fingerprint": cfg.fingerprint(), "created_by": f"alexnet-pipeline {__version__}"}
+                "classes": source.classes, "class_names": {w: source.class_names[w] for w in source.classes
+                                                           if w in source.class_names},
+                "layout": source.layout, "splits": {}, "skipped": [], "fingerprint": cfg.fingerprint(),
+                "source": {"files": len(listing), "sha256": shards.source_digest(listing)},
+                "created_by": f"alexnet-pipeline {__version__}"}
     _counter = mp.get_context("fork").Value("q", 0)
     pool = None
     if workers > 1:
@@ -353,6 +423,7 @@ def _run(cfg: PrepConfig) -> PrepReport:
         for split in cfg.splits:
             report.processed += _run_units(cfg, split, source.units[split], work, pool, workers)
             samples, skipped, moments = _collect(source.units[split], work)
+            skipped += [s for s in source.skipped if s["split"] == split]
             if not samples:
                 raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
                                 f"({len(skipped)} files skipped; first: {skipped[:1]})")
@@ -367,7 +438,8 @@ def _run(cfg: PrepConfig) -> PrepReport:
             pool.terminate()
             pool.join()
     report.skipped = manifest["skipped"]
-    shards.atomic_write(out / shards.MANIFEST, json.dumps(manifest, indent=1).encode())
+    shards.write_source(out, listing)  # before the manifest: a finished output has both
+    shards.write_manifest(out, manifest)
     shards.write_timm_info(out, manifest)
     shutil.rmtree(work)
     report.seconds = time.perf_counter() - t0

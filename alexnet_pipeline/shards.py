@@ -9,10 +9,10 @@ index in the format of DALI's ``wds2idx`` (v1.2) from the offsets we just wrote.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 import zipfile
 from dataclasses import dataclass
@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .config import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shard modification times, class names, the source's digest (and SOURCE beside it)
 MANIFEST = "dataset.json"
 STATS = "stats.npz"
+SOURCE = "source.json.gz"  # every source file prep read, with its size and modification time
 TIMM_INFO = "_info.json"  # how timm's WebDataset reader (timm.data.readers.reader_wds) finds the shards
 TIMM_SPLITS = {"train": "train", "val": "validation"}  # our split -> timm's name for it
 LABEL_EXT = "lbl"
@@ -43,32 +45,7 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
-
-
-def atomic_write(path: Path, data) -> None:
-    """Write `data` (bytes, or a function that writes to an open binary file) to `path` so that readers see
-    either nothing or the whole file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pattern remove_partials sweeps
-    try:
-        with open(tmp, "wb") as f:
-            if callable(data):
-                data(f)  # e.g. torch.save, without holding the whole file in memory first
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a signal: leave no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def remove_partials(directory: Path) -> int:
-    """Delete the temporary files a killed `atomic_write` left under `directory`; returns how many."""
-    partials = [p for p in Path(directory).rglob(".*.tmp*") if p.is_file()]
-    for p in partials:
-        p.unlink()
-    return len(partials)
+    mtime_ns: int  # as written: a loader start compares it, so a shard edited in place is named
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -107,15 +84,17 @@ def build_shard(samples) -> tuple[bytes, str]:
 def write_shard(path: Path, samples) -> ShardInfo:
     """Write a shard and its index; the index lands first, so a visible .tar always has its .idx."""
     data, index = build_shard(samples)
-    atomic_write(path.with_suffix(".idx"), index.encode())
-    atomic_write(path, data)
-    return ShardInfo(path.name, index.count("\n") - 1, len(data), hashlib.sha256(data).hexdigest())
+    files.atomic_write(path.with_suffix(".idx"), index.encode())
+    files.atomic_write(path, data)
+    return ShardInfo(path.name, index.count("\n") - 1, len(data), hashlib.sha256(data).hexdigest(),
+                     path.stat().st_mtime_ns)
 
 
 def describe_shard(path: Path) -> ShardInfo:
     """ShardInfo of a shard already on disk (used when a resumed run finds it finished)."""
     data = path.read_bytes()
-    return ShardInfo(path.name, index_extent(path.with_suffix(".idx"))[0], len(data), hashlib.sha256(data).hexdigest())
+    return ShardInfo(path.name, index_extent(path.with_suffix(".idx"))[0], len(data), hashlib.sha256(data).hexdigest(),
+                     path.stat().st_mtime_ns)
 
 
 def index_extent(idx: Path) -> tuple[int, int]:
@@ -141,7 +120,7 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
-    atomic_write(path, buf.getvalue())
+    files.atomic_write(path, buf.getvalue())
 
 
 def load_manifest(shards: Path) -> dict:
@@ -155,7 +134,63 @@ def load_manifest(shards: Path) -> dict:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or not {"classes", "splits", "image_size"} <= set(manifest):
         raise ShardError(f"{path}: not a manifest written by alexnet-prep")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ShardError(f"{path}: written by a newer alexnet-prep (format {version}; this version reads up to "
+                         f"{FORMAT_VERSION}); upgrade alexnet-pipeline")
     return manifest
+
+
+def write_manifest(shards: Path, manifest: dict) -> None:
+    files.atomic_write(Path(shards) / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def class_names(manifest: dict) -> dict[str, str]:
+    """wnid -> human-readable name for the manifest's classes: the names prep found beside the images (the
+    devkit, Kaggle's synset mapping), else the ILSVRC-2012 table shipped in the package; a class in neither
+    is named by its wnid."""
+    from .classnames import ilsvrc2012
+
+    found, table = manifest.get("class_names") or {}, ilsvrc2012()
+    return {w: found.get(w) or table.get(w) or w for w in manifest["classes"]}
+
+
+def write_source(shards: Path, listing: dict[str, tuple[int, int]]) -> None:
+    """SHARDS/source.json.gz: {name: [size, mtime_ns]} of every source file (relative to the root), the same
+    bytes for the same listing. Names that are not valid UTF-8 are kept as their escapes."""
+    body = json.dumps({k: list(v) for k, v in sorted(listing.items())}, separators=(",", ":")).encode()
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as f:
+        f.write(body)
+    files.atomic_write(Path(shards) / SOURCE, buf.getvalue())
+
+
+def read_source(shards: Path) -> dict[str, tuple[int, int]] | None:
+    """The listing write_source wrote, or None when there is none (an output of an older version)."""
+    path = Path(shards) / SOURCE
+    if not path.is_file():
+        return None
+    try:
+        return {k: tuple(v) for k, v in json.loads(gzip.decompress(path.read_bytes())).items()}
+    except (OSError, EOFError, ValueError) as e:
+        raise ShardError(f"{path}: unreadable ({e}); delete it and run alexnet-prep again with --rebuild") from None
+
+
+def source_digest(listing: dict[str, tuple[int, int]]) -> str:
+    h = hashlib.sha256()
+    for name, (size, mtime) in sorted(listing.items()):
+        h.update(name.encode("utf-8", "surrogateescape") + f"\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def source_changes(old: dict, new: dict) -> str:
+    """'N added, M removed, K changed (first: ...)' between two listings; empty when they are equal."""
+    added, removed = sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys())
+    changed = sorted(k for k in old.keys() & new.keys() if tuple(old[k]) != tuple(new[k]))
+    if not (added or removed or changed):
+        return ""
+    first = [f"+{n}" for n in added[:2]] + [f"-{n}" for n in removed[:2]] + [f"~{n}" for n in changed[:2]]
+    return f"{len(added)} added, {len(removed)} removed, {len(changed)} changed ({', '.join(first)})"
 
 
 def timm_info(manifest: dict) -> dict:
@@ -170,7 +205,7 @@ def timm_info(manifest: dict) -> dict:
 
 
 def write_timm_info(shards: Path, manifest: dict) -> None:
-    atomic_write(Path(shards) / TIMM_INFO, json.dumps(timm_info(manifest), indent=1).encode())
+    files.atomic_write(Path(shards) / TIMM_INFO, json.dumps(timm_info(manifest), indent=1).encode())
 
 
 STATS_ARRAYS = ("mean_rgb", "std_rgb", "mean_image", "cov", "eigval", "eigvec", "n_pixels")
@@ -189,7 +224,35 @@ def load_stats(shards: Path) -> dict[str, np.ndarray]:
     missing = [k for k in STATS_ARRAYS if k not in stats]
     if missing:
         raise ShardError(f"{path}: not a statistics file written by alexnet-prep (no {', '.join(missing)})")
+    problem = stats_problem(stats)
+    if problem:
+        raise ShardError(f"{path}: {problem} (damaged; alexnet-prep over the same source with --rebuild writes "
+                         "it again)")
     return stats
+
+
+def stats_problem(stats: dict[str, np.ndarray]) -> str | None:
+    """What makes the statistics unusable, or None: every array finite, means within 0-255, a positive
+    variance per channel, positive eigenvalues in descending order, orthonormal eigenvectors that diagonalise
+    the covariance."""
+    for k in STATS_ARRAYS:
+        if not np.all(np.isfinite(np.asarray(stats[k], np.float64))):
+            return f"{k} is not finite"
+    shapes = {"mean_rgb": (3,), "std_rgb": (3,), "cov": (3, 3), "eigval": (3,), "eigvec": (3, 3)}
+    wrong = [k for k, shape in shapes.items() if np.shape(stats[k]) != shape]
+    if wrong or np.ndim(stats["mean_image"]) != 3:
+        return f"{', '.join(wrong) or 'mean_image'} has the wrong shape"
+    for k in ("mean_rgb", "mean_image"):
+        if np.min(stats[k]) < 0 or np.max(stats[k]) > 255:
+            return f"{k} is outside 0-255"
+    eigval, eigvec, cov = (np.asarray(stats[k], np.float64) for k in ("eigval", "eigvec", "cov"))
+    if np.min(stats["std_rgb"]) <= 0 or np.min(eigval) <= 0 or np.any(np.diff(eigval) > 0):
+        return "the variances or eigenvalues are not positive and descending"
+    if not np.allclose(eigvec.T @ eigvec, np.eye(3), atol=1e-6):
+        return "the eigenvectors are not orthonormal"
+    if not np.allclose(eigvec @ np.diag(eigval) @ eigvec.T, cov, rtol=1e-6, atol=1e-6 * np.max(eigval)):
+        return "the eigenpairs do not match the covariance"
+    return None
 
 
 def shard_paths(shards: Path, split: str, manifest: dict | None = None) -> list[Path]:
@@ -210,9 +273,14 @@ def readable_split(shards: Path, split: str) -> tuple[list[Path], int, dict]:
     for path, info in zip(paths, manifest["splits"][split]["shards"]):
         if not path.is_file():
             raise ShardError(f"{path}: shard missing")
-        if path.stat().st_size != info["bytes"]:
-            raise ShardError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {info['bytes']} "
+        st = path.stat()
+        if st.st_size != info["bytes"]:
+            raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info['bytes']} "
                              "(truncated or replaced; alexnet-prep --verify checks everything)")
+        if "mtime_ns" in info and st.st_mtime_ns != info["mtime_ns"]:
+            raise ShardError(f"{path}: modified since alexnet-prep wrote it (its time differs from {MANIFEST}); "
+                             f"alexnet-prep --verify {shards} checks every byte and, if the shards are intact (a "
+                             "copy that did not keep times), records their times")
         count, end = index_extent(path.with_suffix(".idx"))
         if end > info["bytes"] or count != info["samples"]:
             raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
@@ -253,8 +321,8 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     """Re-read a shards directory and return its problems (empty if none), first problem first.
 
     Checks the manifest's shards exist with the recorded size and sha256, that each index equals the one
-    the shard's bytes imply, sample counts, labels in range and consistent, and that every image decodes
-    to a 256x256 RGB baseline JPEG.
+    the shard's bytes imply, sample counts, labels in range and consistent, that every image decodes to a
+    256x256 RGB baseline JPEG, and that the statistics are finite and consistent (stats_problem).
     """
     from PIL import Image
 
@@ -311,3 +379,17 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
         if total != entry["samples"]:
             problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry['samples']}")
     return problems
+
+
+def record_times(shards: Path) -> int:
+    """Record the shards' current modification times in the manifest (after `verify` found every byte
+    intact, e.g. in a copy that did not keep times); returns how many changed."""
+    manifest, changed = load_manifest(shards), 0
+    for split, entry in manifest["splits"].items():
+        for info in entry["shards"]:
+            mtime = (Path(shards) / split / info["name"]).stat().st_mtime_ns
+            changed += info.get("mtime_ns") != mtime
+            info["mtime_ns"] = mtime
+    if changed:
+        write_manifest(shards, manifest)
+    return changed

@@ -32,7 +32,7 @@ def test_bad_feeds_are_refused(prepped, feeds, message):
 
 def test_pipeline_bench_has_the_same_order_variant_and_the_decode_ceiling(prepped):
     result = bench.pipeline_rates(bench.PipelineBench(shards=prepped, batch_size=4, num_threads=1, repeats=1,
-                                                      epochs=1, baseline=False))
+                                                      steps=3, baseline=False))
     train, tencrop = result["train"]["images_per_s"], result["tencrop_eval"]["images_per_s"]
     assert {"dali", "dali_same_order", "decode_only"} <= set(train) and "dali_same_order" not in tencrop
     assert result["train"]["dali_over_decode_only"] == pytest.approx(train["dali"] / train["decode_only"])

@@ -55,8 +55,8 @@ def _status(main, argv) -> int:
     ("train_main", ["--shards", "x", "--out", "y", "--width", "-1"], "width"),
     ("train_main", ["--shards", "x", "--out", "y", "--momentum-rule", "nesterov"], "momentum-rule"),
     ("train_main", ["--shards", "x", "--out", "y", "--column-devices", "cpu,cpu"], "column_devices"),
-    ("eval_main", ["--shards", "x"], "--checkpoint"), ("bench_main", ["train", "--steps", "0"], "steps"),
-    ("bench_main", ["train", "--feeds", "synthetic,dali-hwx"], "dali-hwx")])
+    ("eval_main", ["--shards", "x"], "--checkpoint"), ("bench_main", ["train", "--shards", "x", "--steps", "0"], "steps"),
+    ("bench_main", ["train", "--shards", "x", "--feeds", "synthetic,dali-hwx"], "dali-hwx")])
 def test_bad_training_flags_exit_2_naming_the_option(main, argv, named, capsys):
     assert _status(getattr(cli, main), argv) == 2
     err = capsys.readouterr().err
@@ -76,7 +76,7 @@ def test_bad_directories_and_checkpoints_exit_2_naming_them(prepped, tmp_path, c
 def test_train_then_eval_prints_table_and_json(prepped, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.train_main(["--shards", str(prepped), "--out", str(run), "--epochs", "1", "--width", "0.0625",
-                           "--batch-size", "8", "--threads", "1", "--no-tencrop", "--device", "cpu"]) == 0
+                           "--global-batch", "8", "--threads", "1", "--no-final-tencrop", "--device", "cpu"]) == 0
     assert "epoch 1/1:" in capsys.readouterr().out
     ckpt = ["--shards", str(prepped), "--checkpoint", str(run / "checkpoint.pt"), "--threads", "1"]
     assert cli.eval_main(ckpt + ["--tencrop"]) == 0

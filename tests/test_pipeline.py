@@ -24,22 +24,29 @@ def _run(prepped, train, batches=1, **options):
     cfg = LoaderConfig(shards=prepped, split="train" if train else "val", batch_size=options.pop("batch_size", 8),
                        num_threads=2, **options)
     pipe = build_pipeline(cfg, train, expose=True)[0]
-    names = ["out", "label", "image"] + (["alpha0", "alpha1", "alpha2", "mirror", "x", "y"] if train else [])
-    if train and cfg.lighting_sigma == 0:
-        names = ["out", "label", "image", "mirror", "x", "y"]
+    draws = ["mirror", "x", "y"]
+    if cfg.draws == "host":
+        draws = ["alpha"] + draws
+    elif cfg.lighting_sigma > 0:
+        draws = ["alpha0", "alpha1", "alpha2"] + draws
+    names = ["out", "label", "image"] + (draws if train else [])
     samples = []
     for _ in range(batches):
         outs = pipe.run()
         for i in range(len(outs[0])):
-            samples.append({n: np.array(o[i]) for n, o in zip(names, outs)})
+            sample = {n: np.array(o[i]) for n, o in zip(names, outs)}
+            if "alpha" in sample:  # the host draws give the three alphas as one vector
+                sample.update({f"alpha{j}": sample["alpha"][j] for j in range(3)})
+            samples.append(sample)
     return samples
 
 
-@pytest.mark.parametrize("mean_mode,form", [("channel", "sqrt"), ("pixel", "eigval"), ("channel", "eigval")])
-def test_train_output_equals_the_reference_for_the_same_draws(prepped, mean_mode, form):
+@pytest.mark.parametrize("mean_mode,form,draws", [("channel", "sqrt", "host"), ("pixel", "eigval", "host"),
+                                                  ("channel", "eigval", "dali"), ("pixel", "sqrt", "dali")])
+def test_train_output_equals_the_reference_for_the_same_draws(prepped, mean_mode, form, draws):
     stats = _stats(prepped)
     mean = augment.mean_to_subtract(stats, mean_mode)
-    for s in _run(prepped, True, batches=2, mean=mean_mode, lighting_form=form, lighting_sigma=0.5):
+    for s in _run(prepped, True, batches=2, mean=mean_mode, lighting_form=form, lighting_sigma=0.5, draws=draws):
         x, y = int(round(float(s["x"]) * 32)), int(round(float(s["y"]) * 32))
         alpha = np.array([float(s[f"alpha{j}"]) for j in range(3)])
         shift = augment.lighting_shift(alpha, stats["eigval"], stats["eigvec"], form)
@@ -67,9 +74,11 @@ def test_ten_crops_are_the_ten_views_in_documented_order(prepped):
         np.testing.assert_allclose(s["out"], augment.ten_crop(s["image"], mean), atol=1e-3)
 
 
-def test_draws_over_many_samples(prepped):
+@pytest.mark.parametrize("draws", ["host", "dali"])
+def test_draws_over_many_samples(prepped, draws):
     stats = _stats(prepped)
-    samples = _run(prepped, True, batches=50, batch_size=32, lighting_sigma=0.1, lighting_form="sqrt", mean="channel")
+    samples = _run(prepped, True, batches=50, batch_size=32, lighting_sigma=0.1, lighting_form="sqrt", mean="channel",
+                   draws=draws)
     xs = np.array([round(float(s["x"]) * 32) for s in samples])
     ys = np.array([round(float(s["y"]) * 32) for s in samples])
     for v in (xs, ys):
@@ -128,7 +137,7 @@ def test_two_train_ranks_see_disjoint_samples_whose_union_is_the_epoch(prepped):
 def test_loader_outputs_shapes_dtypes_and_layouts(prepped):
     images, labels = next(iter(train_loader(prepped, batch_size=4, num_threads=1)))
     assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    images, _ = next(iter(train_loader(prepped, batch_size=4, num_threads=1, layout="NHWC")))
+    images, _ = next(iter(train_loader(prepped, batch_size=4, num_threads=1, channels_last=True)))
     assert images.shape == (4, 3, 224, 224) and images.is_contiguous(memory_format=torch.channels_last)
     images, _ = next(iter(eval_loader(prepped, batch_size=2, num_threads=1, tencrop=True)))
     assert images.shape == (2, 10, 3, 224, 224)
@@ -256,8 +265,8 @@ def test_loader_options_are_visible_and_checked():
     ("train", {"batch_size": "8"}, "option batch_size: expected int"),
     ("train", {"batch_size": 0}, "option batch_size: must be at least 1"),
     ("eval", {"hw_decoder_load": 2.0}, "option hw_decoder_load: must be at most 1"),
-    ("train", {"decoder": "mixed"}, "option decoder: mixed (nvJPEG) decoding needs device='cuda'"),
-    ("train", {"device": "gpu"}, "option device: must be cpu, cuda or cuda:N; got 'gpu'")])
+    ("train", {"decoder": "mixed"}, "option decoder: mixed (nvJPEG) decoding needs a GPU device"),
+    ("train", {"device": "gpu"}, "option device: must be auto, cpu, cuda or cuda:N; got 'gpu'")])
 def test_bad_loader_options_are_refused_naming_the_option(prepped, loader, options, message):
     from alexnet_pipeline.config import OptionError
 

@@ -32,13 +32,13 @@ def test_gpu_and_cpu_center_crops_agree_within_decoder_tolerance(prepped):
     assert (gpu - cpu).abs().mean() < 1.5 and (gpu - cpu).abs().max() <= 16
 
 
-@pytest.mark.parametrize("dtype,layout", [("float16", "NCHW"), ("bfloat16", "NHWC"), ("float32", "NHWC")])
-def test_gpu_outputs_live_on_the_gpu_with_the_asked_dtype_and_layout(prepped, dtype, layout):
-    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype=dtype, layout=layout,
+@pytest.mark.parametrize("dtype,channels_last", [("float16", False), ("bfloat16", True), ("float32", True)])
+def test_gpu_outputs_live_on_the_gpu_with_the_asked_dtype_and_layout(prepped, dtype, channels_last):
+    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype=dtype, channels_last=channels_last,
                                             num_threads=2)))
     assert images.is_cuda and labels.is_cuda and images.dtype == getattr(torch, dtype)
     assert images.shape == (8, 3, 224, 224)
-    assert images.is_contiguous(memory_format=torch.channels_last if layout == "NHWC" else torch.contiguous_format)
+    assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_gpu_tencrop_shape(prepped):

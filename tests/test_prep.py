@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexnet_pipeline import shards
+from alexnet_pipeline import files, shards
 from alexnet_pipeline.prep import PrepConfig, PrepError, run
 from conftest import CLASSES, read_samples, sample_maker
 
@@ -18,7 +18,16 @@ CLI = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file's bytes; dataset.json without the shards' modification times (the one part of the output
+    that records when it was written, not what)."""
+    out = {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    if shards.MANIFEST in out:
+        manifest = json.loads(out[shards.MANIFEST])
+        for entry in manifest["splits"].values():
+            for info in entry["shards"]:
+                assert info.pop("mtime_ns") > 0
+        out[shards.MANIFEST] = json.dumps(manifest).encode()
+    return out
 
 
 def test_quirks_kept_bad_files_reported_nothing_good_lost(prepped, sample):
@@ -204,9 +213,8 @@ def test_a_run_stopped_right_after_its_manifest_leaves_no_work_files(prepped, sa
 def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_bytes(prepped, sample, tmp_path, monkeypatch):
     import errno
 
-    from alexnet_pipeline import prep
 
-    real, calls = shards.atomic_write, []
+    real, calls = files.atomic_write, []
 
     def full_after_three(path, data):
         calls.append(path)
@@ -214,12 +222,12 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_bytes(prepped
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         real(path, data)
 
-    monkeypatch.setattr(prep.shards, "atomic_write", full_after_three)
+    monkeypatch.setattr(files, "atomic_write", full_after_three)
     cfg = PrepConfig(sample[0] / "extracted", tmp_path / "o", shard_size=5, workers=1, progress=False)
     with pytest.raises(PrepError, match="No space left on device; fix that and run the same command again"):
         run(cfg)
     assert not list((tmp_path / "o").rglob(".*.tmp*"))
-    monkeypatch.setattr(prep.shards, "atomic_write", real)
+    monkeypatch.setattr(files, "atomic_write", real)
     run(cfg)
     assert _files(tmp_path / "o") == _files(prepped)
 

@@ -1,6 +1,7 @@
 """The run directory under faults: what a killed run leaves, bad checkpoints and options, one-line errors."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -9,8 +10,8 @@ import torch
 from alexnet_pipeline import cli, rundir, shards, train
 from alexnet_pipeline.config import UserError
 
-TINY = dict(width=0.0625, batch_size=8, log_every=1, num_threads=1, tencrop=False, device="cpu")
-ARGS = ["--width", "0.0625", "--batch-size", "8", "--threads", "1", "--device", "cpu"]
+TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False, device="cpu")
+ARGS = ["--width", "0.0625", "--global-batch", "8", "--threads", "1", "--device", "cpu"]
 
 
 def _steps(run_dir):
@@ -40,7 +41,7 @@ def test_temporary_files_of_a_killed_checkpoint_write_are_removed(prepped, tmp_p
 
 def test_resuming_a_finished_run_adds_nothing(prepped, tmp_path, capsys):
     out = tmp_path / "run"
-    cfg = dict(shards=prepped, out=out, epochs=1, **{**TINY, "tencrop": True})
+    cfg = dict(shards=prepped, out=out, epochs=1, **{**TINY, "final_tencrop": True})
     train.run(train.TrainConfig(**cfg))
     before = (out / rundir.LOG).read_text()
     result = train.run(train.TrainConfig(resume=True, **cfg))
@@ -57,7 +58,7 @@ def test_out_that_is_a_file_is_one_line(prepped, tmp_path, capsys, main, extra):
 
 
 @pytest.mark.parametrize("content,message", [(b"", "empty file"), (b"PK\x03\x04junk", "not a checkpoint"),
-                                             (None, "missing")])
+                                             (None, "not an alexnet-train checkpoint")])
 def test_bad_checkpoints_are_one_line_for_eval_and_resume(prepped, tmp_path, capsys, content, message):
     out = tmp_path / "run"
     out.mkdir()
@@ -75,7 +76,7 @@ def test_bad_checkpoints_are_one_line_for_eval_and_resume(prepped, tmp_path, cap
 
 def test_resume_with_another_variant_is_one_line(prepped, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "1", "--no-tencrop", *ARGS]) == 0
+    assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "1", "--no-final-tencrop", *ARGS]) == 0
     capsys.readouterr()
     assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "2", "--resume",
                            "--variant", "torchvision", *ARGS]) == 2
@@ -107,7 +108,9 @@ def test_a_damaged_shard_of_the_right_size_is_named(prepped, tmp_path):
     data = bytearray(shard.read_bytes())
     start = data.index(b"\xff\xd8\xff")  # the first JPEG's start-of-image marker: no decoder can read past it
     data[start:start + 3] = b"\0\0\0"
+    kept = shard.stat()
     shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # damage that keeps the time (a disk's, not a user's)
     with pytest.raises(shards.ShardError) as e:
         for _ in eval_loader(copy, batch_size=4, num_threads=1):
             pass

@@ -12,12 +12,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from alexnet_pipeline import train
+from alexnet_pipeline import build, train
+from alexnet_pipeline.model import AlexNet, AlexNetConfig
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.distributed import World
 from alexnet_pipeline.pipeline import PAD_LABEL, Loader
 
-TINY = dict(width=0.0625, batch_size=8, log_every=1, num_threads=1, tencrop=False)
+TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False)
 
 
 def _records(run_dir, kind="train"):
@@ -36,7 +37,7 @@ def _rank(rank, port, shards, out, result_dir):
     trainer = train.Trainer(train.TrainConfig(shards=shards, out=out, epochs=2, device="cpu", **TINY),
                             on_batch=lambda x, y: seen.extend(_fingerprints(x, y)))
     trainer.fit()
-    torch.save({"weights": trainer.grouped_weights(), "seen": seen}, result_dir / f"rank{rank}.pt")
+    torch.save({"weights": trainer.parts.grouped_weights(), "seen": seen}, result_dir / f"rank{rank}.pt")
     trainer.world.close()
 
 
@@ -51,13 +52,13 @@ def test_two_gloo_ranks_end_identical_and_see_different_samples(prepped, tmp_pat
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for k, v in r0["weights"].items():
         assert torch.equal(v, r1["weights"][k]), k
-    start = train.AlexNet(train.AlexNetConfig(4, width=TINY["width"]))
+    start = AlexNet(AlexNetConfig(4, width=TINY["width"]))
     assert not torch.equal(start.conv1.weight, r0["weights"]["conv1.weight"])  # it did train
     # each rank was fed exactly its own loader's stream (rank r of 2), and the two streams differ
     for r, result in enumerate((r0, r1)):
         cfg = train.TrainConfig(shards=prepped, out=tmp_path, **TINY)
         world = World(r, 2, r, torch.device("cpu"))
-        loader = Loader(train.loader_config(cfg, world, "train"), True)
+        loader = Loader(build.loader_config(cfg, world, "train"), True)
         expected = [f for _ in range(2) for x, y in loader for f in _fingerprints(x, y)]
         assert result["seen"] == expected
     # which samples each rank reads is the loader's (test_pipeline: disjoint ranks whose union is the epoch);
@@ -72,8 +73,8 @@ def _cli(*args):
 
 
 def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, tmp_path):
-    common = ["--shards", prepped, "--epochs", 3, "--width", 0.0625, "--batch-size", 8, "--log-every", 1,
-              "--threads", 1, "--no-tencrop", "--device", "cpu"]
+    common = ["--shards", prepped, "--epochs", 3, "--width", 0.0625, "--global-batch", 8, "--log-every", 1,
+              "--threads", 1, "--no-final-tencrop", "--device", "cpu"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run(_cli(*common, "--out", whole), check=True, capture_output=True, timeout=300)
     proc = subprocess.Popen(_cli(*common, "--out", cut), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -93,19 +94,19 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, t
     torch.testing.assert_close(torch.tensor([v for _, v in steps(cut)]), torch.tensor([v for _, v in steps(whole)]),
                                rtol=1e-5, atol=1e-6)
     a, b = (torch.load(d / train.CHECKPOINT, weights_only=True) for d in (whole, cut))
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-7)
+    for k in a["weights"]:
+        torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=1e-5, atol=1e-7)
     assert [h["epoch"] for h in b["history"]] == [1, 2, 3]
 
 
 def test_checkpoint_log_and_plot(prepped, tmp_path):
     out = tmp_path / "run"
-    summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **{**TINY, "tencrop": True}))
+    summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **{**TINY, "final_tencrop": True}))
     manifest = json.loads((prepped / "dataset.json").read_text())
     ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
     assert ckpt["epoch"] == 2 and ckpt["classes"] == manifest["classes"]
     assert set(ckpt["ranks"][0]) >= {"loader", "torch_rng"} and ckpt["ranks"][0]["loader"]["position"] == 0
-    assert torch.load(out / train.BEST, weights_only=True)["model"].keys() == ckpt["model"].keys()
+    assert torch.load(out / train.BEST, weights_only=True)["weights"].keys() == ckpt["weights"].keys()
     epochs = _records(out, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_top1_error"] <= 1 for e in epochs)
     assert all(0 <= r["data_wait"] <= 1 and r["images_per_s"] > 0 for r in _records(out))
@@ -136,7 +137,7 @@ def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
         lrs.append(s.lr)
     assert lrs[:3] == [0.01] * 3 and lrs[3] == pytest.approx(0.001) and lrs[-1] == pytest.approx(0.0001)
     step = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, schedule="step", step_epochs=2,
-                                            batch_size=256))
+                                            global_batch=256))
     for epoch in range(4):
         step.after_epoch(epoch, 0.5)
     assert step.lr == pytest.approx(0.02 / 100)  # batch 256 doubles the default lr; two steps of /10
@@ -144,7 +145,7 @@ def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
 
 def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, tmp_path):
     cfg = train.TrainConfig(shards=prepped, out=tmp_path / "cut", epochs=2, device="cpu", **TINY)
-    batches = len(Loader(train.loader_config(cfg, World(0, 1, 0, torch.device("cpu")), "train"), True))
+    batches = len(Loader(build.loader_config(cfg, World(0, 1, 0, torch.device("cpu")), "train"), True))
     fed = []
 
     def signal_at_last_batch(images, labels):
@@ -175,7 +176,7 @@ def test_a_default_run_records_the_papers_recipe_and_refuses_another_on_resume(p
     decay = ckpt["optimizer"]["weight_decay"]
     assert decay["conv1.bias"] == decay["fc8.bias"] == 0.0 and decay["conv1.weight"] == decay["fc8.weight"] == 5e-4
     assert ckpt["optimizer"]["rule"] == "paper"
-    for change, named in (({"width": 0.125}, "width"), ({"batch_size": 4}, "batch_size"),
+    for change, named in (({"width": 0.125}, "width"), ({"global_batch": 4}, "global_batch"),
                           ({"mean": "channel"}, "mean"), ({"decay_biases": True}, "decay_biases")):
         with pytest.raises(UserError, match=f"another recipe.*{named}"):
             train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", resume=True,

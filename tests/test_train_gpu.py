@@ -9,28 +9,28 @@ import pytest
 import torch
 
 from alexnet_pipeline import evaluate, train
+from alexnet_pipeline.checkpoint import Checkpoint
 from alexnet_pipeline.model import AlexNet, AlexNetConfig, TwoColumnAlexNet, place
 from alexnet_pipeline.optim import PaperSGD
 from alexnet_pipeline.pipeline import eval_loader, train_loader
 from alexnet_pipeline.step import TrainStep
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU = dict(width=0.25, batch_size=8, log_every=2, device="cuda", num_threads=2, compile=False)
+GPU = dict(width=0.25, global_batch=8, log_every=2, device="cuda", num_threads=2, compile=False)
 
 
 def test_gpu_training_bfloat16_channels_last_compiled_graph_checkpoint_and_eval(prepped, tmp_path):
     out = tmp_path / "run"
     summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, **{**GPU, "compile": True}))
     assert summary["tencrop"]["images"] > 0
-    ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)
-    assert ckpt["ranks"][0]["cuda_rng"].dtype == torch.uint8 and all(v.device.type == "cpu"
-                                                                     for v in ckpt["model"].values())
-    model = evaluate.load_model(ckpt, torch.device("cuda"))
+    ckpt = Checkpoint.load(out / train.CHECKPOINT)
+    assert ckpt.training.ranks[0].cuda_rng.dtype == torch.uint8 and all(v.device.type == "cpu"
+                                                                        for v in ckpt.weights.values())
+    model = ckpt.network("cuda")
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     gpu = evaluate.errors(evaluate.error_counts(model, eval_loader(prepped, batch_size=8, device="cuda",
-                                                                   dtype="bfloat16", layout="NHWC")))
-    cpu = evaluate.errors(evaluate.error_counts(evaluate.load_model(ckpt, torch.device("cpu")),
-                                                eval_loader(prepped, batch_size=8)))
+                                                                   dtype="bfloat16", channels_last=True)))
+    cpu = evaluate.errors(evaluate.error_counts(ckpt.network("cpu"), eval_loader(prepped, batch_size=8, device="cpu")))
     assert gpu["images"] == cpu["images"] and abs(gpu["top1_error"] - cpu["top1_error"]) <= 0.2
 
 
@@ -49,7 +49,7 @@ def _steps(prepped, graph: bool, batches, dropout=0.0):
 
 
 def test_the_graph_step_equals_the_eager_step_through_an_lr_drop(prepped):
-    loader = train_loader(prepped, batch_size=8, device="cuda", dtype="bfloat16", layout="NHWC", num_threads=2)
+    loader = train_loader(prepped, batch_size=8, device="cuda", dtype="bfloat16", channels_last=True, num_threads=2)
     batches = [(x.clone(), y.clone()) for x, y in loader][:6]
     eager_rows, eager = _steps(prepped, False, batches)
     graph_rows, graphed = _steps(prepped, True, batches)
@@ -61,7 +61,7 @@ def test_the_graph_step_equals_the_eager_step_through_an_lr_drop(prepped):
 
 
 def test_graph_replays_draw_new_dropout_masks_and_restoring_the_generator_repeats_one(prepped):
-    x, y = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype="bfloat16", layout="NHWC",
+    x, y = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype="bfloat16", channels_last=True,
                                   num_threads=2)))
     torch.manual_seed(0)
     net = place(AlexNet(AlexNetConfig(4, width=0.25)), torch.device("cuda"))
@@ -83,9 +83,9 @@ def test_a_resumed_gpu_run_repeats_the_uninterrupted_losses(prepped, tmp_path):
                 for v in json.loads(line).get("losses", [])]
 
     whole = tmp_path / "whole"
-    train.run(train.TrainConfig(shards=prepped, out=whole, epochs=2, tencrop=False, **GPU))
+    train.run(train.TrainConfig(shards=prepped, out=whole, epochs=2, final_tencrop=False, **GPU))
     cut = tmp_path / "cut"
-    cfg = train.TrainConfig(shards=prepped, out=cut, epochs=2, tencrop=False, **GPU)
+    cfg = train.TrainConfig(shards=prepped, out=cut, epochs=2, final_tencrop=False, **GPU)
     fed = []
 
     def stop_mid_epoch_two(images, labels):
@@ -104,12 +104,12 @@ def test_a_resumed_gpu_run_repeats_the_uninterrupted_losses(prepped, tmp_path):
 def test_two_ranks_share_one_gpu_with_gloo_train_resume_and_count_every_image_once(prepped, tmp_path):
     run = ["torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "alexnet_pipeline"]
     common = ["train", "--shards", str(prepped), "--out", str(tmp_path / "run"), "--backend", "gloo", "--device",
-              "cuda:0", "--width", "0.25", "--batch-size", "8", "--threads", "2", "--no-tencrop", "--no-compile"]
+              "cuda:0", "--width", "0.25", "--global-batch", "8", "--threads", "2", "--no-final-tencrop", "--no-compile"]
     for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
         r = subprocess.run([sys.executable, "-m", *run, *common, *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "run" / train.CHECKPOINT, weights_only=True)
-    assert ckpt["epoch"] == 2 and len(ckpt["ranks"]) == 2
+    ckpt = Checkpoint.load(tmp_path / "run" / train.CHECKPOINT)
+    assert ckpt.epoch == 2 and len(ckpt.training.ranks) == 2
     r = subprocess.run([sys.executable, "-m", *run, "eval", "--shards", str(prepped), "--checkpoint",
                         str(tmp_path / "run" / train.CHECKPOINT), "--tencrop", "--json", "--device", "cuda:0",
                         "--backend", "gloo",
@@ -131,12 +131,12 @@ def test_two_columns_on_one_gpu_equal_the_grouped_model_and_train_resume_and_eva
     torch.testing.assert_close(torch.cat([c.conv2.weight.grad.cpu() for c in split.columns]),
                                grouped.conv2.weight.grad, rtol=1e-7, atol=1e-9)
     out = tmp_path / "mp"
-    cfg = dict(shards=prepped, out=out, model_parallel=True, column_devices="cuda:0,cuda:0", tencrop=False, **GPU)
+    cfg = dict(shards=prepped, out=out, model_parallel=True, column_devices="cuda:0,cuda:0", final_tencrop=False, **GPU)
     train.run(train.TrainConfig(epochs=1, **cfg))
     train.run(train.TrainConfig(epochs=2, resume=True, **cfg))
-    ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)
-    assert ckpt["epoch"] == 2 and set(ckpt["model"]) == set(AlexNet(AlexNetConfig(4, width=0.25)).state_dict())
-    assert evaluate.errors(evaluate.error_counts(evaluate.load_model(ckpt, torch.device("cuda")),
+    ckpt = Checkpoint.load(out / train.CHECKPOINT)
+    assert ckpt.epoch == 2 and set(ckpt.weights) == set(AlexNet(AlexNetConfig(4, width=0.25)).state_dict())
+    assert evaluate.errors(evaluate.error_counts(ckpt.network("cuda"),
                                                  eval_loader(prepped, batch_size=8, device="cuda")))["images"] > 0
 
 

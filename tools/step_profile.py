@@ -33,10 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alexnet_pipeline import bench  # noqa: E402
-from alexnet_pipeline.model import AlexNet, AlexNetConfig, place  # noqa: E402
-from alexnet_pipeline.optim import PaperSGD  # noqa: E402
-from alexnet_pipeline.step import TrainStep  # noqa: E402
+from alexnet_pipeline import bench, build  # noqa: E402
+from alexnet_pipeline.distributed import World  # noqa: E402
+from alexnet_pipeline.train import TrainConfig  # noqa: E402
 
 
 class ReshapedLRN(nn.Module):
@@ -54,21 +53,24 @@ class ReshapedLRN(nn.Module):
 VARIANTS = ["before", "+cudnn", "+band LRN", "+fused SGD", "+graph", "+split", "+s2d", "+compile"]
 
 
-def build(variant: str, device: torch.device) -> TrainStep:
+def step_for(variant: str, device: torch.device, batch_size: int):
+    """The training step as alexnet-train builds it (build.training), taken back to `variant`'s form."""
     level = VARIANTS.index(variant)
-    torch.manual_seed(0)
-    net = place(AlexNet(AlexNetConfig(1000)), device)  # place() turns cuDNN autotuning on
-    torch.backends.cudnn.benchmark = level >= 1
-    if level < 2:
-        net.lrn1, net.lrn2 = ReshapedLRN(), ReshapedLRN()
-    net.split_groups = level >= 5
-    net.space_to_depth = level >= 6
-    if level < 3:
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    else:
-        optimizer = PaperSGD(net.named_parameters(), 0.01)
-    model = torch.compile(net) if level >= 7 else net
-    return TrainStep(model, optimizer, device, "bf16", graph=level >= 4)
+    cfg = TrainConfig(shards=Path("unused"), out=Path("unused"), global_batch=batch_size, compile=level >= 7,
+                      cuda_graph=level >= 4)
+
+    def earlier_form(net):
+        if level < 2:
+            net.lrn1, net.lrn2 = ReshapedLRN(), ReshapedLRN()
+        net.split_groups = level >= 5
+        net.space_to_depth = level >= 6
+
+    parts = build.training(cfg, 1000, World(0, 1, 0, device), adapt=earlier_form)
+    torch.backends.cudnn.benchmark = level >= 1  # place() turned cuDNN autotuning on
+    if level < 3:  # torch's own SGD (foreach), before the fused kernel; the eager step only needs step()
+        parts.step.optimizer = torch.optim.SGD(parts.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                               weight_decay=cfg.weight_decay)
+    return parts.step
 
 
 def _ms(fn, repeats: int = 20) -> float:
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     labels = torch.randint(0, 1000, (a.batch_size,), device=device)
     rows, tables = {}, {}
     for variant in a.variants.split(","):
-        step = build(variant, device)
+        step = step_for(variant, device, a.batch_size)
 
         def run(step=step):
             for _ in range(a.steps):

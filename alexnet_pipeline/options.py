@@ -1,0 +1,231 @@
+"""The option groups the commands share, each option declared once (config.option): the commands and the
+loaders compose these groups into their own typed configs, so a name has one default, one help text and one
+check everywhere. Run-specific options (epochs, the optimizer, the output directory) stay with their command.
+
+    Shards        shards                       every command that reads prepared shards
+    Device        device                       where it runs (auto: the GPU if there is one)
+    Placement     device, backend              commands that may run as torchrun ranks
+    Batch         batch_size                   samples per batch and per rank (a loader's batch)
+    Augmentation  mean, lighting_sigma, lighting_form
+    Order         seed, shuffle_buffer, shard_shuffle, draws
+    Decoding      num_threads, prefetch, decoder, hw_decoder_load, batches_per_run, preallocate, stream_ordered
+    Tensors       dtype, channels_last         what a loader's batches look like
+    Network       variant, width, init         the model
+    Stepping      precision, compile, cuda_graph   how the training step runs
+    Output        json
+
+LoaderConfig composes the loader's groups; train_loader / eval_loader take its fields as keyword options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import augment
+from .config import OptionError, check, option
+from .model import INITS
+from .step import PRECISIONS
+
+BACKENDS = ("auto", "nccl", "gloo")
+DTYPES = ("float32", "float16", "bfloat16")
+DRAWS = ("host", "dali")
+
+
+def _device_problem(name: str) -> str | None:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        return None
+    return "must be auto, cpu, cuda or cuda:N"
+
+
+@dataclass(kw_only=True)
+class Shards:
+    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep")
+
+
+@dataclass(kw_only=True)
+class Device:
+    device: str = option("auto", "auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N",
+                         validate=_device_problem)
+
+
+@dataclass(kw_only=True)
+class Placement(Device):
+    """Where a command runs (alexnet-train, alexnet-eval): one process, or one of torchrun's ranks."""
+
+    backend: str = option("auto", "torch.distributed backend under torchrun: auto (nccl on GPUs, gloo on the CPU), "
+                          "nccl, or gloo (e.g. several ranks sharing one GPU, which NCCL refuses)", choices=BACKENDS)
+
+
+@dataclass(kw_only=True)
+class Batch:
+    batch_size: int = option(128, "samples per batch and per rank (a ten-crop batch is 10x as many views)",
+                             minimum=1)
+
+
+@dataclass(kw_only=True)
+class Augmentation:
+    """The paper's augmentation and normalisation."""
+
+    mean: str = option("pixel", "what is subtracted: pixel = the training set's mean image (its center 224 patch, "
+                       "cuda-convnet2; the paper); channel = the per-channel mean (the modern habit)",
+                       choices=augment.MEAN_MODES, recipe=True)
+    lighting_sigma: float = option(0.1, "std of the PCA lighting alphas (the paper's 0.1); 0 turns lighting off",
+                                   minimum=0.0, scope="train", recipe=True)
+    lighting_form: str = option("sqrt", "scale of the lighting axes: sqrt = sqrt(eigval) in 0-255 units "
+                                "(cuda-convnet2); eigval = fb.resnet.torch's eigenvalues of [0,1] pixels",
+                                choices=augment.LIGHTING_FORMS, scope="train", recipe=True)
+
+
+@dataclass(kw_only=True)
+class Order:
+    """Which samples come when, and the random draws of the augmentation."""
+
+    seed: int = option(0, "seed of the random crops, flips, lighting and shuffling (alexnet-train: also the "
+                       "initial weights)", minimum=0, recipe=True)
+    shuffle_buffer: int = option(4096, "samples DALI shuffles among as it reads", minimum=1, scope="train",
+                                 recipe=True)
+    shard_shuffle: bool = option(True, "draw a new order of the shards every epoch (with the buffer, a new "
+                                 "sample order every epoch); off: every epoch reads the same sequence",
+                                 scope="train", recipe=True)
+    draws: str = option("host", "where the per-image crop, flip and lighting draws come from: host = one "
+                        "operator drawing them for the whole batch from a counter-based generator keyed on "
+                        "(seed, rank, epoch, sample), the same whatever the DALI batch; dali = DALI's random "
+                        "operators (12 operators per batch)", choices=DRAWS, scope="train", recipe=True)
+
+
+@dataclass(kw_only=True)
+class Decoding:
+    """How samples are read and decoded; none of it changes what a batch holds."""
+
+    num_threads: int | None = option(None, "DALI threads per process (default: every core it may use)", minimum=1,
+                                     flag="--threads")
+    prefetch: int = option(2, "DALI runs prepared ahead of the one being used", minimum=1)
+    decoder: str = option("auto", "JPEG decoding: mixed = nvJPEG on the GPU (its hardware decoder takes "
+                          "hw_decoder_load of each batch); cpu = libjpeg-turbo on the DALI threads, the "
+                          "augmentation then runs on the GPU; auto = mixed on a GPU, cpu on the CPU",
+                          choices=("auto", "mixed", "cpu"))
+    # Fastest feed of the full-width training step on an H100 (alexnet-bench train, batch 128, one run, 2,007
+    # images): 12,392 images/s at 0.9, against 11,540 at 1.0, 11,292 at 0.5, 10,557 at 0 (README).
+    hw_decoder_load: float = option(0.9, "share of each batch for the hardware JPEG decoder of A100/H100 GPUs "
+                                    "(mixed decoding; the rest is CUDA decoding)", minimum=0.0, maximum=1.0)
+    batches_per_run: int = option(1, "batches DALI makes per run: one run of batch_size x this many samples, "
+                                  "sliced into batches in order (DALI's cost per run is amortised over more "
+                                  "images; the batches, their order and padding are the same)", minimum=1)
+    preallocate: bool = option(False, "mixed decoding: preallocate the decoder's buffers for 256x256 images "
+                               "(every prepared image is)")
+    stream_ordered: bool = option(False, "GPU: order DALI's outputs on torch's current CUDA stream "
+                                  "(pipe.run(cuda_stream=...)) instead of waiting for them on the host")
+
+
+@dataclass(kw_only=True)
+class Tensors:
+    dtype: str = option("float32", "float32, or float16 / bfloat16 on a GPU", choices=DTYPES)
+    channels_last: bool = option(False, "batches as channels_last tensors (NHWC in memory)")
+
+
+@dataclass(kw_only=True)
+class Network:
+    variant: str = option("paper", "paper (two columns, LRN) or torchvision (one column, no LRN)",
+                          choices=("paper", "torchvision"), recipe=True)
+    width: float = option(1.0, "channel multiplier (quick CPU runs)", minimum=1e-3, recipe=True)
+    init: str = option("paper", "paper: N(0, 0.01), biases 1 on conv2/4/5, fc6/7; caffe: bvlc_alexnet's "
+                       "(biases 0.1, std 0.005 on fc6/7)", choices=INITS, recipe=True)
+
+
+@dataclass(kw_only=True)
+class Stepping:
+    precision: str = option("bf16", "GPU arithmetic: bf16 autocast (rounds inputs to about 0.5-1 unit of 255; "
+                            "a deviation) or fp32 (the paper); the CPU always uses fp32", choices=PRECISIONS,
+                            recipe=True)
+    compile: bool = option(True, "torch.compile the network on GPUs (fuses LRN, activations and layout changes; "
+                           "about a minute at start); the CPU runs it eagerly")
+    cuda_graph: bool = option(True, "capture the whole step as a CUDA graph (one process on one GPU; DDP and "
+                              "model parallelism run eagerly)")
+
+
+@dataclass(kw_only=True)
+class Output:
+    json: bool = option(False, "print one JSON object instead of a table")
+
+
+def resolve_device(name: str, local_rank: int = 0):
+    """The torch.device of a device option: "auto" is this process's GPU (cuda:LOCAL_RANK) if torch sees one,
+    else the CPU; "cuda" is cuda:LOCAL_RANK. A GPU asked for where torch sees none is an OptionError."""
+    import torch
+
+    problem = _device_problem(name)
+    if problem:
+        raise OptionError(f"option device: {problem}; got {name!r}")
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"option device: {name!r} requested but torch sees no GPU; use cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise OptionError(f"option device: {name!r} but torch sees {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+@dataclass(kw_only=True)
+class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors):
+    """Options of train_loader / eval_loader (their keyword arguments)."""
+
+    split: str | None = option(None, "split to read (default: train for train_loader, val for eval_loader)")
+    rank: int = option(0, "this process's global rank (its part of the data)", minimum=0)
+    world_size: int = option(1, "number of ranks sharing the data", minimum=1)
+    tencrop: bool = option(False, "the paper's ten crops per image, [B, 10, 3, 224, 224]", scope="eval")
+
+    def __post_init__(self):
+        self.shards = Path(self.shards)
+        check(self)
+        self.device = str(resolve_device(self.device)) if self.device == "auto" else self.device
+        if self.split is None:
+            raise OptionError("option split: required (train_loader and eval_loader choose it)")
+        if self.dtype != "float32" and not self.on_gpu:
+            raise OptionError("option dtype: float16/bfloat16 output is for GPUs; the CPU path gives float32")
+        if self.decoder == "mixed" and not self.on_gpu:
+            raise OptionError("option decoder: mixed (nvJPEG) decoding needs a GPU device")
+        if not self.rank < self.world_size:
+            raise OptionError(f"option rank: {self.rank} is not in [0, world_size={self.world_size})")
+        if self.on_gpu:
+            resolve_device(self.device)  # a GPU that torch cannot see is named here, before DALI starts
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def gpu_decoding(self) -> bool:
+        return self.on_gpu and self.decoder in ("auto", "mixed")
+
+    @property
+    def run_size(self) -> int:
+        """Samples per DALI run: batches_per_run batches."""
+        return self.batch_size * self.batches_per_run
+
+
+def _shard_size(n: int, shard: int, shards_: int) -> int:
+    """Samples in DALI's reader shard `shard` of `shards_` (contiguous, sizes differ by at most one)."""
+    return n * (shard + 1) // shards_ - n * shard // shards_
+
+
+def rank_samples(cfg: LoaderConfig, n_samples: int, epoch: int) -> int:
+    """Samples of this rank's part in `epoch`: DALI readers move to the next shard every epoch
+    (stick_to_shard=False)."""
+    return _shard_size(n_samples, (cfg.rank + epoch) % cfg.world_size, cfg.world_size)
+
+
+def batches_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
+    """Batches every rank yields per epoch: its largest part of the split, padded to whole batches."""
+    return math.ceil(max(_shard_size(n_samples, s, cfg.world_size) for s in range(cfg.world_size)) / cfg.batch_size)
+
+
+def runs_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
+    """DALI runs per epoch: the same part, padded to whole runs of batches_per_run batches."""
+    return math.ceil(batches_per_epoch(cfg, n_samples) / cfg.batches_per_run)
