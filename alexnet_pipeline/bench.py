@@ -308,7 +308,7 @@ def loader_rates(bench: LoaderBench) -> dict:
 
     device = resolve_device(bench.device)
     sync = _sync_for(device)
-    base = LoaderConfig(**subset(bench, LoaderConfig), split="train", device=str(device))
+    base = LoaderConfig(**{**subset(bench, LoaderConfig), "device": str(device)}, split="train")
     rows = []
     for row in loader_rows(bench):
         cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})

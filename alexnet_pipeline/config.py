@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude: tuple[str, ...]
     hints = typing.get_type_hints(cls)
     for f in documented_fields(cls):
         meta = f.metadata
-        if not meta["cli"] or f.name in exclude or meta["scope"] not in (None, scope):
+        if not meta["cli"] or f.name in exclude or scope is not None and meta["scope"] not in (None, scope):
             continue
         default = None if f.default is dataclasses.MISSING else f.default
         shown = "" if default is None else f" (default {','.join(default) if isinstance(default, tuple) else default})"

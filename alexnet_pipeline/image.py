@@ -42,6 +42,16 @@ SIGNATURES = [(b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b
 IMAGE_FORMATS = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WebP", "AVIF", "HEIC", "HEIF", "JPEG 2000", "SVG image"}
 
 
+def _pil_reads(kind: str) -> bool:
+    """Whether this PIL build decodes `kind` (JPEG, PNG, GIF, BMP and TIFF always; the rest are optional)."""
+    from PIL import features
+
+    optional = {"WebP": "webp", "AVIF": "avif", "JPEG 2000": "jpg_2000"}
+    if kind in optional:
+        return bool(features.check(optional[kind]))
+    return kind in {"JPEG", "PNG", "GIF", "BMP", "TIFF"}
+
+
 def sniff(data: bytes) -> str:
     """The format of `data` by its signature: 'JPEG', 'WebP', 'HTML page', ..., or 'unknown format'."""
     for prefix, offset, name in SIGNATURES:
@@ -73,8 +83,10 @@ def decode_rgb(data: bytes, size: int) -> Image.Image:
         raise BadImage(f"too many pixels: {e}") from e
     except UnidentifiedImageError:
         kind = sniff(data)
-        if kind in IMAGE_FORMATS:
+        if kind in IMAGE_FORMATS and not _pil_reads(kind):
             raise BadImage(f"a {kind} image, which this PIL build ({pil_flavour()}) cannot decode") from None
+        if kind in IMAGE_FORMATS:
+            raise BadImage(f"a damaged {kind} (PIL cannot read its header)") from None
         raise BadImage(f"not an image ({kind})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
         raise BadImage(f"cannot decode this {sniff(data)} ({e})") from e

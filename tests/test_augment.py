@@ -40,3 +40,23 @@ def test_random_params_cover_every_offset():
     draws = [augment.random_params(rng, 0.1) for _ in range(4000)]
     assert {d[0] for d in draws} == set(range(33)) and {d[1] for d in draws} == set(range(33))
     assert 0.45 < np.mean([d[2] for d in draws]) < 0.55
+
+
+def test_counter_draws_do_not_depend_on_how_samples_are_cut_into_batches():
+    whole = augment.counter_draws((3, 1, 2), 0, 40, 0.1)
+    parts = [augment.counter_draws((3, 1, 2), start, count, 0.1) for start, count in ((0, 7), (7, 25), (32, 8))]
+    for a, b in zip(whole, zip(*parts)):
+        np.testing.assert_array_equal(a, np.concatenate(b))
+    other_epoch = augment.counter_draws((3, 1, 3), 0, 40, 0.1)
+    assert not np.array_equal(whole[3], other_epoch[3])  # each epoch (and rank, and seed) draws afresh
+
+
+def test_counter_draws_have_the_papers_distributions():
+    x, y, flip, alpha = augment.counter_draws((0, 0, 0), 0, 200_000, 0.1)
+    for v in (x, y):
+        counts = np.bincount(v, minlength=33)
+        assert len(counts) == 33 and abs(counts / len(v) * 33 - 1).max() < 0.05  # every offset 0..32, uniform
+    assert abs(flip.mean() - 0.5) < 0.005
+    np.testing.assert_allclose(alpha.std(0), 0.1, rtol=0.01)
+    np.testing.assert_allclose(alpha.mean(0), 0.0, atol=0.001)
+    assert abs(np.corrcoef(alpha.T)[np.triu_indices(3, 1)]).max() < 0.01  # three independent alphas

@@ -36,3 +36,32 @@ def test_pipeline_bench_has_the_same_order_variant_and_the_decode_ceiling(preppe
     train, tencrop = result["train"]["images_per_s"], result["tencrop_eval"]["images_per_s"]
     assert {"dali", "dali_same_order", "decode_only"} <= set(train) and "dali_same_order" not in tencrop
     assert result["train"]["dali_over_decode_only"] == pytest.approx(train["dali"] / train["decode_only"])
+
+
+def test_each_feed_builds_one_pipeline_over_several_epochs(prepped, monkeypatch):
+    """The step is fed as alexnet-train feeds it: one loader per feed, kept across epochs."""
+    from alexnet_pipeline import pipeline, shards
+
+    builds, real = [], pipeline.build_pipeline
+    monkeypatch.setattr(pipeline, "build_pipeline", lambda *a, **k: builds.append(1) or real(*a, **k))
+    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    steps, repeats, batch = 6, 2, 4
+    assert (repeats + 1) * steps * batch > 2 * n  # warm-up and repeats span more than two epochs
+    feeds = "synthetic,dali,dali-run2,dali-cpu"
+    result = bench.train_rates(bench.TrainBench(shards=prepped, batch_size=batch, steps=steps, repeats=repeats,
+                                                device="cpu", num_threads=1, width=0.0625, feeds=feeds))
+    assert len(builds) == len(feeds.split(",")) and set(result["images_per_s"]) == set(feeds.split(","))
+
+
+def test_loader_bench_varies_one_axis_at_a_time_and_times_every_row(prepped):
+    cfg = bench.LoaderBench(shards=prepped, batch_size=4, steps=4, repeats=1, device="cpu", num_threads=1,
+                            axes=("batches_per_run", "prefetch", "hw_decoder_load"))
+    rows = bench.loader_rows(cfg)
+    changes = [{k: v for k, v in r.items() if k != "what"} for r in rows if r["what"] == "train"]
+    assert changes == [{}, {"batches_per_run": 2}, {"batches_per_run": 4}, {"batches_per_run": 8},
+                       {"prefetch": 4}, {"prefetch": 6}]  # the hardware decoder's axis needs a GPU
+    assert [r for r in rows if r["what"] == "read"] == [{"what": "read", "draws": "host"},
+                                                         {"what": "read", "draws": "dali"}]
+    result = bench.loader_rates(cfg)
+    assert len(result["rows"]) == len(rows) and all(r["images_per_s"] > 0 for r in result["rows"])
+    assert [r["dali_batch"] for r in result["rows"] if r["what"] == "decode"][:4] == [4, 8, 16, 32]

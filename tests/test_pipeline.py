@@ -273,3 +273,60 @@ def test_bad_loader_options_are_refused_naming_the_option(prepped, loader, optio
     with pytest.raises(OptionError) as e:
         (train_loader if loader == "train" else eval_loader)(prepped, **options)
     assert message in str(e.value)
+
+
+def _exact(batches):
+    """Every batch as (labels, the images' bytes): equal means the same tensors, bit for bit."""
+    return [(tuple(y.tolist()), x.numpy().tobytes()) for x, y in batches]
+
+
+@pytest.mark.parametrize("batch_size,per_run", [(4, 3), (5, 2), (8, 4)])
+def test_a_sliced_dali_run_gives_the_plain_loaders_batches_in_order(prepped, batch_size, per_run):
+    options = dict(batch_size=batch_size, num_threads=1, shuffle_buffer=3)
+    plain, sliced = train_loader(prepped, **options), train_loader(prepped, batches_per_run=per_run, **options)
+    assert len(plain) == len(sliced) and sliced.runs < plain.runs
+    for _ in range(3):  # several epochs: the shard order changes, the padding stays at each epoch's end
+        a, b = _exact(plain), _exact(sliced)
+        assert a == b
+        labels = [label for batch, _ in a for label in batch]
+        assert labels.count(PAD_LABEL) == len(plain) * batch_size - plain.n_samples
+
+
+def test_with_dali_draws_a_sliced_run_keeps_the_samples_and_their_order(prepped):
+    """DALI's own random operators draw per position in a run, so the crops differ; the samples do not."""
+    options = dict(batch_size=4, num_threads=1, draws="dali", shuffle_buffer=3, lighting_sigma=0)
+
+    def images(per_run):
+        cfg = LoaderConfig(shards=prepped, split="train", batches_per_run=per_run, **options)
+        pipe, n, _ = build_pipeline(cfg, True, expose=True)
+        out = []
+        for _ in range(-(-n // cfg.run_size)):
+            decoded = pipe.run()[2]
+            out += [hash(np.array(decoded[i]).tobytes()) for i in range(len(decoded))]
+        return out[:n]
+
+    assert images(1) == images(3)
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3, 4, 6])
+def test_a_resume_inside_or_at_the_end_of_a_run_of_batches_is_exact(prepped, stop_after):
+    options = dict(batch_size=4, num_threads=1, shuffle_buffer=3, batches_per_run=3)
+    whole = train_loader(prepped, **options)
+    run = [b for _ in range(2) for b in whole]
+    cut = train_loader(prepped, **options)
+    it = iter(cut)
+    taken = [next(it) for _ in range(stop_after)]  # 3 per run: inside a run, at its end, in the second
+    resumed = Loader(cut.cfg, True, cut.state_dict())
+    rest = [b for _ in range(2) for b in resumed][:len(run) - len(taken)]
+    assert _exact(taken + rest) == _exact(run)
+
+
+def test_one_loader_serves_every_epoch_with_one_pipeline(prepped, monkeypatch):
+    from alexnet_pipeline import pipeline
+
+    builds, real = [], pipeline.build_pipeline
+    monkeypatch.setattr(pipeline, "build_pipeline", lambda *a, **k: builds.append(1) or real(*a, **k))
+    loader = train_loader(prepped, batch_size=4, num_threads=1)
+    stream = loader.endless()
+    batches = [next(stream) for _ in range(3 * len(loader) + 1)]
+    assert len(builds) == 1 and loader.epoch == 3 and len(batches) == 3 * len(loader) + 1

@@ -208,3 +208,14 @@ def test_tensorboard_gets_the_runs_scalars(prepped, tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/images_per_s", "epoch/val_top1_error", "epoch/lr"} <= tags
     assert [e.step for e in events.Scalars("epoch/val_top1_error")] == [4, 8]  # after each epoch's 4 steps
+
+
+def test_a_run_builds_each_loader_once(prepped, tmp_path, monkeypatch):
+    from alexnet_pipeline import pipeline
+
+    builds, real = [], pipeline.build_pipeline
+    monkeypatch.setattr(pipeline, "build_pipeline", lambda cfg, train, **k: builds.append(
+        (cfg.split, train, cfg.tencrop)) or real(cfg, train, **k))
+    train.run(train.TrainConfig(shards=prepped, out=tmp_path / "run", epochs=3, device="cpu",
+                                **{**TINY, "final_tencrop": True}))
+    assert builds == [("train", True, False), ("val", False, False), ("val", False, True)]

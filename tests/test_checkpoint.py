@@ -1,0 +1,139 @@
+"""The checkpoint's one owner: what it writes loads, what it did not write (or not all of) is one line."""
+
+import errno
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from alexnet_pipeline import cli, train
+from alexnet_pipeline.checkpoint import FORMAT, Checkpoint
+from alexnet_pipeline.config import UserError
+
+TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False, device="cpu")
+ARGS = ["--width", "0.0625", "--global-batch", "8", "--threads", "1", "--device", "cpu", "--no-final-tencrop"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(prepped, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=1, **TINY))
+    return out
+
+
+def test_a_checkpoint_round_trips_and_holds_plain_values_only(run_dir, tmp_path):
+    ckpt = Checkpoint.load(run_dir / train.CHECKPOINT, resumable=True)
+    raw = torch.load(run_dir / train.CHECKPOINT, weights_only=True)  # no pickled classes
+    assert raw["format"] == FORMAT and set(raw["weights"]) == set(ckpt.weights)
+    ckpt.save(tmp_path / "again.pt")
+    again = Checkpoint.load(tmp_path / "again.pt", resumable=True)
+    assert again.epoch == ckpt.epoch == 1 and again.classes == ckpt.classes and again.class_names == ckpt.class_names
+    assert all(torch.equal(again.weights[k], v) for k, v in ckpt.weights.items())
+    assert again.preprocessing["mean"] == "pixel" and again.mean_to_subtract().shape == (224, 224, 3)
+    best = Checkpoint.load(run_dir / train.BEST)
+    assert best.training is None and ckpt.training is not None
+
+
+def test_best_pt_given_to_resume_is_one_line_naming_what_it_lacks(prepped, run_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    shutil.copy(out / train.BEST, out / train.CHECKPOINT)
+    assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "2", "--resume", *ARGS]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the weights only (it lacks optimizer, schedule, ranks" in err[0]
+    # the same file evaluates
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(out / train.CHECKPOINT), "--device", "cpu",
+                          "--threads", "1", "--json"]) == 0
+
+
+def test_a_checkpoint_from_a_newer_version_is_refused_naming_it(run_dir, tmp_path):
+    raw = torch.load(run_dir / train.BEST, weights_only=True)
+    raw["format"] = FORMAT + 1
+    torch.save(raw, tmp_path / "future.pt")
+    with pytest.raises(UserError, match=f"newer alexnet-pipeline \\(checkpoint format {FORMAT + 1}"):
+        Checkpoint.load(tmp_path / "future.pt")
+
+
+def test_a_full_disk_while_saving_is_one_line_and_the_previous_checkpoint_stays(run_dir, tmp_path, monkeypatch):
+    """torch.save reports a failed write as RuntimeError ('unexpected pos'); it is a disk error all the same."""
+    ckpt = Checkpoint.load(run_dir / train.CHECKPOINT, resumable=True)
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save(path)
+    before = path.read_bytes()
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    import alexnet_pipeline.files as files
+    monkeypatch.setattr(files, "open", lambda p, mode="r", *a: Full(real_open(p, mode, *a)), raising=False)
+    with pytest.raises(UserError, match="checkpoint.pt: cannot write \\(No space left on device\\); the previous"):
+        ckpt.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp*"))
+    Checkpoint.load(path, resumable=True)
+
+
+def test_a_real_full_disk_while_saving_is_one_line(run_dir, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        with pytest.raises(UserError, match="cannot write \\(No space left on device\\)"):
+            Checkpoint.load(run_dir / train.CHECKPOINT, resumable=True).save(mount / "checkpoint.pt")
+        assert list(mount.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_second_train_on_the_same_out_is_refused_naming_the_first(prepped, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", "import sys; from alexnet_pipeline.cli import train_main; "
+                              "sys.exit(train_main())", "--shards", str(prepped), "--out", str(out), "--epochs", "50",
+                              *ARGS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (out / ".lock").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-c", "import sys; from alexnet_pipeline.cli import train_main; "
+                                 "sys.exit(train_main())", "--shards", str(prepped), "--out", str(out), "--resume",
+                                 *ARGS], capture_output=True, text=True, timeout=120)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"in use by another alexnet-train (pid {first.pid})" in lines[0]
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("flag,value,named", [("--device", "nonsense", "option device: must be auto, cpu, cuda"),
+                                              ("--lr", "nan", "option lr: must be a finite number"),
+                                              ("--lr", "inf", "option lr: must be a finite number"),
+                                              ("--lr", "0", "option lr: must be positive"),
+                                              ("--momentum", "nan", "option momentum: must be a finite number"),
+                                              ("--lighting-sigma", "-inf", "option lighting_sigma")])
+def test_bad_values_are_refused_before_any_work(prepped, tmp_path, capsys, flag, value, named):
+    out = tmp_path / "run"
+    assert cli.train_main(["--shards", str(prepped), "--out", str(out), *ARGS, f"{flag}={value}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0] and not out.exists()

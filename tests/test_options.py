@@ -1,0 +1,92 @@
+"""Each option declared once: one name, one default, everywhere a user meets it (every command's --help and
+every loader's signature), and the recipe flag on the declaration."""
+
+import argparse
+import inspect
+from pathlib import Path
+
+import pytest
+
+from alexnet_pipeline import cli, config, options, pipeline, train
+
+COMMANDS = ["prep_main", "train_main", "eval_main", "bench_main", "predict_main", "export_main"]
+
+
+def _parsers(main_name):
+    """Every argparse parser a command builds (subcommands included), captured as it parses --help."""
+    seen = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                seen.extend(action.choices.values())
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        with pytest.raises(SystemExit):
+            getattr(cli, main_name)(["--help"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return seen
+
+
+def _defaults() -> dict[str, dict]:
+    """{flag: {where: default}} over every command's flags and every loader keyword."""
+    out: dict[str, dict] = {}
+    for main in COMMANDS:
+        for parser in _parsers(main):
+            for action in parser._actions:
+                for flag in action.option_strings:
+                    if flag.startswith("--") and flag not in ("--help", "--version", "--verify"):
+                        # no default, whether required or left to the command to check: "unset"
+                        default = "unset" if action.required or action.default is None else action.default
+                        out.setdefault(flag.removeprefix("--no-").removeprefix("--"), {})[parser.prog] = default
+    for loader in (pipeline.train_loader, pipeline.eval_loader):
+        fields = {f.name: f for f in config.documented_fields(options.LoaderConfig)}
+        for name, p in inspect.signature(loader).parameters.items():
+            if p.kind is inspect.Parameter.KEYWORD_ONLY:
+                flag = config.flag_of(fields[name]).removeprefix("--")
+                out.setdefault(flag, {})[loader.__name__] = "unset" if p.default is None else p.default
+    return out
+
+
+def test_no_option_has_two_defaults():
+    defaults = _defaults()
+    assert {"global-batch", "batch-size", "device", "threads", "shards", "json", "checkpoint"} <= set(defaults)
+    clashes = {flag: where for flag, where in defaults.items()
+               if len({repr(Path(v) if isinstance(v, str) and "/" in v else v) for v in where.values()}) > 1}
+    assert not clashes, clashes
+
+
+def test_the_walker_sees_a_clash(monkeypatch):
+    """The test above can fail: a second default for the per-rank batch is found."""
+    fields = {f.name: f for f in config.documented_fields(options.LoaderConfig)}
+    changed = inspect.signature(pipeline.train_loader).replace(parameters=[
+        p.replace(default=64) if p.name == "batch_size" else p
+        for p in inspect.signature(pipeline.train_loader).parameters.values()])
+    monkeypatch.setattr(pipeline.train_loader, "__signature__", changed)
+    assert "batch_size" in fields
+    assert len(set(_defaults()["batch-size"].values())) == 2
+
+
+def test_the_global_and_the_per_rank_batch_have_different_names():
+    train_flags = {a.dest for p in _parsers("train_main") for a in p._actions}
+    eval_flags = {a.dest for p in _parsers("eval_main") for a in p._actions}
+    assert "global_batch" in train_flags and "batch_size" not in train_flags
+    assert "batch_size" in eval_flags and "global_batch" not in eval_flags
+
+
+def test_the_recipe_is_what_the_declarations_flag():
+    recipe = set(train.RECIPE)
+    assert {"global_batch", "lr", "momentum_rule", "mean", "lighting_form", "seed", "width", "precision",
+            "draws"} <= recipe
+    assert not {"epochs", "log_every", "num_threads", "device", "batches_per_run", "prefetch", "resume",
+                "hw_decoder_load"} & recipe
+
+
+def test_eval_takes_the_decoding_options():
+    eval_flags = {a.dest for p in _parsers("eval_main") for a in p._actions}
+    assert {"decoder", "hw_decoder_load", "prefetch", "num_threads", "batches_per_run"} <= eval_flags
