@@ -1,11 +1,12 @@
-"""python -m alexnet_pipeline prep|train|eval|bench ...: the commands without their installed scripts, e.g.
+"""python -m alexnet_pipeline prep|train|eval|bench|predict|export ...: the commands without their installed scripts, e.g.
 `torchrun --nproc-per-node 2 -m alexnet_pipeline train --shards SHARDS --out RUN`."""
 
 import sys
 
 from . import cli
 
-COMMANDS = {"prep": cli.prep_main, "train": cli.train_main, "eval": cli.eval_main, "bench": cli.bench_main}
+COMMANDS = {"prep": cli.prep_main, "train": cli.train_main, "eval": cli.eval_main, "bench": cli.bench_main,
+            "predict": cli.predict_main, "export": cli.export_main}
 
 
 def main(argv=None) -> int:

@@ -109,6 +109,7 @@ def train_main(argv=None) -> int:
     from .config import UserError, add_arguments, from_arguments
     from .train import Diverged, TrainConfig, run
 
+    _printable_output()
     p = _parser(train_main, usage="%(prog)s --shards SHARDS --out RUN [options]",
                 epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
     add_arguments(p, TrainConfig)
@@ -130,6 +131,7 @@ def eval_main(argv=None) -> int:
     from . import evaluate
     from .config import UserError, add_arguments, from_arguments
 
+    _printable_output()
     p = _parser(eval_main, usage="%(prog)s --shards SHARDS --checkpoint RUN/checkpoint.pt [options]")
     add_arguments(p, evaluate.EvalConfig)
     a = p.parse_args(argv)
@@ -152,6 +154,45 @@ def eval_main(argv=None) -> int:
             print(f"{name:<10}{r['images']:>8}{r['top1_error']:>11.2%}{r['top5_error']:>11.2%}")
     c = result["classes"]
     print(f"{'chance':<10}{'':>8}{1 - 1 / c:>11.2%}{max(0, 1 - 5 / c):>11.2%}   ({c} classes)")
+    if "figures" in result:
+        f = result["figures"]
+        print(f"figures: {f['filters']}, {f['predictions']}, {f['neighbours']} (neighbours among "
+              f"{f['neighbour_pool']} training images)")
+    return 0
+
+
+def predict_main(argv=None) -> int:
+    """alexnet-predict: the top classes of image files, with names and probabilities, from a trained network."""
+    from . import inference
+    from .config import UserError, add_arguments, from_arguments
+
+    _printable_output()
+    p = _parser(predict_main, usage="%(prog)s IMAGE... --checkpoint RUN/best.pt [--tencrop] [--top 5] [--json]")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    add_arguments(p, inference.PredictConfig)
+    a = p.parse_args(argv)
+    try:
+        return inference.run(from_arguments(inference.PredictConfig, a))
+    except UserError as e:
+        return _fail("alexnet-predict", e)
+
+
+def export_main(argv=None) -> int:
+    """alexnet-export: a trained network as ONNX, or as a torchvision state_dict where the layouts agree."""
+    from . import export
+    from .config import UserError, add_arguments, from_arguments
+
+    _printable_output()
+    p = _parser(export_main, usage="%(prog)s --checkpoint RUN/best.pt --out model.onnx|model.pt [--input uint8]",
+                epilog=export.__doc__.split("\n\n", 1)[1])
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_arguments(p, export.ExportConfig)
+    a = p.parse_args(argv)
+    try:
+        path = export.run(from_arguments(export.ExportConfig, a))
+    except UserError as e:
+        return _fail("alexnet-export", e)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 

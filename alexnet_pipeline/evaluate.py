@@ -6,6 +6,7 @@ padding with label PAD_LABEL, and the counts are summed across ranks (one all-re
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,15 @@ class EvalConfig(Shards, Weights, Placement, Batch, Decoding, Output):
     a model is always evaluated as it was trained."""
 
     tencrop: bool = option(False, "also the paper's ten crops: 4 corners + center, and their mirrors")
+    figures: bool = option(False, "also draw the paper's Figures 3 and 4: filters.png, predictions.png, "
+                           "neighbours.png")
+    figures_out: Path | None = option(None, "where the figures go (default: beside the checkpoint)")
+    neighbour_pool: int = option(10_000, "figures: training images searched for the nearest neighbours in fc7",
+                                 minimum=1)
 
     def __post_init__(self):
         self.shards, self.checkpoint = Path(self.shards), Path(self.checkpoint)
+        self.figures_out = None if self.figures_out is None else Path(self.figures_out)
         check(self)
 
 
@@ -91,6 +98,12 @@ def run(cfg: EvalConfig) -> dict:
             if loader.classes != ckpt.classes:
                 raise UserError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
             result[name] = errors(error_counts(model, loader, tencrop, precision))
+        if cfg.figures and world.main:
+            from .figures import paper_figures
+
+            drawn = paper_figures(ckpt, cfg.shards, cfg.figures_out or cfg.checkpoint.parent, world.device,
+                                  cfg.neighbour_pool, cfg.batch_size, progress=sys.stderr.isatty())
+            result["figures"] = {k: str(v) for k, v in drawn["paths"].items()} | {"neighbour_pool": drawn["pool"]}
         return result if world.main else {}
     finally:
         world.close()

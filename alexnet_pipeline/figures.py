@@ -62,3 +62,158 @@ def filters_figure(weight: torch.Tensor, path: Path) -> Path:
     n/2 kernels are the first column's)."""
     Image.fromarray(filters_mosaic(weight)).save(path)
     return Path(path)
+
+
+# ---- Figure 4 --------------------------------------------------------------------------------------------
+
+THUMB = 128  # pixels per image in the neighbours mosaic (the 256x256 images halved)
+
+
+def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 6) -> torch.Tensor:
+    """Indices [q, k] of each query's k nearest rows of `bank` in Euclidean distance, nearest first."""
+    distances = torch.cdist(queries.double(), bank.double())
+    return distances.topk(min(k, bank.shape[0]), dim=1, largest=False).indices
+
+
+def hidden_features(net, loader, limit: int, progress: bool = True) -> torch.Tensor:
+    """fc7 activations [n, 4096 x width] of the first `limit` images of a center-crop loader (padding left
+    out), on the CPU, with a progress bar."""
+    from tqdm import tqdm
+
+    from .step import autocast
+
+    out, n = [], 0
+    net.eval()
+    with torch.inference_mode(), tqdm(total=limit, desc="fc7 of training images", unit="img",
+                                      disable=not progress) as bar:
+        for images, labels in loader:
+            with autocast(images.device, "bf16"):
+                h = net.hidden(images)[labels >= 0].float().cpu()
+            h = h[:limit - n]
+            out.append(h)
+            n += len(h)
+            bar.update(len(h))
+            if n >= limit:
+                break
+    return torch.cat(out)
+
+
+def _thumb(pixels: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(pixels).resize((THUMB, THUMB), Image.Resampling.BILINEAR))
+
+
+def neighbours_mosaic(queries: list[np.ndarray], neighbours: list[list[np.ndarray]]) -> np.ndarray:
+    """Figure 4, right: a row per query, the query first, then its neighbours, nearest first; a wider gap
+    after the query. uint8 RGB, THUMB pixels per image."""
+    per_row = 1 + max(len(n) for n in neighbours)
+    width = GAP + per_row * (THUMB + GAP) + BLOCK_GAP
+    mosaic = np.full((GAP + len(queries) * (THUMB + GAP), width, 3), BACKGROUND, np.uint8)
+    for r, (q, ns) in enumerate(zip(queries, neighbours)):
+        top = GAP + r * (THUMB + GAP)
+        for c, im in enumerate([q, *ns]):
+            left = GAP + c * (THUMB + GAP) + (BLOCK_GAP if c else 0)
+            mosaic[top:top + THUMB, left:left + THUMB] = _thumb(im)
+    return mosaic
+
+
+def predictions_figure(images: list[np.ndarray], tops, truths: list[str], path: Path) -> Path:
+    """Figure 4, left: each image with its top-5 classes as bars, the true class's bar in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(3.2 * cols, 4.6 * rows),
+                             gridspec_kw={"height_ratios": [3, 1.6] * rows}, constrained_layout=True)
+    axes = np.atleast_2d(axes)
+    for i in range(rows * cols):
+        ax_im, ax_bar = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
+        ax_im.axis("off")
+        ax_bar.axis("off")
+        if i >= len(images):
+            continue
+        truth_name = next((p.name for p in tops[i] if p.wnid == truths[i]), truths[i])
+        ax_im.imshow(images[i])
+        ax_im.set_title(_short(truth_name), fontsize=9)
+        names = [_short(p.name) for p in tops[i]][::-1]
+        values = [p.probability for p in tops[i]][::-1]
+        colours = ["C3" if p.wnid == truths[i] else "C0" for p in tops[i]][::-1]
+        ax_bar.axis("on")
+        ax_bar.barh(range(len(values)), values, color=colours)
+        ax_bar.set_yticks(range(len(values)), names, fontsize=7)
+        ax_bar.set_xlim(0, 1)
+        ax_bar.tick_params(axis="x", labelsize=7)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def _short(name: str) -> str:
+    return name.split(",")[0][:24]
+
+
+def _pick(labels: list[int], n: int) -> list[int]:
+    """Indices of n samples, one per class first (the first of each), then the next ones in order."""
+    first = {}
+    for i, label in enumerate(labels):
+        first.setdefault(label, i)
+    chosen = sorted(first.values())[:n]
+    return chosen + [i for i in range(len(labels)) if i not in chosen][:n - len(chosen)]
+
+
+def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
+    """{index: (pixels 256x256x3, label)} of a split's samples in shard order (all, or the `wanted` ones)."""
+    from .inference import image_256
+    from .shards import iter_samples, shard_paths
+
+    out, i = {}, 0
+    for path in shard_paths(shards_dir, split):
+        for _, jpeg, label in iter_samples(path.read_bytes()):
+            if wanted is None or i in wanted:
+                out[i] = (image_256(jpeg), label)
+            i += 1
+        if wanted is not None and len(out) == len(wanted):
+            break
+    return out
+
+
+def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, pool: int, batch_size: int = 128,
+                  progress: bool = True) -> dict:
+    """filters.png, predictions.png and neighbours.png of a checkpoint into `out_dir`: Figure 3, and Figure 4
+    with eight validation images (one per class first) and the first five of them beside their six nearest
+    neighbours in fc7 among the first `pool` training images (center crops, in shard order). Returns the
+    paths and what they show."""
+    from .build import batch_format
+    from .inference import predict_pixels, trained_model
+    from .options import LoaderConfig
+    from .pipeline import Loader
+    from .shards import load_manifest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = trained_model(ckpt, device)
+    paths = {"filters": filters_figure(ckpt.weights["conv1.weight"], out_dir / "filters.png")}
+    manifest = load_manifest(shards_dir)
+    val = _samples(shards_dir, "val")
+    shown = _pick([label for _, label in val.values()], min(8, len(val)))
+    tops = predict_pixels(model, [val[i][0] for i in shown])
+    truths = [ckpt.classes[val[i][1]] for i in shown]
+    paths["predictions"] = predictions_figure([val[i][0] for i in shown], tops, truths, out_dir / "predictions.png")
+
+    def loader(split):
+        cfg = LoaderConfig(shards=shards_dir, split=split, batch_size=batch_size, device=str(device),
+                           mean=ckpt.preprocessing["mean"], num_threads=None, **batch_format(device, model.precision))
+        return Loader(cfg, train=False)
+
+    pool = min(pool, manifest["splits"]["train"]["samples"])
+    queries = shown[:5]
+    query_features = hidden_features(model.net, loader("val"), max(queries) + 1, progress=False)[queries]
+    bank = hidden_features(model.net, loader("train"), pool, progress)
+    found = nearest(query_features, bank, 6)
+    train_images = _samples(shards_dir, "train", set(found.flatten().tolist()))
+    mosaic = neighbours_mosaic([val[i][0] for i in queries], [[train_images[j][0] for j in row] for row in found.tolist()])
+    Image.fromarray(mosaic).save(out_dir / "neighbours.png")
+    paths["neighbours"] = out_dir / "neighbours.png"
+    return {"paths": paths, "shown": shown, "tops": tops, "truths": truths, "queries": queries,
+            "neighbours": found.tolist(), "pool": pool}

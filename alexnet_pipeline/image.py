@@ -90,12 +90,15 @@ def decode_rgb(data: bytes, size: int) -> Image.Image:
         raise BadImage(f"not an image ({kind})") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image" / "truncated"
         raise BadImage(f"cannot decode this {sniff(data)} ({e})") from e
+    return rgb(im)
+
+
+def rgb(im: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB: 16-bit greyscale scaled, CMYK (22 ImageNet train files), greyscale,
+    palette and alpha images converted."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         im = _to_8_bits(im)
-    if im.mode != "RGB":
-        # CMYK (22 ImageNet train files), grayscale, palette and alpha PNGs all end as plain RGB.
-        im = im.convert("RGB")
-    return im
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def center_square(im: Image.Image, size: int) -> Image.Image:

@@ -143,14 +143,19 @@ class AlexNet(nn.Module):
         x = F.relu(self._conv(self.conv5, F.relu(self._conv(self.conv4, F.relu(self.conv3(x))))))
         return F.max_pool2d(x, 3, 2)
 
-    def forward(self, x):
+    def hidden(self, x):
+        """fc7's output after its ReLU: the last hidden layer, whose nearest neighbours are Figure 4's."""
         x = self.features(x)
         if self.cfg.variant == "paper":  # dropout on the outputs of fc6 and fc7
             x = self.drop(F.relu(self.fc6(torch.flatten(x, 1))))
-            return self.fc8(self.drop(F.relu(self.fc7(x))))
+            return F.relu(self.fc7(x))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 6), 1)  # torchvision: dropout on the inputs of fc6, fc7
         x = F.relu(self.fc6(self.drop(x)))
-        return self.fc8(F.relu(self.fc7(self.drop(x))))
+        return F.relu(self.fc7(self.drop(x)))
+
+    def forward(self, x):
+        h = self.hidden(x)
+        return self.fc8(self.drop(h) if self.cfg.variant == "paper" else h)
 
 
 class _Column(nn.Module):

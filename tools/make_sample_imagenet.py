@@ -11,8 +11,8 @@ angle, a colour and a stripe frequency, with random placement, scale, lighting a
     kaggle/     ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/*.JPEG}, LOC_val_solution.csv, LOC_synset_mapping.txt
     devkit/     train/<wnid>/, val/*.JPEG, ILSVRC2012_devkit_t12/data/{meta.mat, ..._ground_truth.txt}
     archives/   ILSVRC2012_img_train.tar (a tar of per-class tars), ILSVRC2012_img_val.tar, devkit .tar.gz
-    hf/         data/train_images_{0..}.tar.gz, val_images.tar.gz, test_images.tar.gz (Hugging Face's
-                ILSVRC/imagenet-1k: flat members named <original stem>_<wnid>.JPEG; test carries no class)
+    hf/         data/train_images_{0..}.tar.gz, val_images.tar.gz, test_images.tar.gz, classes.py (Hugging
+                Face's ILSVRC/imagenet-1k: flat members named <original stem>_<wnid>.JPEG; test carries no class)
 
 The first 20 classes have real wnids; more classes get made-up ones (n9xxxxxxx, sorted after the real ones).
 The devkit's ILSVRC2012_IDs are deliberately not the sorted order of the wnids (as in the real devkit).
@@ -299,6 +299,10 @@ def _hugging_face(out, ext, names, train_files, val_files, truth, seed):
     test = [(f"ILSVRC2012_test_{i + 1:08d}.JPEG", jpeg(photo(rng, i % len(names), len(names), (500, 375))))
             for i in range(3)]
     (data / "test_images.tar.gz").write_bytes(gzip_bytes(tar_bytes(test)))
+    # the dataset repository's class table, as its classes.py holds it
+    rows = "".join(f'        "{w}": "class {w}",\n' for w in names)
+    (out / "hf" / "classes.py").write_text(f"from collections import OrderedDict\n\nIMAGENET2012_CLASSES = "
+                                           f"OrderedDict(\n    {{\n{rows}    }}\n)\n")
 
 
 def main(argv=None):

@@ -1,0 +1,86 @@
+"""The paper's figures, checked by their pixels and numbers: 96 kernel tiles, the real nearest neighbours."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alexnet_pipeline import cli, figures, train
+from alexnet_pipeline.checkpoint import Checkpoint
+from alexnet_pipeline.model import AlexNet, AlexNetConfig
+
+
+def test_figure_3_has_one_tile_per_kernel_each_normalised_in_two_blocks(tmp_path):
+    weight = AlexNet(AlexNetConfig(10)).conv1.weight  # full width: 96 kernels, 11x11x3
+    path = figures.filters_figure(weight, tmp_path / "filters.png")
+    image = np.asarray(Image.open(path))
+    assert np.array_equal(image, figures.filters_mosaic(weight))
+    origins = figures.tile_origins(96, 11)
+    side = 11 * figures.SCALE
+    kernels = figures.normalised_kernels(weight)
+    for kernel, (top, left) in zip(kernels, origins):  # every tile is its kernel, min to max
+        tile = image[top:top + side, left:left + side]
+        assert np.array_equal(tile[::figures.SCALE, ::figures.SCALE], np.round(kernel * 255).astype(np.uint8))
+    assert len(set(origins)) == 96 and kernels.min() == 0 and kernels.max() == 1
+    first, second = {t for t, _ in origins[:48]}, {t for t, _ in origins[48:]}
+    assert max(first) + side + figures.BLOCK_GAP <= min(second)  # column 1's kernels above column 2's
+    mask = np.ones(image.shape[:2], bool)  # outside the tiles only background
+    for top, left in origins:
+        mask[top:top + side, left:left + side] = False
+    assert (image[mask] == figures.BACKGROUND).all()
+
+
+def test_nearest_is_the_brute_force_nearest():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(500, 64, generator=g), torch.randn(5, 64, generator=g)
+    found = figures.nearest(queries, bank, 6)
+    for q, row in zip(queries, found):
+        distances = ((bank - q) ** 2).sum(1)
+        assert row.tolist() == distances.argsort()[:6].tolist()
+
+
+@pytest.fixture(scope="module")
+def trained(prepped, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fig") / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, width=0.25, global_batch=8, num_threads=1,
+                                final_tencrop=False, device="cpu", log_every=8))
+    return out
+
+
+def test_training_ends_with_figure_3(trained):
+    ckpt = Checkpoint.load(trained / train.CHECKPOINT)
+    assert np.array_equal(np.asarray(Image.open(trained / train.FILTERS)),
+                          figures.filters_mosaic(ckpt.weights["conv1.weight"]))
+
+
+def test_figure_4_shows_the_predictions_and_the_nearest_training_images_in_fc7(prepped, trained, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(trained / train.BEST), "--device", "cpu",
+                          "--threads", "1", "--figures", "--figures-out", str(out), "--neighbour-pool", "20"]) == 0
+    assert "neighbours among 20 training images" in capsys.readouterr().out
+    for name in ("filters.png", "predictions.png", "neighbours.png"):
+        assert Image.open(out / name).size[0] > 100
+    ckpt = Checkpoint.load(trained / train.BEST)
+    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "again", torch.device("cpu"), 20, progress=False)
+    assert len(drawn["shown"]) == 8 and drawn["pool"] == 20
+    # the neighbours are the nearest of the first 20 training images in fc7, recomputed image by image
+    net = ckpt.network("cpu")
+    train_images = figures._samples(prepped, "train")
+    val_images = figures._samples(prepped, "val")
+    from alexnet_pipeline.inference import views
+
+    def fc7(pixels):
+        with torch.no_grad():
+            return net.hidden(torch.from_numpy(views(pixels, ckpt.mean_to_subtract(), False)))[0]
+
+    bank = torch.stack([fc7(train_images[i][0]) for i in range(20)])
+    for q, row in zip(drawn["queries"], drawn["neighbours"]):
+        distances = ((bank - fc7(val_images[q][0])) ** 2).sum(1)
+        order = distances.argsort().tolist()
+        assert set(row) == set(order[:6]) or np.allclose(sorted(distances[row]), sorted(distances[order[:6]]),
+                                                           rtol=1e-3)
+    mosaic = np.asarray(Image.open(tmp_path / "again" / "neighbours.png"))
+    t, g = figures.THUMB, figures.GAP
+    first = mosaic[g:g + t, g + t + g + figures.BLOCK_GAP:g + t + g + figures.BLOCK_GAP + t]
+    assert np.array_equal(first, figures._thumb(train_images[drawn["neighbours"][0][0]][0]))
+    assert [p.wnid for p in drawn["tops"][0]][:1] and len(drawn["truths"]) == 8

@@ -1,0 +1,38 @@
+"""The GPU round's plumbing, run on the CPU: the feed stage's commands and the record tools/feed_record.py
+makes of them (its keys, and figures that come from the commands' own outputs)."""
+
+import json
+import subprocess
+import sys
+
+from alexnet_pipeline import cli, train
+from conftest import ROOT, _load_tool
+
+feed_record = _load_tool("feed_record")
+
+
+def test_the_feed_record_is_made_from_the_stages_outputs(prepped, tmp_path, capsys):
+    common = ["--shards", str(prepped), "--device", "cpu", "--threads", "1", "--batch-size", "4", "--repeats", "1",
+              "--steps", "3", "--json"]
+    assert cli.bench_main(["loader", *common, "--axes", "batches_per_run"]) == 0
+    (tmp_path / "loader.json").write_text(capsys.readouterr().out)
+    assert cli.bench_main(["train", *common, "--width", "0.0625", "--feeds", "synthetic,dali"]) == 0
+    (tmp_path / "bench.json").write_text(capsys.readouterr().out)
+    train.run(train.TrainConfig(shards=prepped, out=tmp_path / "run", epochs=2, width=0.0625, global_batch=8,
+                                num_threads=1, log_every=2, device="cpu", final_tencrop=False))
+    (tmp_path / "two.txt").write_text("1 passed in 40.0s\n")
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "feed_record.py"), "--shards", str(prepped),
+                        "--loader", str(tmp_path / "loader.json"), "--bench", str(tmp_path / "bench.json"),
+                        "--train-log", str(tmp_path / "run" / train.LOG), "--two-ranks", str(tmp_path / "two.txt"),
+                        "--out", str(tmp_path / "feed.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "feed.json").read_text())
+    assert {"commit", "gpu", "torch", "dali", "images", "bytes_per_image", "synthetic", "bench_real",
+            "train_logged", "data_wait", "loader_alone", "two_ranks_test"} <= set(record)
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert record["synthetic"] == bench["images_per_s"]["synthetic"] and record["two_ranks_test"] == "passed"
+    assert record["images"] == 31 and 10_000 < record["bytes_per_image"] < 40_000
+    later = [json.loads(line) for line in (tmp_path / "run" / train.LOG).read_text().splitlines()]
+    later = sorted(r["images_per_s"] for r in later if r["kind"] == "train" and r["epoch"] == 2)
+    assert record["train_logged"] in later or min(later) <= record["train_logged"] <= max(later)
+    assert [row["what"] for row in record["loader_alone"]].count("train") == 4
