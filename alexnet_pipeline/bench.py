@@ -240,12 +240,12 @@ def pipeline_rates(bench: PipelineBench) -> dict:
     result = {**to_json(bench), "threads": bench.num_threads or _cores()}
     for name, train, split, tencrop in (("train", True, "train", False), ("tencrop_eval", False, "val", True)):
         cfg = LoaderConfig(**subset(bench, LoaderConfig), split=split, tencrop=tencrop)
-        result[name] = _stage_rates(bench, cfg, train)
+        result[name], result["device"] = _stage_rates(bench, cfg, train), cfg.device
     return result
 
 
 def _print_pipeline(bench: PipelineBench, result: dict) -> None:
-    print(f"pipeline on {bench.shards}, {bench.device} ({bench.dtype}), batch {bench.batch_size}, "
+    print(f"pipeline on {bench.shards}, {result['device']} ({bench.dtype}), batch {bench.batch_size}, "
           f"{result['threads']} threads/workers, median of {bench.repeats} x {bench.steps} batches after a warm-up")
     print(f"{'':<14}{'DALI':>10}{'same order':>11}{'baseline':>10}{'decode':>10}{'x base':>8}{'x decode':>9}"
           "   (images/s)")

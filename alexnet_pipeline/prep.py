@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__, files, imagenet, shards
+from . import __version__, files, imagenet, shards, units
 from .config import OptionError, UserError, check, option
 from .image import BadImage, prepare
 from .stats import Moments, summarize
@@ -128,12 +128,12 @@ def _init_worker(counter):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _work_paths(work: Path, unit: imagenet.Unit) -> tuple[Path, Path]:
+def _work_paths(work: Path, unit: units.Unit) -> tuple[Path, Path]:
     base = work / unit.name  # unit names are "<split>/<part>"
     return base.with_suffix(".bin"), base.with_suffix(".npz")
 
 
-def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tuple[int, int]:
+def process_unit(unit: units.Unit, work: Path, size: int, quality: int) -> tuple[int, int]:
     """Prepare every image of `unit` into its work files; returns (usable, skipped)."""
     bin_path, npz_path = _work_paths(work, unit)
     keys, labels, offsets, sizes, skipped = [], [], [], [], []
@@ -163,7 +163,7 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
             if _counter is not None:
                 with _counter.get_lock():
                     _counter.value += 1
-    except imagenet.ARCHIVE_ERRORS as e:
+    except units.ARCHIVE_ERRORS as e:
         # a damaged archive loses the rest of this unit only; what was read so far is kept
         skipped.append({"split": unit.split, "source": unit.where,
                         "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
@@ -177,10 +177,10 @@ def process_unit(unit: imagenet.Unit, work: Path, size: int, quality: int) -> tu
     return len(keys), len(skipped)
 
 
-def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool, workers: int) -> int:
+def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool, workers: int) -> int:
     """Process the units of `split` not yet done; returns how many images were processed. At most two units
     per worker are in flight (a unit read from a .tar.gz carries its images' bytes)."""
-    todo = [u for u in units if not _work_paths(work, u)[1].exists()]
+    todo = [u for u in planned if not _work_paths(work, u)[1].exists()]
     if not todo:
         return 0
     (work / split).mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def _run_units(cfg: PrepConfig, split: str, units, work: Path, pool, workers: in
     counter = _counter
     counter.value = 0
     bar = _bar(cfg, None if None in known else sum(known), f"{split} images", "img")
-    jobs = imagenet.with_payloads(todo, queue_size=2 * workers)
+    jobs = units.with_payloads(todo, queue_size=2 * workers)
     try:
         if pool is None:
             for unit in jobs:
@@ -221,10 +221,10 @@ def _wait(result, bar, counter) -> None:
 
 # ---- stage 2: work files -> shards --------------------------------------------------------------------
 
-def _collect(units, work: Path):
+def _collect(planned: list, work: Path):
     """Samples (key, label, bin file, offset, size) of all units, skipped files, and merged moments."""
     samples, skipped, moments, seen = [], [], None, {}
-    for u in units:
+    for u in planned:
         bin_path, npz_path = _work_paths(work, u)
         with np.load(npz_path) as z:
             skipped += json.loads(str(z["skipped"]))
@@ -405,10 +405,10 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
             return _finished_report(cfg, t0)
         _clear(out)
     report = PrepReport(resumed=_start(cfg, listing), notes=list(source.notes))
-    units = sum(len(u) for u in source.units.values())
-    workers = min(cfg.n_workers(), units)
+    n_units = sum(len(u) for u in source.units.values())
+    workers = min(cfg.n_workers(), n_units)
     if workers < cfg.n_workers():
-        report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {units} units of work")
+        report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {n_units} units of work")
     manifest = {"format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
                 "classes": source.classes, "class_names": {w: source.class_names[w] for w in source.classes
                                                            if w in source.class_names},

@@ -324,15 +324,12 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     the shard's bytes imply, sample counts, labels in range and consistent, that every image decodes to a
     256x256 RGB baseline JPEG, and that the statistics are finite and consistent (stats_problem).
     """
-    from PIL import Image
-
     shards = Path(shards)
     try:
         manifest = load_manifest(shards)
     except ShardError as e:
         return [str(e)]
     problems = []
-    n_classes, size = len(manifest["classes"]), manifest["image_size"]
     if "train" in manifest["splits"]:
         try:
             load_stats(shards)
@@ -344,41 +341,50 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     for split, entry in manifest["splits"].items():
         total = 0
         for info in entry["shards"]:
-            path = shards / split / info["name"]
-            if not path.exists():
-                problems.append(f"{path}: missing")
-                continue
-            data = path.read_bytes()
-            if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-                problems.append(f"{path}: size or sha256 differs from {MANIFEST} (corrupted or replaced)")
-                continue
-            try:
-                samples = list(iter_samples(data))
-            except (tarfile.TarError, ValueError) as e:
-                problems.append(f"{path}: unreadable samples ({e})")
-                continue
-            idx = path.with_suffix(".idx")
-            if not idx.exists() or idx.read_text() != build_shard(samples)[1]:
-                problems.append(f"{idx}: missing or does not match its shard")
-            if len(samples) != info["samples"]:
-                problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info['samples']}")
-            for key, jpeg, label in samples:
-                if not 0 <= label < n_classes:
-                    problems.append(f"{path}: {key}: label {label} out of range")
-                if check_images:
-                    try:
-                        im = Image.open(io.BytesIO(jpeg))
-                        im.load()
-                        ok = im.format == "JPEG" and im.mode == "RGB" and im.size == (size, size)
-                        ok = ok and not im.info.get("progressive") and not im.info.get("progression")
-                    except (OSError, SyntaxError, ValueError):
-                        ok = False
-                    if not ok:
-                        problems.append(f"{path}: {key}.jpg: not a {size}x{size} baseline RGB JPEG")
-            total += len(samples)
+            found, count = _shard_problems(shards / split / info["name"], info, manifest, check_images)
+            problems += found
+            total += count
         if total != entry["samples"]:
             problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry['samples']}")
     return problems
+
+
+def _shard_problems(path: Path, info: dict, manifest: dict, check_images: bool) -> tuple[list[str], int]:
+    """(problems, samples read) of one shard and its index."""
+    if not path.exists():
+        return [f"{path}: missing"], 0
+    data = path.read_bytes()
+    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        return [f"{path}: size or sha256 differs from {MANIFEST} (corrupted or replaced)"], 0
+    try:
+        samples = list(iter_samples(data))
+    except (tarfile.TarError, ValueError) as e:
+        return [f"{path}: unreadable samples ({e})"], 0
+    problems = []
+    idx = path.with_suffix(".idx")
+    if not idx.exists() or idx.read_text() != build_shard(samples)[1]:
+        problems.append(f"{idx}: missing or does not match its shard")
+    if len(samples) != info["samples"]:
+        problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info['samples']}")
+    size = manifest["image_size"]
+    for key, jpeg, label in samples:
+        if not 0 <= label < len(manifest["classes"]):
+            problems.append(f"{path}: {key}: label {label} out of range")
+        if check_images and not _baseline_jpeg(jpeg, size):
+            problems.append(f"{path}: {key}.jpg: not a {size}x{size} baseline RGB JPEG")
+    return problems, len(samples)
+
+
+def _baseline_jpeg(data: bytes, size: int) -> bool:
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return (im.format == "JPEG" and im.mode == "RGB" and im.size == (size, size) and not im.info.get("progressive")
+            and not im.info.get("progression"))
 
 
 def record_times(shards: Path) -> int:

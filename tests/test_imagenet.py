@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from alexnet_pipeline import imagenet
+from alexnet_pipeline import imagenet, units
 from conftest import CLASSES, sample_maker
 
 
@@ -76,11 +76,11 @@ def test_hugging_face_names_give_the_original_keys_and_labels(sample):
     source = imagenet.find(root / "hf")
     assert source.classes == sorted(sample_maker.WNIDS[:CLASSES])
     labels = {}
-    for unit in imagenet.with_payloads([u for units in source.units.values() for u in units]):
+    for unit in units.with_payloads([u for split in source.units.values() for u in split]):
         for item in unit.items():
             labels[item.key] = item.label
     want = {n.split(".")[0]: label for split in ("train", "val") for n, label in truth[split].items()
             if n != sample_maker.STRAY}
     assert {k: v for k, v in labels.items() if k in want} == want
     assert not any(k.startswith("ILSVRC2012_test") for k in labels)  # test images carry no class: not read
-    assert imagenet.hf_key("ILSVRC2012_val_00000001_n01751748.JPEG") == ("ILSVRC2012_val_00000001", "n01751748")
+    assert units.hf_key("ILSVRC2012_val_00000001_n01751748.JPEG") == ("ILSVRC2012_val_00000001", "n01751748")

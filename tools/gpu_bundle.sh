@@ -4,6 +4,8 @@
 #
 #   bash tools/gpu_bundle.sh DIR        # -> DIR/site.tar.xz.0, .1, .2 (about 141 MiB in all)
 #
+# Pieces of 56 MiB: with the working tree (under 1 MiB), each call stays under the 64 MiB the tool carries.
+#
 # The CUDA 13 build of DALI 2.4.0 with nvImageCodec and nvJPEG for CUDA 13, without their optional extras
 # (nvCOMP, nvTIFF, nvJPEG2000: nothing here decodes TIFF or JPEG 2000), and DALI's pure-Python dependencies the
 # machine lacks. The project itself depends on nvidia-dali-cuda120 (the CPU machines' build); this bundle is for
@@ -22,5 +24,5 @@ for w in "$TMP"/wheels/*.whl; do unzip -q -o "$w" -d "$TMP/site"; done
 # headers, and the extension modules of Pythons other than 3.12, are not needed to run
 rm -rf "$TMP/site/nvidia/dali/include"
 find "$TMP/site/nvidia/dali" -name '*.cpython-3*' ! -name '*cpython-312-*' -delete
-tar -cf - -C "$TMP" site | xz -9 -T0 | split -b 60M -d -a 1 - "$DIR/site.tar.xz."
+tar -cf - -C "$TMP" site | xz -9 -T0 | split -b 56M -d -a 1 - "$DIR/site.tar.xz."
 ls -la "$DIR"

@@ -2,14 +2,13 @@
 """Draw the README's charts from the raw measurements kept in docs/measurements/ (outputs of
 tools/gpu_check.sh on a lent H100):
 
-    python tools/plot_results.py            # -> docs/learning_curves.png, docs/bench_train.png, docs/step_profile.png
+    python tools/plot_results.py            # -> docs/learning_curves.png, docs/step_profile.png
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -25,24 +24,15 @@ def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def feeds_table(path: Path) -> dict[str, float]:
-    """{feed: images/s} from alexnet-bench train's printed table."""
-    rows = re.findall(r"^(\S+)\s+(\d+)\s+[\d.]+\s+[\d.]+$", path.read_text(), re.M)
-    return {feed: float(rate) for feed, rate in rows}
-
-
 def main() -> int:
     runs = {f"{init} init": _jsonl(MEASURED / f"h100_learn_{init}.jsonl") for init in ("paper", "caffe")}
     plot.plot_learning(runs, DOCS / "learning_curves.png", reference=math.log(1000))
-    feeds = feeds_table(MEASURED / "h100_bench_train.txt")
-    plot.plot_bars(feeds, DOCS / "bench_train.png", "H100, full-width AlexNet, batch 128: the same step, fed by...",
-                   "images/s", highlight=("synthetic", "dali-hw0.9"))
     steps = json.loads((MEASURED / "h100_step_profile.json").read_text())["images_per_s"]
     steps.pop("+compile")  # measured again with conv1 over space-to-depth blocks, in the run below
     steps.update(json.loads((MEASURED / "h100_step_profile_s2d.json").read_text())["images_per_s"])
     plot.plot_bars(steps, DOCS / "step_profile.png", "H100, synthetic batch: each change added to the one above",
                    "images/s", highlight=("before", "+compile"))
-    for name in ("learning_curves.png", "bench_train.png", "step_profile.png"):
+    for name in ("learning_curves.png", "step_profile.png"):
         print(DOCS / name)
     return 0
 

@@ -1,0 +1,273 @@
+"""Prep's units of work: a picklable recipe for a few hundred images (a slice of a class folder, a run of val
+files, one per-class tar inside ILSVRC2012_img_train.tar, consecutive members of a Hugging Face .tar.gz) that a
+worker turns into `Item`s, one class per kind of source. Archives are read in place, nothing is extracted:
+the outer tar is indexed once (headers only) and each worker seeks to its member and streams it; each .tar.gz
+is streamed once, by its own thread (`with_payloads`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import io
+import os
+import queue
+import re
+import tarfile
+import threading
+import urllib.parse
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import UserError
+
+HF_SUFFIX = re.compile(r"_(n\d{8})$")
+ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # EOFError: a gzip cut short
+
+
+class ArchiveError(UserError):
+    """An archive that was readable when the run started no longer is; the message names it."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One candidate image: its sample key, label, where it came from (for reports) and its bytes, or why
+    they could not be read."""
+
+    key: str
+    label: int
+    source: str
+    data: bytes
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    label: int
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A member of a flat tar (ILSVRC2012_img_val.tar): where its bytes are."""
+
+    offset: int
+    size: int
+    name: str
+    label: int
+
+
+@dataclass(frozen=True)
+class GzMember:
+    """A member of a .tar.gz (Hugging Face): its index among the archive's files."""
+
+    index: int
+    name: str
+    label: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A picklable recipe for a group of items of one split, which a worker turns into `Item`s. One subclass
+    per kind of source: FolderUnit, TarUnit, ClassTarUnit, HfUnit."""
+
+    split: str
+    name: str
+    expected: int | None = None  # number of items, where known without reading
+
+    def items(self):
+        """Yield the unit's `Item`s; unreadable entries come with empty bytes and a reason."""
+        raise NotImplementedError
+
+    def source_files(self) -> list[str]:
+        """The files this unit reads (for the source listing prep compares on a re-run)."""
+        raise NotImplementedError
+
+    @property
+    def where(self) -> str:
+        """What to name when the unit's source fails."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class FolderUnit(Unit):
+    """Files of a folder (a slice of a class folder, a run of flat val files)."""
+
+    files: tuple[FileEntry, ...] = ()
+
+    def items(self):
+        for f in self.files:
+            try:
+                yield Item(sample_key(f.path), f.label, f.path, Path(f.path).read_bytes())
+            except OSError as e:  # a broken or looping symbolic link, a directory, no permission
+                yield Item(sample_key(f.path), f.label, f.path, b"", error=f"unreadable ({e.strerror})")
+
+    def source_files(self) -> list[str]:
+        return [f.path for f in self.files]
+
+
+@dataclass(frozen=True)
+class TarUnit(Unit):
+    """Members of a flat tar, read by seeking to each."""
+
+    archive: str = ""
+    members: tuple[TarMember, ...] = ()
+
+    def items(self):
+        with open(self.archive, "rb") as f:
+            for m in self.members:
+                f.seek(m.offset)
+                yield Item(sample_key(m.name), m.label, f"{self.archive}:{m.name}", f.read(m.size))
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return self.archive
+
+
+@dataclass(frozen=True)
+class ClassTarUnit(Unit):
+    """One per-class tar inside ILSVRC2012_img_train.tar, streamed from its offset (nothing extracted)."""
+
+    archive: str = ""
+    offset: int = 0
+    size: int = 0
+    label: int = -1
+    limit: int | None = None
+
+    def items(self):
+        with open(self.archive, "rb") as f:
+            f.seek(self.offset)
+            window = _Window(f, self.size)
+            where = f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
+            with tarfile.open(fileobj=window, mode="r|") as inner:
+                members = ((m.name, inner.extractfile(m).read()) for m in inner if m.isfile())
+                if self.limit is not None:  # same rule as folders: the first N names in sorted order
+                    members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
+                for name, data in members:
+                    yield Item(sample_key(name), self.label, f"{where}/{name}", data)
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
+
+
+@dataclass(frozen=True)
+class HfUnit(Unit):
+    """Consecutive members of a Hugging Face .tar.gz; `with_payloads` reads their bytes into `payload`."""
+
+    archive: str = ""
+    members: tuple[GzMember, ...] = ()
+    payload: tuple = ()  # the members' bytes, in member order
+
+    def items(self):
+        for m, data in zip(self.members, self.payload, strict=True):
+            yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", data)
+
+    def source_files(self) -> list[str]:
+        return [self.archive]
+
+    @property
+    def where(self) -> str:
+        return self.archive
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of `size` bytes of an open file from its current position (a tar member)."""
+
+    def __init__(self, f, size):
+        self.f, self.left = f, size
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.f.readinto(memoryview(b)[: min(len(b), self.left)])
+        self.left -= n
+        return n
+
+
+def sample_key(name) -> str:
+    """The sample key of a file: its base name up to the first dot (keys must not contain dots), with any
+    byte other than letters, digits, '-', '_' and '~' percent-encoded (a space would split a line of DALI's
+    index; a name that is not valid UTF-8 keeps its bytes). ImageNet's own names are unchanged."""
+    return urllib.parse.quote(os.fsencode(Path(str(name)).name.split(".", 1)[0]), safe="-_~")
+
+
+def hf_key(name) -> tuple[str, str | None]:
+    """(sample key, wnid) of a Hugging Face member name: n01440764_10026_n01440764.JPEG gives the key of
+    n01440764_10026.JPEG (so both layouts give the same samples) and n01440764; a name without the suffix
+    (a test image) gives no wnid."""
+    stem = Path(str(name)).name.split(".", 1)[0]
+    m = HF_SUFFIX.search(stem)
+    return sample_key(stem[:m.start()] if m else stem), (m.group(1) if m else None)
+
+
+def with_payloads(units, queue_size: int = 8):
+    """Yield `units`, each HfUnit with its members' bytes attached. Each .tar.gz is streamed once, by its own
+    thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size` units wait in
+    memory. Nothing is extracted to disk."""
+    yield from (u for u in units if not isinstance(u, HfUnit))
+    by_archive: dict[str, list[HfUnit]] = {}
+    for u in units:
+        if isinstance(u, HfUnit):
+            by_archive.setdefault(u.archive, []).append(u)
+    if not by_archive:
+        return
+    out, stop, done = queue.Queue(maxsize=queue_size), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(archive: str, archive_units: list[HfUnit]):
+        owner = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
+        parts = [[None] * len(u.members) for u in archive_units]
+        left = [len(u.members) for u in archive_units]
+        try:
+            with tarfile.open(archive, "r|gz") as tf:
+                files = (m for m in tf if m.isfile())
+                for i, member in enumerate(files):
+                    if stop.is_set() or not any(left):
+                        break
+                    if i in owner:
+                        n, j = owner[i]
+                        parts[n][j] = tf.extractfile(member).read()
+                        left[n] -= 1
+                        if not left[n]:
+                            put(dataclasses.replace(archive_units[n], payload=tuple(parts[n])))
+                            parts[n] = None
+            if any(left):
+                raise EOFError("fewer members than when it was first read")
+            put(done)
+        except ARCHIVE_ERRORS as e:
+            put(ArchiveError(f"{archive}: unreadable or truncated ({e or type(e).__name__}); it was readable "
+                            "when this run started"))
+
+    threads = [threading.Thread(target=read, args=item, daemon=True) for item in by_archive.items()]
+    for t in threads:
+        t.start()
+    try:
+        finished = 0
+        while finished < len(threads):
+            item = out.get()
+            if item is done:
+                finished += 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
