@@ -47,6 +47,11 @@ class Shards:
 
 
 @dataclass(kw_only=True)
+class Output:
+    json: bool = option(False, "print one JSON object instead of a table")
+
+
+@dataclass(kw_only=True)
 class Device:
     device: str = option("auto", "auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N",
                          validate=_device_problem)
@@ -145,11 +150,6 @@ class Stepping:
                            "about a minute at start); the CPU runs it eagerly")
     cuda_graph: bool = option(True, "capture the whole step as a CUDA graph (one process on one GPU; DDP and "
                               "model parallelism run eagerly)")
-
-
-@dataclass(kw_only=True)
-class Output:
-    json: bool = option(False, "print one JSON object instead of a table")
 
 
 def resolve_device(name: str, local_rank: int = 0):
