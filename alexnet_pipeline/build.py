@@ -90,15 +90,14 @@ class Training:
 
 
 def training(cfg, num_classes: int, world: World, ckpt: Checkpoint | None = None, adapt=None) -> Training:
-    """Network, optimizer (with the checkpoint's momentum) and step, as alexnet-train runs them: DDP over
+    """Network (with the checkpoint's weights), optimizer and step, as alexnet-train runs them: DDP over
     several ranks, torch.compile and a CUDA graph on one GPU unless turned off. `adapt(net)`, if given, may
-    change the placed network before the rest is built (tools/step_profile.py's earlier forms of the step)."""
+    change the placed network before the rest is built (tools/step_profile.py's earlier forms of the step).
+    The checkpoint's optimizer state is restored by Checkpoint.restore_training, before the first step."""
     net = network(cfg, num_classes, world, ckpt)
     if adapt is not None:
         adapt(net)
     optimizer = optimizer_for(cfg, net)
-    if ckpt is not None and ckpt.training is not None:
-        optimizer.load_state_dict(ckpt.training.optimizer)
     gpu = world.device.type == "cuda"
     model = net
     if world.size > 1:  # a model split over two GPUs takes no device_ids

@@ -75,9 +75,9 @@ def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 6) -> torch.Tens
     return distances.topk(min(k, bank.shape[0]), dim=1, largest=False).indices
 
 
-def hidden_features(net, loader, limit: int, progress: bool = True) -> torch.Tensor:
+def hidden_features(net, loader, limit: int, progress: bool = True, precision: str = "fp32") -> torch.Tensor:
     """fc7 activations [n, 4096 x width] of the first `limit` images of a center-crop loader (padding left
-    out), on the CPU, with a progress bar."""
+    out), on the CPU, with a progress bar; `precision` as the network was trained (bf16 autocast on GPUs)."""
     from tqdm import tqdm
 
     from .step import autocast
@@ -87,7 +87,7 @@ def hidden_features(net, loader, limit: int, progress: bool = True) -> torch.Ten
     with torch.inference_mode(), tqdm(total=limit, desc="fc7 of training images", unit="img",
                                       disable=not progress) as bar:
         for images, labels in loader:
-            with autocast(images.device, "bf16"):
+            with autocast(images.device, precision):
                 h = net.hidden(images)[labels >= 0].float().cpu()
             h = h[:limit - n]
             out.append(h)
@@ -208,8 +208,8 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
 
     pool = min(pool, manifest["splits"]["train"]["samples"])
     queries = shown[:5]
-    query_features = hidden_features(model.net, loader("val"), max(queries) + 1, progress=False)[queries]
-    bank = hidden_features(model.net, loader("train"), pool, progress)
+    query_features = hidden_features(model.net, loader("val"), max(queries) + 1, False, model.precision)[queries]
+    bank = hidden_features(model.net, loader("train"), pool, progress, model.precision)
     found = nearest(query_features, bank, 6)
     train_images = _samples(shards_dir, "train", set(found.flatten().tolist()))
     mosaic = neighbours_mosaic([val[i][0] for i in queries], [[train_images[j][0] for j in row] for row in found.tolist()])

@@ -138,6 +138,8 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     them through the reference. `upto` stops early, for the benchmarks: "decode" after decoding (the
     decoder's ceiling), "read" after reading and the random draws (the graph's CPU side, no image work).
     `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws."""
+    if upto not in STAGES:
+        raise ValueError(f"upto must be one of {STAGES}, got {upto!r}")
     paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split)
     stats = shards.load_stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
@@ -218,7 +220,9 @@ class Loader:
         self.epoch = self.first_epoch if state is None else int(state["epoch"])
         self._position = 0 if state is None else int(state["position"])  # batches of `epoch` yielded
         self._resuming = state is not None
-        self._before_run = None  # DALI's state before the run being sliced (batches_per_run > 1)
+        # DALI's state before the run being sliced (batches_per_run > 1); a loader restored inside a run starts
+        # in that state
+        self._before_run = checkpoint
         self._torch_device = torch.device(cfg.device if cfg.on_gpu else "cpu")
         self._stream_ordered = cfg.stream_ordered and cfg.on_gpu
 

@@ -159,7 +159,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.epoch, self.step, self.history, self.stopping = 0, 0, [], False
         if ckpt is not None:
-            self.schedule.load_state_dict(ckpt.training.schedule)
+            ckpt.restore_training(self.parts.optimizer, self.schedule)
             self.epoch, self.step, self.history = ckpt.epoch, ckpt.step, ckpt.history
             rank = ckpt.rank_state(self.world.rank, self.world.size)
             if rank is None:

@@ -317,8 +317,10 @@ def test_a_resume_inside_or_at_the_end_of_a_run_of_batches_is_exact(prepped, sto
     it = iter(cut)
     taken = [next(it) for _ in range(stop_after)]  # 3 per run: inside a run, at its end, in the second
     resumed = Loader(cut.cfg, True, cut.state_dict())
+    again = Loader(cut.cfg, True, resumed.state_dict())  # saved again before it made a batch: the same place
     rest = [b for _ in range(2) for b in resumed][:len(run) - len(taken)]
     assert _exact(taken + rest) == _exact(run)
+    assert _exact([b for _ in range(2) for b in again][:len(rest)]) == _exact(rest)
 
 
 def test_one_loader_serves_every_epoch_with_one_pipeline(prepped, monkeypatch):
