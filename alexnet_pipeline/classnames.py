@@ -14,7 +14,6 @@ import re
 from importlib import resources
 
 TABLE = "ilsvrc2012_synsets.txt"
-SOURCE = "the ILSVRC-2012 devkit's synset words (meta.mat 'words', as in Caffe's synset_words.txt)"
 _HF_ENTRY = re.compile(r'"(n\d{8})"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 

@@ -35,7 +35,6 @@ from .options import LoaderConfig, batches_per_epoch, rank_samples, runs_per_epo
 from .shards import ShardError  # noqa: F401 (the loaders' errors; shards.py owns the format)
 
 PAD_LABEL = -100
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _base_mean(cfg: LoaderConfig, stats: dict) -> np.ndarray:
