@@ -18,7 +18,6 @@ from .distributed import World
 from .model import AlexNet, AlexNetConfig, place
 from .optim import PaperSGD
 from .options import Augmentation, Decoding, LoaderConfig, Order
-from .pipeline import Loader
 from .step import TrainStep
 
 
@@ -43,12 +42,21 @@ def loader_config(cfg, world: World, split: str, **extra) -> LoaderConfig:
                         **batch_format(world.device, cfg.precision), **extra)
 
 
-def train_loader(cfg, world: World, ckpt: Checkpoint | None = None) -> Loader:
+def train_loader(cfg, world: World, ckpt: Checkpoint | None = None):
     """The run's train loader, built once for every epoch; from a checkpoint, at its exact data position
     (or, saved by another number of ranks, at the start of its epoch, drawn afresh)."""
+    from .pipeline import Loader  # DALI: only where a loader is built (the step alone needs none)
+
     state = ckpt.rank_state(world.rank, world.size) if ckpt else None
     first_epoch = ckpt.epoch if ckpt and state is None else 0
     return Loader(loader_config(cfg, world, "train"), True, state.loader if state else None, first_epoch)
+
+
+def eval_loader(cfg, world: World, tencrop: bool = False):
+    """This rank's part of the validation split, center crops (or the ten crops)."""
+    from .pipeline import Loader
+
+    return Loader(loader_config(cfg, world, "val", tencrop=tencrop), False)
 
 
 def optimizer_for(cfg, net) -> PaperSGD:

@@ -28,7 +28,6 @@ from .checkpoint import Checkpoint, RankState, TrainingState, preprocessing
 from .config import UserError, check, option, recipe_fields, to_json
 from .optim import MOMENTUM_RULES
 from .options import Augmentation, Decoding, Network, Order, Placement, Shards, Stepping
-from .pipeline import Loader
 from .rundir import BEST, CHECKPOINT, CONFIG, FILTERS, LOG, PLOT, SUMMARY, RunDir
 from .runlog import RunLog
 from .shards import class_names, load_manifest, load_stats
@@ -154,7 +153,7 @@ class Trainer:
         if ckpt is not None:
             self.log.line(f"resuming {ckpt.path}: epoch {ckpt.epoch}, step {ckpt.step}")
         self.train_loader = build.train_loader(cfg, self.world, ckpt)
-        self.val_loader = Loader(build.loader_config(cfg, self.world, "val"), False)
+        self.val_loader = build.eval_loader(cfg, self.world)
         self.parts = build.training(cfg, len(self.classes), self.world, ckpt)
         self.schedule = Schedule(cfg)
         self.epoch, self.step, self.history, self.stopping = 0, 0, [], False
@@ -299,7 +298,7 @@ class Trainer:
         """Ten-crop validation of the final weights, the summary and the plots."""
         summary = {"epochs": self.epoch, "steps": self.step, "center": self.history[-1] if self.history else None}
         if self.cfg.final_tencrop:
-            loader = Loader(build.loader_config(self.cfg, self.world, "val", tencrop=True), False)
+            loader = build.eval_loader(self.cfg, self.world, tencrop=True)
             counts = evaluate.error_counts(self.parts.model, loader, tencrop=True, precision=self.cfg.precision)
             summary["tencrop"] = t = evaluate.errors(counts)
             self.log.record("tencrop", self.step, **t)

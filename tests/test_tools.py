@@ -36,3 +36,21 @@ def test_the_feed_record_is_made_from_the_stages_outputs(prepped, tmp_path, caps
     later = sorted(r["images_per_s"] for r in later if r["kind"] == "train" and r["epoch"] == 2)
     assert record["train_logged"] in later or min(later) <= record["train_logged"] <= max(later)
     assert [row["what"] for row in record["loader_alone"]].count("train") == 4
+
+
+def test_the_step_and_prep_need_no_dali(tmp_path):
+    """The GPU round runs prep and the synthetic step before DALI is installed there."""
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name.split('.')[0] == 'nvidia': raise ImportError('no DALI here')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            f"sys.path.insert(0, {str(ROOT / 'tools')!r})\n"
+            "import torch, step_profile\n"
+            "step = step_profile.step_for('+compile', torch.device('cpu'), 2)\n"
+            "row = step(torch.randn(2, 3, 224, 224) * 50, torch.tensor([1, 3]))\n"
+            "assert row.shape == (3,) and torch.isfinite(row).all()\n"
+            "from alexnet_pipeline import cli\n"
+            "cli.prep_main(['--help'])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "usage: alexnet-prep" in r.stdout, r.stderr[-2000:]
