@@ -81,20 +81,20 @@ class Checkpoint:
 
     # ---- writing ------------------------------------------------------------------------------------------
 
-    def to_dict(self, full: bool = True) -> dict:
-        """The file's contents; `full=False` leaves the training state out (best.pt)."""
+    def to_dict(self) -> dict:
+        """The file's contents; without a training state (best.pt), the model's keys only."""
         out = {k: getattr(self, k) for k in MODEL_KEYS} | {"format": FORMAT}
-        if full and self.training is not None:
+        if self.training is not None:
             t = self.training
             out |= {"optimizer": t.optimizer, "schedule": t.schedule,
                     "ranks": [dataclasses.asdict(r) for r in t.ranks]}
         return out
 
-    def save(self, path: Path, full: bool = True) -> None:
+    def save(self, path: Path) -> None:
         """Write atomically. A full or read-only disk is one line (UserError), even where torch reports it as
         a RuntimeError; the previous file stays whole and loadable."""
         path = Path(path)
-        data = self.to_dict(full)
+        data = self.to_dict()
         recorder = _WriteRecorder()
         try:
             atomic_write(path, lambda f: torch.save(data, recorder.wrap(f)))

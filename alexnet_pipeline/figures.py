@@ -163,6 +163,13 @@ def _pick(labels: list[int], n: int) -> list[int]:
     return chosen + [i for i in range(len(labels)) if i not in chosen][:n - len(chosen)]
 
 
+def _labels(shards_dir: Path, split: str) -> list[int]:
+    """The labels of a split's samples in shard order (no image is decoded)."""
+    from .shards import iter_samples, shard_paths
+
+    return [label for path in shard_paths(shards_dir, split) for _, _, label in iter_samples(path.read_bytes())]
+
+
 def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
     """{index: (pixels 256x256x3, label)} of a split's samples in shard order (all, or the `wanted` ones)."""
     from .inference import image_256
@@ -195,8 +202,9 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     model = trained_model(ckpt, device)
     paths = {"filters": filters_figure(ckpt.weights["conv1.weight"], out_dir / "filters.png")}
     manifest = load_manifest(shards_dir)
-    val = _samples(shards_dir, "val")
-    shown = _pick([label for _, label in val.values()], min(8, len(val)))
+    labels = _labels(shards_dir, "val")  # 50,000 on ImageNet: only the images shown are decoded
+    shown = _pick(labels, min(8, len(labels)))
+    val = _samples(shards_dir, "val", set(shown))
     tops = predict_pixels(model, [val[i][0] for i in shown])
     truths = [ckpt.classes[val[i][1]] for i in shown]
     paths["predictions"] = predictions_figure([val[i][0] for i in shown], tops, truths, out_dir / "predictions.png")

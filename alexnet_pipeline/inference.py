@@ -92,11 +92,11 @@ def views(pixels: np.ndarray, mean: np.ndarray, tencrop: bool) -> np.ndarray:
 
 def probabilities(model: TrainedModel, batch: np.ndarray) -> torch.Tensor:
     """Softmax over the classes of [B, V, 3, 224, 224] views, averaged over the V views: [B, classes]."""
-    x = torch.from_numpy(batch).to(model.device)
+    x = torch.from_numpy(batch).flatten(0, 1).to(model.device)
     if model.device.type == "cuda":
-        x = x.to(memory_format=torch.channels_last) if x.dim() == 4 else x
+        x = x.contiguous(memory_format=torch.channels_last)  # the layout place() gave the network
     with torch.inference_mode(), autocast(model.device, model.precision):
-        logits = model.net(x.flatten(0, 1))
+        logits = model.net(x)
     return logits.float().softmax(1).view(batch.shape[0], batch.shape[1], -1).mean(1).cpu()
 
 
@@ -146,12 +146,13 @@ def run(cfg: PredictConfig) -> int:
         except BadImage as e:
             print(f"alexnet-predict: {path}: {e}", file=sys.stderr)
             failed += 1
-    results = predict_pixels(model, [p for _, p in good], tencrop=cfg.tencrop, top=cfg.top)
+    results = zip([path for path, _ in good], predict_pixels(model, [p for _, p in good], cfg.tencrop, cfg.top))
     if cfg.json:
-        print(json.dumps([{"image": path, "top": [dataclasses.asdict(p) for p in preds]}
-                          for (path, _), preds in zip(good, results)], indent=1))
-    for (path, _), preds in ([] if cfg.json else zip(good, results)):
-        print(path)
-        for p in preds:
-            print(f"  {p.probability:7.2%}  {p.wnid}  {p.name}")
+        print(json.dumps([{"image": path, "top": [dataclasses.asdict(p) for p in preds]} for path, preds in results],
+                         indent=1))
+    else:
+        for path, preds in results:
+            print(path)
+            for p in preds:
+                print(f"  {p.probability:7.2%}  {p.wnid}  {p.name}")
     return 2 if failed else 0

@@ -336,7 +336,7 @@ def run(cfg: PrepConfig) -> PrepReport:
 def _changed(cfg: PrepConfig, old: dict | None, new: dict, what: str) -> bool:
     """Whether the source differs from `old` (the listing a run was started or finished with). Without
     --rebuild a difference is refused in one line that says what changed."""
-    changes = shards.source_changes(old or {}, new) if old is not None else "no record of its source"
+    changes = shards.source_changes(old, new) if old is not None else "no record of its source"
     if not changes:
         return False
     if not cfg.rebuild:

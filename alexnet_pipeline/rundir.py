@@ -111,7 +111,7 @@ class RunDir:
         except OSError as e:
             raise (write_error(self.file(LOG), e) or e) from None
 
-    def save(self, name: str, ckpt: Checkpoint, full: bool = True) -> None:
+    def save(self, name: str, ckpt: Checkpoint) -> None:
         """Write a checkpoint atomically (a crash or a full disk leaves the previous one whole)."""
         if self.main:
-            ckpt.save(self.file(name), full)
+            ckpt.save(self.file(name))

@@ -182,7 +182,8 @@ class Trainer:
         return ckpt if self.world.main else self.run.start(self.cfg.resume)
 
     def checkpoint(self, full: bool = True) -> Checkpoint:
-        """The run as it stands (every rank calls this: their RNG and data states are gathered)."""
+        """The run as it stands; `full`: with the training state (every rank calls this: their RNG and data
+        states are gathered), else the weights only (best.pt)."""
         training = None
         if full:
             ranks = self.world.gather(RankState.capture(self.train_loader, self.world.device))
@@ -193,8 +194,7 @@ class Trainer:
                           training=training)
 
     def save(self, name: str, full: bool = True) -> None:
-        ckpt = self.checkpoint(full)
-        self.run.save(name, ckpt, full)
+        self.run.save(name, self.checkpoint(full))
 
     # ---- the loop -------------------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ def test_a_resume_over_a_changed_source_says_what_changed(sample, tmp_path):
     run(cfg)
     (out / shards.MANIFEST).unlink()  # as if killed before the end: the work files and plan remain...
     (out / ".work").mkdir()
-    shards.write_source(out / ".work", json.loads(json.dumps({"train/gone.JPEG": [1, 1]})))
+    shards.write_source(out / ".work", {"train/gone.JPEG": (1, 1)})
     (out / ".work" / "plan.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "source": "x"}))
     with pytest.raises(PrepError, match=r"changed since .* was started \(\d+ added, 1 removed"):
         run(cfg)

@@ -39,7 +39,7 @@ def lively(prepped, tmp_path_factory):
     with torch.no_grad():
         logits = net(torch.from_numpy(np.stack([views(p, ckpt.mean_to_subtract(), False)[0] for p in pixels])))
     ckpt.weights["fc8.bias"] -= logits.mean(0)
-    ckpt.save(out / "lively.pt", full=False)
+    ckpt.save(out / "lively.pt")
     return out / "lively.pt"
 
 

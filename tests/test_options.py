@@ -63,12 +63,10 @@ def test_no_option_has_two_defaults():
 
 def test_the_walker_sees_a_clash(monkeypatch):
     """The test above can fail: a second default for the per-rank batch is found."""
-    fields = {f.name: f for f in config.documented_fields(options.LoaderConfig)}
     changed = inspect.signature(pipeline.train_loader).replace(parameters=[
         p.replace(default=64) if p.name == "batch_size" else p
         for p in inspect.signature(pipeline.train_loader).parameters.values()])
     monkeypatch.setattr(pipeline.train_loader, "__signature__", changed)
-    assert "batch_size" in fields
     assert len(set(_defaults()["batch-size"].values())) == 2
 
 
