@@ -30,7 +30,7 @@ from PIL import Image
 
 from .config import OptionError, check, option, subset, to_json
 from .environment import report as environment_report
-from .options import Batch, Decoding, Device, Network, Output, Shards, Stepping, Tensors
+from .options import Batch, Decoding, Device, Network, Output, Shards, Stepping, Tensors, default_threads
 from .prep import Source, Workers
 
 
@@ -42,6 +42,23 @@ class Timing:
 @dataclass(kw_only=True)
 class Steps:
     steps: int = option(50, "batches (training steps) per timed repeat", minimum=1)
+
+
+@dataclass(kw_only=True)
+class Record:
+    record: Path | None = option(None, "also write the result as JSON to this file, rewritten as each row is "
+                                 "measured (a run cut short keeps the rows it has)")
+
+
+def _recorder(bench):
+    """on_row for a stage: rewrites bench.record with the partial result (environment included)."""
+    from .files import atomic_write
+
+    def write(result: dict) -> None:
+        if bench.record is not None:
+            atomic_write(bench.record, (json.dumps({**result, "environment": environment_report()}, indent=1)
+                                        + "\n").encode())
+    return write
 
 
 def _cores() -> int:
@@ -214,7 +231,7 @@ def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
         rates["dali_same_order"] = _loader_rate(bench, dataclasses.replace(cfg, shard_shuffle=False), train, sync)
     gc.collect()  # DALI's thread pools go with their pipelines
     if bench.baseline:
-        base = baseline_loader(cfg, train, workers=cfg.num_threads or _cores())
+        base = baseline_loader(cfg, train, workers=cfg.threads)
         rates["baseline"] = _stream_rate(_to_device(itertools.chain.from_iterable(itertools.repeat(base)), dev),
                                          bench.steps, bench.repeats, sync)
     return {"images_per_s": rates, "dali_over_baseline": rates["dali"] / rates["baseline"] if bench.baseline else None,
@@ -237,7 +254,7 @@ def pipeline_rates(bench: PipelineBench) -> dict:
     """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
     from .options import LoaderConfig
 
-    result = {**to_json(bench), "threads": bench.num_threads or _cores()}
+    result = {**to_json(bench), "threads": bench.num_threads or default_threads()}
     for name, train, split, tencrop in (("train", True, "train", False), ("tencrop_eval", False, "val", True)):
         cfg = LoaderConfig(**subset(bench, LoaderConfig), split=split, tencrop=tencrop)
         result[name], result["device"] = _stage_rates(bench, cfg, train), cfg.device
@@ -259,17 +276,27 @@ def _print_pipeline(bench: PipelineBench, result: dict) -> None:
 
 # ---- loader: where the ceiling is ----------------------------------------------------------------------
 
-# Each axis is varied alone around the defaults (the bench's own Decoding options).
-LOADER_AXES = {"batches_per_run": (1, 2, 4, 8), "hw_decoder_load": (0.0, 0.65, 0.9, 1.0),
-               "num_threads": (6, 8, 14, 16), "decoder": ("cpu",), "prefetch": (2, 4, 6)}
-GPU_ONLY = {"hw_decoder_load"}
+# Each axis is a list of changes, each tried alone around the defaults (the bench's own Decoding options).
+# hw_threads pairs them: the hardware decoder's share and the hybrid (CPU Huffman) share's threads interact.
+LOADER_AXES: dict[str, list[dict]] = {
+    "batches_per_run": [{"batches_per_run": k} for k in (1, 2, 4, 8)],
+    "hw_threads": [{"hw_decoder_load": h, "num_threads": t} for h in (0.65, 0.9) for t in (8, 16)],
+    "hw_decoder_load": [{"hw_decoder_load": h} for h in (0.0, 0.65, 0.9, 1.0)],
+    "num_threads": [{"num_threads": t} for t in (6, 8, 14, 16)],
+    "decoder": [{"decoder": "cpu"}],
+    "prefetch": [{"prefetch": k} for k in (2, 4, 6)],
+    "preallocate": [{"preallocate": True}],
+    "stream_ordered": [{"stream_ordered": True}],
+}
+GPU_ONLY = {"hw_threads", "hw_decoder_load", "decoder", "preallocate", "stream_ordered"}
 
 
 @dataclass(kw_only=True)
-class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output):
+class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output, Record):
     """The loader alone, no training: images/s of decoding alone ("decode") and of the whole train graph
-    ("train", the batches training gets) for each setting of the axes, one varied at a time around the
-    defaults; and the graph's CPU side alone ("read": reading and the random draws, host and DALI)."""
+    ("train", the batches training gets, in training's dtype and layout) for each setting of the axes, one
+    change at a time around the defaults; and the graph's CPU side alone ("read": reading and the random
+    draws, host and DALI)."""
 
     axes: tuple[str, ...] = option(tuple(LOADER_AXES), "axes to vary", choices=tuple(LOADER_AXES))
 
@@ -277,23 +304,29 @@ class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output):
         check(self)
 
 
-def loader_rows(bench: LoaderBench) -> list[dict]:
-    """The settings to time: the defaults, then one axis changed at a time (GPU-only axes on GPUs only)."""
+def _base_loader(bench: LoaderBench):
+    """The defaults' LoaderConfig: the bench's options, in the dtype and layout alexnet-train feeds its step."""
+    from .build import batch_format
     from .options import LoaderConfig, resolve_device
 
-    base = LoaderConfig(**subset(bench, LoaderConfig), split="train")
-    gpu = resolve_device(bench.device).type == "cuda"
+    device = resolve_device(bench.device)
+    return LoaderConfig(**{**subset(bench, LoaderConfig), "device": str(device), **batch_format(device)},
+                        split="train")
+
+
+def loader_rows(bench: LoaderBench) -> list[dict]:
+    """The settings to time: the defaults, then one change at a time (GPU-only axes on GPUs only); a change
+    that equals the defaults (16 threads on 16 cores) or asks for more threads than cores is left out."""
+    base = _base_loader(bench)
+    resolved = {**dataclasses.asdict(base), "num_threads": base.threads}
     settings, seen = [{}], {()}
     for axis in bench.axes:
-        if axis in GPU_ONLY and not gpu:
+        if axis in GPU_ONLY and not base.on_gpu:
             continue
-        for value in LOADER_AXES[axis]:
-            change = {axis: value}
-            if axis == "decoder":
-                change["num_threads"] = _cores()  # CPU decoding on every core
-            if axis == "num_threads" and value > _cores():
+        for change in LOADER_AXES[axis]:
+            if change.get("num_threads", 0) > _cores():
                 continue
-            key = tuple(sorted((k, v) for k, v in change.items() if getattr(base, k) != v))
+            key = tuple(sorted((k, v) for k, v in change.items() if resolved[k] != v))
             if key not in seen:
                 seen.add(key)
                 settings.append(dict(key))
@@ -302,24 +335,26 @@ def loader_rows(bench: LoaderBench) -> list[dict]:
 
 
 def loader_rates(bench: LoaderBench) -> dict:
-    """images/s of every row of loader_rows, each on a pipeline built for it and kept while it is timed."""
-    from .options import LoaderConfig, resolve_device
+    """images/s of every row of loader_rows, each on a pipeline built for it and kept while it is timed; the
+    result so far goes to bench.record after each row."""
+    import torch
+
     from .pipeline import Loader
 
-    device = resolve_device(bench.device)
-    sync = _sync_for(device)
-    base = LoaderConfig(**{**subset(bench, LoaderConfig), "device": str(device)}, split="train")
-    rows = []
+    base, on_row = _base_loader(bench), _recorder(bench)
+    sync = _sync_for(torch.device(base.device))
+    result = {**to_json(bench), "device": base.device, "dtype": base.dtype, "channels_last": base.channels_last,
+              "rows": []}
     for row in loader_rows(bench):
         cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})
         if row["what"] == "train":
             rate = _stream_rate(Loader(cfg, True).endless(), bench.steps, bench.repeats, sync)
         else:
             rate = _run_rate(bench, cfg, True, sync, row["what"])
-        rows.append({**row, "dali_batch": cfg.run_size, "threads": cfg.num_threads or _cores(),
-                     "images_per_s": rate})
+        result["rows"].append({**row, "dali_batch": cfg.run_size, "threads": cfg.threads, "images_per_s": rate})
         gc.collect()  # this row's pipeline and threads go before the next one's
-    return {**to_json(bench), "device": str(device), "rows": rows}
+        on_row(result)
+    return result
 
 
 def _print_loader(bench: LoaderBench, result: dict) -> None:
@@ -355,7 +390,7 @@ def _dali_overrides(feed: str) -> dict:
 
 
 @dataclass(kw_only=True)
-class TrainBench(Shards, Device, Batch, Decoding, Network, Stepping, Timing, Steps, Output):
+class TrainBench(Shards, Device, Batch, Decoding, Network, Stepping, Timing, Steps, Output, Record):
     """images/s of one training step (model, loss, backward, optimizer, built as alexnet-train builds it)
     fed by each of `feeds`: a batch held on the device (synthetic, the ceiling), the DALI train loader (with
     its decoding variants, each loader built once and kept across epochs, as alexnet-train keeps it) and the
@@ -435,7 +470,17 @@ def train_rates(bench: TrainBench) -> dict:
     sync, world = _sync_for(dev), World(0, 1, 0, dev)
     cfg = bench_run_config(bench)
     parts = build.training(cfg, len(load_manifest(cfg.shards)["classes"]), world)
-    held, kernels, rates = None, None, {}
+    held, kernels, rates, on_row = None, None, {}, _recorder(bench)
+    flops = flops_per_image(parts.net.cfg)["train_flops"]
+
+    def summary() -> dict:
+        result = {**to_json(bench), "device": str(dev), "threads": bench.num_threads or default_threads(),
+                  "images_per_s": dict(rates), "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items() if "synthetic" in rates},
+                  "train_flops_per_image": flops, "tflops": {k: v * flops / 1e12 for k, v in rates.items()},
+                  "matmul_bf16_tflops": None}
+        if "dali" in rates and "dataloader" in rates:
+            result["dali_over_dataloader"] = rates["dali"] / rates["dataloader"]
+        return result
 
     def rate(batches) -> float:
         def steps():
@@ -451,6 +496,7 @@ def train_rates(bench: TrainBench) -> dict:
                                    pin_memory=dev.type == "cuda", drop_last=True)
             stream = itertools.chain.from_iterable(itertools.repeat(base))
             rates[feed] = rate(_to_device(stream, dev, getattr(torch, lcfg.dtype), lcfg.channels_last))
+            on_row(summary())
             continue
         loader = Loader(build.loader_config(dataclasses.replace(cfg, **_dali_overrides(feed)) if feed != "synthetic"
                                             else cfg, world, "train"), True)
@@ -463,13 +509,9 @@ def train_rates(bench: TrainBench) -> dict:
             rates[feed] = rate(loader.endless())
         del loader
         gc.collect()  # free that feed's DALI pipeline and threads before the next one
-    flops = flops_per_image(parts.net.cfg)["train_flops"]
-    result = {**to_json(bench), "device": str(dev), "threads": bench.num_threads or _cores(), "images_per_s": rates,
-              "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items()},
-              "train_flops_per_image": flops, "tflops": {k: v * flops / 1e12 for k, v in rates.items()},
-              "matmul_bf16_tflops": matmul_tflops(dev) if dev.type == "cuda" else None}
-    if "dali" in rates and "dataloader" in rates:
-        result["dali_over_dataloader"] = rates["dali"] / rates["dataloader"]
+        on_row(summary())
+    result = summary()
+    result["matmul_bf16_tflops"] = matmul_tflops(dev) if dev.type == "cuda" else None
     if kernels is not None:
         result["kernels"] = kernels
     return result

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .config import UserError
-from .options import resolve_device
+from .options import default_threads, resolve_device
 
 
 @dataclass
@@ -55,6 +55,5 @@ def setup(device: str = "auto", backend: str = "auto") -> World:
         dist.init_process_group(backend, device_id=dev if backend == "nccl" else None)
     if dev.type == "cpu" and size > 1:
         # ranks on one machine share its cores; oversubscribed threads make every rank slower
-        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
+        torch.set_num_threads(default_threads())
     return World(rank, size, local, dev)

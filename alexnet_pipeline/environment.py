@@ -18,6 +18,20 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+# DALI's builds are one distribution per CUDA major version; the CPU machines install cuda120, the GPU round's
+# bundle cuda130 (tools/gpu_bundle.sh).
+DALI_DISTRIBUTIONS = ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")
+
+
+def dali_version() -> str:
+    """The installed DALI build, e.g. '2.4.0 (nvidia-dali-cuda130)', or 'not installed'."""
+    for dist in DALI_DISTRIBUTIONS:
+        version = _version(dist)
+        if version != "not installed":
+            return f"{version} ({dist})"
+    return "not installed"
+
+
 def gpus() -> list[str]:
     """Names of visible NVIDIA GPUs (empty without a driver); asks nvidia-smi, so torch is not imported."""
     if shutil.which("nvidia-smi") is None:
@@ -41,7 +55,7 @@ def report() -> dict[str, str]:
         "libjpeg-turbo": "yes" if features.check_feature("libjpeg_turbo") else "no",
         "numpy": _version("numpy"),
         "torch": _version("torch"),
-        "nvidia-dali": _version("nvidia-dali-cuda120"),
+        "nvidia-dali": dali_version(),
         "webdataset": _version("webdataset"),
         "GPU": ", ".join(visible) if visible else "none visible",
     }

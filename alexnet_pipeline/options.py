@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,8 @@ class Order:
 class Decoding:
     """How samples are read and decoded; none of it changes what a batch holds."""
 
-    num_threads: int | None = option(None, "DALI threads per process (default: every core it may use)", minimum=1,
+    num_threads: int | None = option(None, "DALI threads per process (default: the cores this process may use, "
+                                     "divided by the ranks on this machine, LOCAL_WORLD_SIZE)", minimum=1,
                                      flag="--threads")
     prefetch: int = option(2, "DALI runs prepared ahead of the one being used", minimum=1)
     decoder: str = option("auto", "JPEG decoding: mixed = nvJPEG on the GPU (its hardware decoder takes "
@@ -150,6 +152,13 @@ class Stepping:
                            "about a minute at start); the CPU runs it eagerly")
     cuda_graph: bool = option(True, "capture the whole step as a CUDA graph (one process on one GPU; DDP and "
                               "model parallelism run eagerly)")
+
+
+def default_threads() -> int:
+    """Threads of one rank: the cores this process may use divided by the ranks torchrun started on this
+    machine (LOCAL_WORLD_SIZE), at least 1. Every rank taking every core would run ranks x cores threads (and
+    the mixed decoder's pool of as many again)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def resolve_device(name: str, local_rank: int = 0):
@@ -199,6 +208,11 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def threads(self) -> int:
+        """DALI threads of this loader: num_threads, or this rank's share of the cores."""
+        return self.num_threads or default_threads()
 
     @property
     def gpu_decoding(self) -> bool:

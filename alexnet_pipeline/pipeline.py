@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import typing
 from pathlib import Path
 
@@ -142,7 +141,6 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split)
     stats = shards.load_stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
-    threads = cfg.num_threads or len(os.sched_getaffinity(0))
 
     # a new shard order every epoch, the same on every rank (one seed), so the ranks' parts stay disjoint
     shard_order = {}
@@ -151,7 +149,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
 
     # exec_dynamic: outputs are reference-counted rather than recycled, so the CPU loader can hand torch
     # DALI's own buffers (no copy) and they stay valid however long the caller keeps them.
-    @pipeline_def(batch_size=cfg.run_size, num_threads=threads, device_id=_device_id(cfg),
+    @pipeline_def(batch_size=cfg.run_size, num_threads=cfg.threads, device_id=_device_id(cfg),
                   seed=cfg.seed * 7919 + cfg.rank, prefetch_queue_depth=cfg.prefetch, exec_dynamic=True,
                   enable_checkpointing=True, checkpoint=checkpoint)
     def graph():
@@ -187,6 +185,16 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     except RuntimeError as e:
         raise ShardError(f"{cfg.shards / cfg.split}: DALI could not open the shards: {e}") from None
     return pipe, n_samples, manifest
+
+
+def exposed_names(cfg: LoaderConfig, train: bool) -> list[str]:
+    """The names of build_pipeline(..., expose=True)'s outputs, in order (the draws sorted by name)."""
+    draws = ["mirror", "x", "y"]
+    if cfg.draws == "host":
+        draws = ["alpha"] + draws
+    elif cfg.lighting_sigma > 0:
+        draws = ["alpha0", "alpha1", "alpha2"] + draws
+    return ["out", "label", "image"] + (draws if train else [])
 
 
 def _device_id(cfg: LoaderConfig) -> int | None:

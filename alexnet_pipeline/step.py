@@ -87,7 +87,8 @@ class TrainStep:
         # gradients are allocated inside the graph's memory pool and overwritten (not accumulated) on replay
         self.optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: DALI's threads may allocate on the GPU meanwhile; "global" would fail the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._row = self._compute(*self._inputs)
         with torch.no_grad():
             for t, s in zip(state, saved):

@@ -20,3 +20,16 @@ def test_pillow_simd_survives_matplotlib_and_tensorboard():
         pytest.skip("Pillow-SIMD is not installed here (a plain install); make install puts it in")
     assert pil_flavour().startswith("Pillow-SIMD"), pil_flavour()
     assert environment.report()["PIL"].startswith("Pillow-SIMD")
+
+
+def test_the_dali_version_names_whichever_cuda_build_is_installed(monkeypatch):
+    installed = {"nvidia-dali-cuda130": "2.4.0"}
+
+    def version(dist):
+        if dist not in installed:
+            raise metadata.PackageNotFoundError(dist)
+        return installed[dist]
+    monkeypatch.setattr(environment.metadata, "version", version)
+    assert environment.report()["nvidia-dali"] == "2.4.0 (nvidia-dali-cuda130)"
+    installed.clear()
+    assert environment.dali_version() == "not installed"

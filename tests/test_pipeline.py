@@ -1,7 +1,10 @@
 """The DALI pipelines on the CPU backend, against the numpy reference (alexnet_pipeline.augment)."""
 
 import io
+import os
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -11,7 +14,7 @@ from PIL import Image
 
 from alexnet_pipeline import augment, shards
 from alexnet_pipeline.pipeline import (PAD_LABEL, Loader, LoaderConfig, ShardError, build_pipeline, eval_loader,
-                                       train_loader)
+                                       exposed_names, train_loader)
 
 
 def _stats(prepped):
@@ -24,12 +27,7 @@ def _run(prepped, train, batches=1, **options):
     cfg = LoaderConfig(shards=prepped, split="train" if train else "val", batch_size=options.pop("batch_size", 8),
                        num_threads=2, **options)
     pipe = build_pipeline(cfg, train, expose=True)[0]
-    draws = ["mirror", "x", "y"]
-    if cfg.draws == "host":
-        draws = ["alpha"] + draws
-    elif cfg.lighting_sigma > 0:
-        draws = ["alpha0", "alpha1", "alpha2"] + draws
-    names = ["out", "label", "image"] + (draws if train else [])
+    names = exposed_names(cfg, train)
     samples = []
     for _ in range(batches):
         outs = pipe.run()
@@ -332,3 +330,26 @@ def test_one_loader_serves_every_epoch_with_one_pipeline(prepped, monkeypatch):
     stream = loader.endless()
     batches = [next(stream) for _ in range(3 * len(loader) + 1)]
     assert len(builds) == 1 and loader.epoch == 3 and len(batches) == 3 * len(loader) + 1
+
+
+def test_each_of_two_ranks_on_one_machine_gets_half_the_cores(prepped, tmp_path):
+    """Under torchrun, a rank's DALI pipelines (train and eval) and torch's threads take the cores divided by
+    LOCAL_WORLD_SIZE, not every core each."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        "from alexnet_pipeline import train_loader, eval_loader\n"
+        "from alexnet_pipeline.distributed import setup\n"
+        "world = setup('cpu', 'gloo')\n"
+        f"t = train_loader({str(prepped)!r}, batch_size=4, device='cpu', rank=world.rank, world_size=world.size)\n"
+        f"e = eval_loader({str(prepped)!r}, batch_size=4, device='cpu', rank=world.rank, world_size=world.size)\n"
+        "print('threads', world.rank, t.pipe.num_threads, e.pipe.num_threads, torch.get_num_threads(), flush=True)\n"
+        "world.close()\n")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        "29541", str(script)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    rows = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("threads"))
+    assert rows == [[str(rank), *[str(half)] * 3] for rank in (0, 1)], r.stdout
+    alone = train_loader(prepped, batch_size=4, device="cpu")
+    assert alone.pipe.num_threads == len(os.sched_getaffinity(0))  # one process: every core

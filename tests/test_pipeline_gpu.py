@@ -6,22 +6,28 @@ import pytest
 import torch
 
 from alexnet_pipeline import augment
-from alexnet_pipeline.pipeline import LoaderConfig, build_pipeline, eval_loader, train_loader
+from alexnet_pipeline.pipeline import LoaderConfig, build_pipeline, eval_loader, exposed_names, train_loader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_gpu_train_output_equals_the_reference_for_the_same_draws(prepped):
+@pytest.mark.parametrize("draws", ["host", "dali"])
+def test_gpu_train_output_equals_the_reference_for_the_same_draws(prepped, draws):
     with np.load(prepped / "stats.npz") as z:
         stats = {k: z[k] for k in z.files}
-    cfg = LoaderConfig(shards=prepped, split="train", batch_size=8, device="cuda", num_threads=2, mean="pixel")
+    cfg = LoaderConfig(shards=prepped, split="train", batch_size=8, device="cuda", num_threads=2, mean="pixel",
+                       draws=draws)
     outs = build_pipeline(cfg, True, expose=True)[0].run()
-    out, image = outs[0].as_cpu(), outs[2].as_cpu()  # decoded by nvJPEG, so compare with that decode
+    named = dict(zip(exposed_names(cfg, True), outs, strict=True))
+    out, image = named["out"].as_cpu(), named["image"].as_cpu()  # decoded by nvJPEG, so compare with that decode
     for i in range(8):
-        alpha = np.array([float(np.array(outs[3 + j][i])) for j in range(3)])
-        x, y = (round(float(np.array(outs[k][i])) * 32) for k in (7, 8))
+        if draws == "host":
+            alpha = np.array(named["alpha"][i], np.float64)
+        else:
+            alpha = np.array([float(np.array(named[f"alpha{j}"][i])) for j in range(3)])
+        x, y = (round(float(np.array(named[k][i])) * 32) for k in ("x", "y"))
         shift = augment.lighting_shift(alpha, stats["eigval"], stats["eigvec"], "sqrt")
-        ref = augment.augment(np.array(image[i]), x, y, bool(np.array(outs[6][i])),
+        ref = augment.augment(np.array(image[i]), x, y, bool(np.array(named["mirror"][i])),
                               augment.mean_to_subtract(stats, "pixel"), shift)
         np.testing.assert_allclose(np.array(out[i]), ref, atol=2e-3)
 

@@ -34,14 +34,15 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n01496331", "n01498041",
          "n01514668", "n01514859", "n01518878", "n01530575", "n01531178", "n01532829", "n01534433",
          "n01537544", "n01558993", "n01560419", "n01580077", "n01582220", "n01592084"]
-# Typical ImageNet shapes: most photos are about 500x375, a tail is larger.
-SHAPES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (640, 480), (800, 600), (1024, 768),
-          (1600, 1200), (450, 300)]
+# Typical ImageNet shapes: most photos are about 500x375 (source_shape draws the tails).
+SHAPES = [(500, 375), (375, 500), (500, 333), (333, 500), (500, 500), (500, 400), (400, 500), (640, 480),
+          (500, 281), (450, 300)]
+GREY = 0.03  # share of greyscale sources (ImageNet's train set: about 2%)
 # (file stem suffix, kind, kept by prep?) planted in train class 0 (val gets the progressive one too).
 QUIRKS = [("cmyk", "cmyk", True), ("png", "png", True), ("gray", "gray", True), ("progressive", "progressive", True),
           ("tiny", "tiny", True), ("huge", "huge", True), ("wide", "wide", True), ("truncated", "truncated", False),
@@ -66,24 +67,84 @@ def _class_code(label: int, n_classes: int) -> tuple[float, float, float]:
     return label % k / k, label // k % k / k, 3 + 4 * min(1.0, label // (k * k) / (k - 1))
 
 
-_noise_tiles: dict[int, np.ndarray] = {}
+def source_shape(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) of a source photo, spread like ImageNet's train set: mostly the common sizes (median
+    500x375), a quarter of other sizes and aspects, a few small ones (short side down to 56) and a few large
+    (long side up to 2,400)."""
+    u = rng.random()
+    if u < 0.7:
+        return SHAPES[rng.integers(len(SHAPES))]
+    aspect = (4 / 3, 3 / 2, 1.0, 16 / 9, 5 / 4, 2.0)[rng.integers(6)]
+    if u < 0.94:
+        long = int(rng.integers(300, 1025))
+    elif u < 0.98:
+        long = int(rng.integers(56, 200) * aspect)
+    else:
+        long = int(rng.integers(1200, 2401))
+    short = max(56, round(long / aspect))
+    return (long, short) if rng.random() < 0.6 else (short, long)
 
 
-def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    """Sensor noise (std 9) for an h x w image: a random window of a fixed noise tile (drawing fresh normals
-    for every pixel was most of the time per image)."""
-    tile = _noise_tiles.get(0)
-    if tile is None:
-        tile = _noise_tiles[0] = np.random.default_rng(12345).normal(0, 9, (1024, 1024, 3)).astype(np.float32)
-    if h > tile.shape[0] or w > tile.shape[1]:  # the rare huge or wide image tiles the tile
-        tile = np.tile(tile, (-(-h // tile.shape[0]), -(-w // tile.shape[1]), 1))
-    y, x = rng.integers(0, tile.shape[0] - h + 1), rng.integers(0, tile.shape[1] - w + 1)
-    return tile[y:y + h, x:x + w]
+TILE = 1024
+_tiles: dict[str, np.ndarray] = {}
+
+
+def _pink(seed: int, n: int = TILE) -> np.ndarray:
+    """Periodic noise with a 1/f amplitude spectrum (the 1/f^2 power of natural images: texture at every
+    scale), unit std, from a fixed seed."""
+    rng = np.random.default_rng(seed)
+    f = np.fft.fftfreq(n)
+    r = np.hypot(f[:, None], f[None, : n // 2 + 1])
+    r[0, 0] = 1.0
+    spectrum = (rng.normal(size=r.shape) + 1j * rng.normal(size=r.shape)) / r
+    spectrum[0, 0] = 0
+    tile = np.fft.irfft2(spectrum, s=(n, n)).astype(np.float32)
+    return tile / tile.std()
+
+
+def _tile(name: str) -> np.ndarray:
+    """The maker's fixed textures, made once per process: 1/f luminance, two 1/f colour-difference planes,
+    and sensor grain (white noise, 3 channels)."""
+    if not _tiles:
+        _tiles["luma"] = _pink(101)[..., None]
+        _tiles["chroma"] = np.stack([_pink(102), _pink(103)], -1)
+        _tiles["grain"] = np.random.default_rng(104).normal(0, 1, (TILE, TILE, 3)).astype(np.float32)
+    return _tiles[name]
+
+
+def _window(name: str, rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A random h x w window of a texture tile (wrapping around: the 1/f tiles are periodic), maybe mirrored."""
+    tile = _tile(name)
+    y, x = int(rng.integers(0, TILE)), int(rng.integers(0, TILE))
+    if y + h <= TILE and x + w <= TILE:
+        out = tile[y:y + h, x:x + w]
+    else:  # the rare large or wide image
+        out = tile[((y + np.arange(h)) % TILE)[:, None], ((x + np.arange(w)) % TILE)[None, :]]
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def _regions(rng: np.random.Generator, w: int, h: int) -> tuple[np.ndarray, int]:
+    """A label map of a few random polygons (objects with hard edges over a background), and their count."""
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    k = int(rng.integers(3, 8))
+    for i in range(1, k + 1):
+        cx, cy, radius = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.1, 0.5) * min(w, h)
+        n = int(rng.integers(3, 8))
+        angles, radii = np.sort(rng.uniform(0, 2 * np.pi, n)), radius * rng.uniform(0.5, 1.0, n)
+        draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(angles, radii, strict=True)], fill=i)
+    return np.asarray(mask), k + 1
+
+
+# Amplitudes (0-255 units) tuned so that alexnet-prep's 256x256 q95 JPEGs of these photos average ImageNet's
+# 31.7 KiB and decode about as fast (tests/test_tools.py checks the bytes).
+REGION, LUMA, CHROMA, GRAIN = 20.0, 17.0, 5.0, 2.0
 
 
 def photo(rng: np.random.Generator, label: int, n_classes: int, shape) -> Image.Image:
-    """A synthetic 'photo' of class `label`: class stripes, colours and a blob, random everything else. The
-    smooth content is drawn at a quarter of the size and enlarged; the noise is added at full size."""
+    """A photo-like image of class `label`: the class's stripes, colours and a blob (what makes it learnable),
+    drawn smooth at a quarter of the size and enlarged; over it, at full size, objects with hard edges, 1/f
+    texture in brightness and colour, lighting and sensor grain."""
     w, h = shape
     sw, sh = max(4, w // 4), max(4, h // 4)
     a, b, cycles = _class_code(label, n_classes)
@@ -97,10 +158,30 @@ def photo(rng: np.random.Generator, label: int, n_classes: int, shape) -> Image.
     # an off-centre blob of the class's second colour, at a random place and size
     cx, cy, r = rng.uniform(0.2, 0.8) * sw, rng.uniform(0.2, 0.8) * sh, rng.uniform(0.1, 0.3) * min(sw, sh)
     blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r)))
-    img = (img + 60 * blob[..., None] * np.roll(hue, 2)) * rng.uniform(0.75, 1.25)  # and lighting
+    img = img + 60 * blob[..., None] * np.roll(hue, 2)
     small = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-    full = np.asarray(small.resize((w, h), Image.Resampling.BILINEAR), np.float32) + _noise(rng, h, w)
-    return Image.fromarray(np.clip(full, 0, 255).astype(np.uint8))
+    full = np.array(small.resize((w, h), Image.Resampling.BILINEAR), np.float32)
+    regions, k = _regions(rng, w, h)
+    offsets = rng.normal(0, REGION, (k, 3)).astype(np.float32)
+    gains = (LUMA * rng.uniform(0.5, 1.5, k)).astype(np.float32)
+    full += offsets[regions]  # in place, channel by channel: full-size temporaries are most of the time
+    full += (gains[regions] * _window("luma", rng, h, w)[..., 0])[..., None]
+    chroma = _window("chroma", rng, h, w)
+    full[..., 0] += CHROMA * chroma[..., 0]
+    full[..., 1] += CHROMA * chroma[..., 1]
+    full[..., 2] -= CHROMA * chroma[..., 0]
+    full *= rng.uniform(0.75, 1.25)  # lighting
+    full += GRAIN * _window("grain", rng, h, w)
+    return Image.fromarray(np.clip(full, 0, 255, out=full).astype(np.uint8))
+
+
+def source_jpeg(rng: np.random.Generator, label: int, n_classes: int) -> bytes:
+    """One source file as a photographer's camera or Flickr left it: a photo of a drawn shape, a few percent
+    greyscale, at a JPEG quality between 75 and 95."""
+    im = photo(rng, label, n_classes, source_shape(rng))
+    if rng.random() < GREY:
+        im = im.convert("L")
+    return jpeg(im, quality=int(rng.integers(75, 96)))
 
 
 def jpeg(im: Image.Image, **kw) -> bytes:
@@ -173,8 +254,7 @@ def _class_files(args) -> list[str]:
     seed, label, n_classes, n, folder = args
     rng = np.random.default_rng([seed, label])
     wnid = wnids(n_classes)[label]
-    files = [(f"{wnid}_{i}.JPEG", jpeg(photo(rng, label, n_classes, SHAPES[rng.integers(len(SHAPES))])))
-             for i in rng.choice(100000, n, replace=False)]
+    files = [(f"{wnid}_{i}.JPEG", source_jpeg(rng, label, n_classes)) for i in rng.choice(100000, n, replace=False)]
     if label == 0:
         files += [(f"{wnid}_9{k:03d}.JPEG", quirk_bytes(kind, rng, n_classes)) for k, (_, kind, _) in enumerate(QUIRKS)]
         files.append((STRAY, b"\x00\x01not an image\xff" * 8))
@@ -189,8 +269,12 @@ def _val_file(args) -> str:
     """Write one val image into its class folder; its name."""
     seed, i, label, n_classes, folder = args
     rng = np.random.default_rng([seed, 1_000_000 + i])
-    im = photo(rng, label, n_classes, SHAPES[rng.integers(len(SHAPES))])
-    data = jpeg(im, progressive=True) if i == 3 else jpeg(im.convert("L")) if i == 5 else jpeg(im)
+    if i == 3:  # the planted progressive val image
+        data = jpeg(photo(rng, label, n_classes, source_shape(rng)), progressive=True)
+    elif i == 5:  # and a greyscale one
+        data = jpeg(photo(rng, label, n_classes, source_shape(rng)).convert("L"))
+    else:
+        data = source_jpeg(rng, label, n_classes)
     name = f"ILSVRC2012_val_{i + 1:08d}.JPEG"
     (Path(folder) / wnids(n_classes)[label]).mkdir(parents=True, exist_ok=True)
     (Path(folder) / wnids(n_classes)[label] / name).write_bytes(data)

@@ -53,11 +53,11 @@ class ReshapedLRN(nn.Module):
 VARIANTS = ["before", "+cudnn", "+band LRN", "+fused SGD", "+graph", "+split", "+s2d", "+compile"]
 
 
-def step_for(variant: str, device: torch.device, batch_size: int):
+def step_for(variant: str, device: torch.device, batch_size: int, width: float = 1.0):
     """The training step as alexnet-train builds it (build.training), taken back to `variant`'s form."""
     level = VARIANTS.index(variant)
     cfg = TrainConfig(shards=Path("unused"), out=Path("unused"), global_batch=batch_size, compile=level >= 7,
-                      cuda_graph=level >= 4)
+                      cuda_graph=level >= 4, width=width)
 
     def earlier_form(net):
         if level < 2:
@@ -126,34 +126,43 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--json", type=Path)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the CPU dry run of the GPU round)")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (no kernel tables)")
+    p.add_argument("--no-layers", dest="layers", action="store_false", help="skip the per-layer table")
+    p.add_argument("--json", type=Path, help="write the result here (rewritten after each row)")
     a = p.parse_args(argv)
-    device = torch.device("cuda")
-    images = (torch.randn(a.batch_size, 3, 224, 224, device=device) * 60).to(torch.bfloat16)
-    images = images.contiguous(memory_format=torch.channels_last)
+    device = torch.device(a.device)
+    gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    images = (torch.randn(a.batch_size, 3, 224, 224, device=device) * 60).to(torch.bfloat16 if gpu else torch.float32)
+    images = images.contiguous(memory_format=torch.channels_last if gpu else torch.contiguous_format)
     labels = torch.randint(0, 1000, (a.batch_size,), device=device)
     rows, tables = {}, {}
+    result = {"batch_size": a.batch_size, "width": a.width, "images_per_s": rows, "kernels": {},
+              "gpu": torch.cuda.get_device_name() if gpu else "none", "torch": torch.__version__}
     for variant in a.variants.split(","):
-        step = step_for(variant, device, a.batch_size)
+        step = step_for(variant, device, a.batch_size, a.width)
 
         def run(step=step):
             for _ in range(a.steps):
                 step(images, labels)
             return a.steps * a.batch_size
 
-        rows[variant] = bench._iter_rate(run, a.repeats, 1, torch.cuda.synchronize)
+        rows[variant] = bench._iter_rate(run, a.repeats, 1, sync)
         print(f"{variant:<12}{rows[variant]:>10.0f} images/s", flush=True)
-        if variant == "before" or rows[variant] == max(rows.values()):
+        if gpu and (variant == "before" or rows[variant] == max(rows.values())):
             tables[variant] = bench.kernel_table(run, a.steps)
         del step
-        torch.cuda.empty_cache()
-    best = max(rows, key=rows.get)
-    torch.backends.cudnn.benchmark = True
-    print("\nper layer, forward + backward (bf16, channels_last, cuDNN autotuned):")
-    layers = layer_table(a.batch_size, device)
-    result = {"batch_size": a.batch_size, "images_per_s": rows, "kernels": {k: tables[k] for k in ("before", best)
-                                                                            if k in tables},
-              "layers_ms": layers, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+        if gpu:
+            torch.cuda.empty_cache()
+        if a.json:  # a run cut short keeps its rows
+            a.json.write_text(json.dumps(result, indent=1))
+    best = max(rows, key=lambda k: rows[k])
+    result["kernels"] = {k: tables[k] for k in ("before", best) if k in tables}
+    if a.layers and gpu:
+        torch.backends.cudnn.benchmark = True
+        print("\nper layer, forward + backward (bf16, channels_last, cuDNN autotuned):")
+        result["layers_ms"] = layer_table(a.batch_size, device)
     for name, table in result["kernels"].items():
         print(f"\n{name}: {table['device_ms_per_step']:.2f} ms of kernels per step "
               f"({rows[name]:,.0f} images/s = {a.batch_size / rows[name] * 1e3:.2f} ms per step)")
