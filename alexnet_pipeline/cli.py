@@ -23,7 +23,7 @@ def _print_table(rows: dict) -> None:
 def prep_main(argv=None) -> int:
     """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
     from .config import UserError, add_arguments, from_arguments
-    from .prep import Interrupted, PrepConfig, run
+    from .prep import Interrupted, PrepConfig, WorkerDied, run
 
     _printable_output()
     p = _parser(prep_main, usage="%(prog)s --imagenet-root ROOT --out SHARDS [options] | --verify SHARDS | --version")
@@ -48,6 +48,9 @@ def prep_main(argv=None) -> int:
     except Interrupted as e:  # one line; the workers are gone; the same command resumes
         print(f"alexnet-prep: {e}", file=sys.stderr)
         return 128 + e.signum
+    except WorkerDied as e:  # not the input's fault (memory, a crash in a decoder): status 1, resumable
+        print(f"alexnet-prep: {e}", file=sys.stderr)
+        return 1
     _print_prep_summary(cfg, report)
     return 0
 
@@ -79,9 +82,7 @@ def _verify(path: Path) -> int:
         for more in problems[1:10]:
             print(f"  also: {more}", file=sys.stderr)
         return 1
-    refreshed = shards.record_times(path)
-    if refreshed:
-        print(f"{path}: every byte intact; recorded the new modification times of {refreshed} shards")
+    shards.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
     m = shards.load_manifest(path)
     print(f"{path}: OK, {len(m['classes'])} classes, " +
           ", ".join(f"{s} {e['samples']} samples in {len(e['shards'])} shards" for s, e in m["splits"].items()))

@@ -22,9 +22,11 @@ def write_error(path: Path, e: OSError) -> UserError | None:
     return UserError(f"{path}: cannot write ({e.strerror}); the previous version is intact")
 
 
-def atomic_write(path: Path, data) -> None:
+def atomic_write(path: Path, data, durable: bool = True) -> None:
     """Write `data` (bytes, or a function that writes to an open binary file) to `path` so that readers see
-    either nothing or the whole file."""
+    either nothing or the whole file. `durable`: fsync before the rename, so that the file also survives a
+    power loss whole; without it (prep's work files, which carry a checksum instead) a crash may leave it
+    short or empty, never half-named."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # the pattern remove_partials sweeps
     try:
@@ -34,7 +36,8 @@ def atomic_write(path: Path, data) -> None:
             else:
                 f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, a signal: leave no half-written file behind
         tmp.unlink(missing_ok=True)

@@ -23,8 +23,11 @@ import numpy as np
 from . import files
 from .config import UserError
 
-FORMAT_VERSION = 2  # 2: shard modification times, class names, the source's digest (and SOURCE beside it)
+FORMAT_VERSION = 3  # 2: class names, the source's digest (and SOURCE beside it); 3: no times in the manifest
 MANIFEST = "dataset.json"
+# Machine-local (a dot-file, like the lock): {split/shard: [size, mtime_ns, sha256]} of the shards found intact
+# here. A loader start re-hashes only a shard whose size or time differ from it.
+VERIFIED = ".verified.json"
 STATS = "stats.npz"
 SOURCE = "source.json.gz"  # every source file prep read, with its size and modification time
 TIMM_INFO = "_info.json"  # how timm's WebDataset reader (timm.data.readers.reader_wds) finds the shards
@@ -44,8 +47,7 @@ class ShardInfo:
     name: str
     samples: int
     bytes: int
-    sha256: str
-    mtime_ns: int  # as written: a loader start compares it, so a shard edited in place is named
+    sha256: str  # what identifies a shard: the manifest holds no machine's facts (times), so copies hash equal
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -86,15 +88,63 @@ def write_shard(path: Path, samples) -> ShardInfo:
     data, index = build_shard(samples)
     files.atomic_write(path.with_suffix(".idx"), index.encode())
     files.atomic_write(path, data)
-    return ShardInfo(path.name, index.count("\n") - 1, len(data), hashlib.sha256(data).hexdigest(),
-                     path.stat().st_mtime_ns)
+    return ShardInfo(path.name, index.count("\n") - 1, len(data), hashlib.sha256(data).hexdigest())
 
 
 def describe_shard(path: Path) -> ShardInfo:
     """ShardInfo of a shard already on disk (used when a resumed run finds it finished)."""
     data = path.read_bytes()
-    return ShardInfo(path.name, index_extent(path.with_suffix(".idx"))[0], len(data), hashlib.sha256(data).hexdigest(),
-                     path.stat().st_mtime_ns)
+    return ShardInfo(path.name, index_extent(path.with_suffix(".idx"))[0], len(data), hashlib.sha256(data).hexdigest())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_verified(shards: Path) -> dict:
+    try:
+        cache = json.loads((Path(shards) / VERIFIED).read_text())
+    except (OSError, ValueError):
+        return {}  # no cache (or a damaged one): every shard is re-hashed once
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_verified(shards: Path, cache: dict) -> None:
+    try:
+        files.atomic_write(Path(shards) / VERIFIED, json.dumps(cache, sort_keys=True).encode(), durable=False)
+    except OSError:
+        return  # a read-only copy keeps no cache: its shards are re-hashed at every start, still checked
+
+
+def remember_intact(shards: Path, split: str, entries: list[dict], paths: list[Path]) -> None:
+    """Record in the stat cache that these shards (just written, or just re-hashed) match the manifest."""
+    cache = _read_verified(shards)
+    for path, info in zip(paths, entries, strict=True):
+        st = path.stat()
+        cache[f"{split}/{info['name']}"] = [st.st_size, st.st_mtime_ns, info["sha256"]]
+    _write_verified(shards, cache)
+
+
+def check_digests(shards: Path, split: str, entries: list[dict], paths: list[Path]) -> int:
+    """Re-hash the shards whose size or modification time differ from the stat cache (a copy that lost its
+    times, an edit in place); ShardError naming the first whose sha256 differs from the manifest. Returns how
+    many were re-hashed; those found intact are trusted from then on."""
+    cache, fresh = _read_verified(shards), []
+    for path, info in zip(paths, entries, strict=True):
+        st = path.stat()
+        if cache.get(f"{split}/{info['name']}") == [st.st_size, st.st_mtime_ns, info["sha256"]]:
+            continue
+        if file_sha256(path) != info["sha256"]:
+            raise ShardError(f"{path}: its bytes differ from {MANIFEST} (sha256): damaged or edited in place; copy it "
+                             "again, or run alexnet-prep --rebuild over the source")
+        fresh.append((path, info))
+    if fresh:
+        remember_intact(shards, split, [i for _, i in fresh], [p for p, _ in fresh])
+    return len(fresh)
 
 
 def index_extent(idx: Path) -> tuple[int, int]:
@@ -112,15 +162,20 @@ def index_extent(idx: Path) -> tuple[int, int]:
         raise ShardError(f"{idx}: not an index file (alexnet-prep --verify checks everything)") from None
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez with fixed zip timestamps, so equal arrays give equal bytes; written atomically."""
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """np.savez's format with fixed zip timestamps, so equal arrays give equal bytes."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
-    files.atomic_write(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """npz_bytes written atomically."""
+    files.atomic_write(path, npz_bytes(arrays))
 
 
 def load_manifest(shards: Path) -> dict:
@@ -277,22 +332,20 @@ def readable_split(shards: Path, split: str) -> tuple[list[Path], int, dict]:
         if st.st_size != info["bytes"]:
             raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info['bytes']} "
                              "(truncated or replaced; alexnet-prep --verify checks everything)")
-        if "mtime_ns" in info and st.st_mtime_ns != info["mtime_ns"]:
-            raise ShardError(f"{path}: modified since alexnet-prep wrote it (its time differs from {MANIFEST}); "
-                             f"alexnet-prep --verify {shards} checks every byte and, if the shards are intact (a "
-                             "copy that did not keep times), records their times")
         count, end = index_extent(path.with_suffix(".idx"))
         if end > info["bytes"] or count != info["samples"]:
             raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
                              f"{end}; {MANIFEST} says {info['samples']} in {info['bytes']} bytes)")
+    check_digests(shards, split, manifest["splits"][split]["shards"], paths)
     return paths, manifest["splits"][split]["samples"], manifest
 
 
 def damaged_shards(shards: Path, split: str) -> list[Path]:
     """The shards of `split` whose bytes no longer match the sha256 in the manifest (reads them all)."""
     manifest = load_manifest(shards)
-    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest["splits"][split]["shards"])
-            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != info["sha256"]]
+    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest["splits"][split]["shards"],
+                                       strict=True)
+            if not path.is_file() or file_sha256(path) != info["sha256"]]
 
 
 def iter_tar(data: bytes):
@@ -354,13 +407,15 @@ def _shard_problems(path: Path, info: dict, manifest: dict, check_images: bool) 
     if not path.exists():
         return [f"{path}: missing"], 0
     data = path.read_bytes()
-    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
-        return [f"{path}: size or sha256 differs from {MANIFEST} (corrupted or replaced)"], 0
-    try:
-        samples = list(iter_samples(data))
-    except (tarfile.TarError, ValueError) as e:
-        return [f"{path}: unreadable samples ({e})"], 0
     problems = []
+    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+        problems.append(f"{path}: size or sha256 differs from {MANIFEST} (damaged or replaced)")
+    try:
+        samples = list(iter_samples(data))  # bytes flipped inside JPEGs leave the tar headers (and the count)
+    except (tarfile.TarError, ValueError) as e:
+        return [*problems, f"{path}: unreadable samples ({e})"], 0
+    if problems:
+        return problems, len(samples)
     idx = path.with_suffix(".idx")
     if not idx.exists() or idx.read_text() != build_shard(samples)[1]:
         problems.append(f"{idx}: missing or does not match its shard")
@@ -387,15 +442,9 @@ def _baseline_jpeg(data: bytes, size: int) -> bool:
             and not im.info.get("progression"))
 
 
-def record_times(shards: Path) -> int:
-    """Record the shards' current modification times in the manifest (after `verify` found every byte
-    intact, e.g. in a copy that did not keep times); returns how many changed."""
-    manifest, changed = load_manifest(shards), 0
+def remember_verified(shards: Path) -> None:
+    """After `verify` found every byte intact (say, in a copy that did not keep times): record every shard's
+    size and time in the stat cache, so loader starts trust them without re-hashing."""
+    manifest = load_manifest(shards)
     for split, entry in manifest["splits"].items():
-        for info in entry["shards"]:
-            mtime = (Path(shards) / split / info["name"]).stat().st_mtime_ns
-            changed += info.get("mtime_ns") != mtime
-            info["mtime_ns"] = mtime
-    if changed:
-        write_manifest(shards, manifest)
-    return changed
+        remember_intact(shards, split, entry["shards"], shard_paths(shards, split, manifest))

@@ -30,6 +30,15 @@ class ArchiveError(UserError):
     """An archive that was readable when the run started no longer is; the message names it."""
 
 
+MAX_IMAGE_MIB = 256  # far above any photograph (ImageNet's largest train file is about 15 MB)
+
+
+def oversize(size: int, max_bytes: int) -> str:
+    """The skip reason of a file too large to be a photograph (it is not read)."""
+    return (f"{size:,} bytes, larger than any photograph (the limit is {max_bytes // 2**20} MiB, "
+            "--max-image-mib); not read")
+
+
 @dataclass(frozen=True)
 class Item:
     """One candidate image: its sample key, label, where it came from (for reports) and its bytes, or why
@@ -76,8 +85,9 @@ class Unit:
     name: str
     expected: int | None = None  # number of items, where known without reading
 
-    def items(self):
-        """Yield the unit's `Item`s; unreadable entries come with empty bytes and a reason."""
+    def items(self, max_bytes: int = MAX_IMAGE_MIB * 2**20):
+        """Yield the unit's `Item`s; unreadable entries, and files larger than `max_bytes` (judged by their
+        size before anything is read), come with empty bytes and a reason."""
         raise NotImplementedError
 
     def source_files(self) -> list[str]:
@@ -96,10 +106,18 @@ class FolderUnit(Unit):
 
     files: tuple[FileEntry, ...] = ()
 
-    def items(self):
+    def items(self, max_bytes: int = MAX_IMAGE_MIB * 2**20):
         for f in self.files:
             try:
-                yield Item(sample_key(f.path), f.label, f.path, Path(f.path).read_bytes())
+                with open(f.path, "rb") as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size > max_bytes:
+                        head = fh.read(4096)
+                        kind = " (a file of zeros at its start)" if not head.strip(b"\0") else ""
+                        yield Item(sample_key(f.path), f.label, f.path, b"", error=oversize(size, max_bytes) + kind)
+                        continue
+                    data = fh.read()
+                yield Item(sample_key(f.path), f.label, f.path, data)
             except OSError as e:  # a broken or looping symbolic link, a directory, no permission
                 yield Item(sample_key(f.path), f.label, f.path, b"", error=f"unreadable ({e.strerror})")
 
@@ -114,11 +132,15 @@ class TarUnit(Unit):
     archive: str = ""
     members: tuple[TarMember, ...] = ()
 
-    def items(self):
+    def items(self, max_bytes: int = MAX_IMAGE_MIB * 2**20):
         with open(self.archive, "rb") as f:
             for m in self.members:
+                source = f"{self.archive}:{m.name}"
+                if m.size > max_bytes:
+                    yield Item(sample_key(m.name), m.label, source, b"", error=oversize(m.size, max_bytes))
+                    continue
                 f.seek(m.offset)
-                yield Item(sample_key(m.name), m.label, f"{self.archive}:{m.name}", f.read(m.size))
+                yield Item(sample_key(m.name), m.label, source, f.read(m.size))
 
     def source_files(self) -> list[str]:
         return [self.archive]
@@ -138,17 +160,22 @@ class ClassTarUnit(Unit):
     label: int = -1
     limit: int | None = None
 
-    def items(self):
+    def items(self, max_bytes: int = MAX_IMAGE_MIB * 2**20):
         with open(self.archive, "rb") as f:
             f.seek(self.offset)
             window = _Window(f, self.size)
             where = f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
             with tarfile.open(fileobj=window, mode="r|") as inner:
-                members = ((m.name, inner.extractfile(m).read()) for m in inner if m.isfile())
+                # an oversized member is not read: the stream skips its data in blocks
+                members = ((m.name, inner.extractfile(m).read() if m.size <= max_bytes else m.size)
+                           for m in inner if m.isfile())
                 if self.limit is not None:  # same rule as folders: the first N names in sorted order
                     members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
                 for name, data in members:
-                    yield Item(sample_key(name), self.label, f"{where}/{name}", data)
+                    if isinstance(data, int):
+                        yield Item(sample_key(name), self.label, f"{where}/{name}", b"", error=oversize(data, max_bytes))
+                    else:
+                        yield Item(sample_key(name), self.label, f"{where}/{name}", data)
 
     def source_files(self) -> list[str]:
         return [self.archive]
@@ -166,9 +193,12 @@ class HfUnit(Unit):
     members: tuple[GzMember, ...] = ()
     payload: tuple = ()  # the members' bytes, in member order
 
-    def items(self):
+    def items(self, max_bytes: int = MAX_IMAGE_MIB * 2**20):
         for m, data in zip(self.members, self.payload, strict=True):
-            yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", data)
+            if isinstance(data, int):  # with_payloads left an oversized member unread: this is its size
+                yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", b"", error=oversize(data, max_bytes))
+            else:
+                yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", data)
 
     def source_files(self) -> list[str]:
         return [self.archive]
@@ -209,8 +239,9 @@ def hf_key(name) -> tuple[str, str | None]:
     return sample_key(stem[:m.start()] if m else stem), (m.group(1) if m else None)
 
 
-def with_payloads(units, queue_size: int = 8):
-    """Yield `units`, each HfUnit with its members' bytes attached. Each .tar.gz is streamed once, by its own
+def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2**20):
+    """Yield `units`, each HfUnit with its members' bytes attached (a member over `max_bytes` as its size,
+    unread). Each .tar.gz is streamed once, by its own
     thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size` units wait in
     memory. Nothing is extracted to disk."""
     yield from (u for u in units if not isinstance(u, HfUnit))
@@ -242,7 +273,7 @@ def with_payloads(units, queue_size: int = 8):
                         break
                     if i in owner:
                         n, j = owner[i]
-                        parts[n][j] = tf.extractfile(member).read()
+                        parts[n][j] = tf.extractfile(member).read() if member.size <= max_bytes else member.size
                         left[n] -= 1
                         if not left[n]:
                             put(dataclasses.replace(archive_units[n], payload=tuple(parts[n])))

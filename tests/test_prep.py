@@ -18,16 +18,10 @@ CLI = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_
 
 
 def _files(d: Path) -> dict[str, bytes]:
-    """Every file's bytes; dataset.json without the shards' modification times (the one part of the output
-    that records when it was written, not what)."""
-    out = {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-    if shards.MANIFEST in out:
-        manifest = json.loads(out[shards.MANIFEST])
-        for entry in manifest["splits"].values():
-            for info in entry["shards"]:
-                assert info.pop("mtime_ns") > 0
-        out[shards.MANIFEST] = json.dumps(manifest).encode()
-    return out
+    """Every file's bytes but the dot-files' (the lock and the machine-local stat cache): what `sha256sum` over
+    the directory compares."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(d).parts)}
 
 
 def test_quirks_kept_bad_files_reported_nothing_good_lost(prepped, sample):
@@ -72,7 +66,7 @@ def test_killed_and_resumed_run_gives_identical_bytes(prepped, sample, tmp_path,
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while proc.poll() is None and time.time() < deadline:
-        if kill_when == "units" and len(list((out / ".work").glob("*/*.npz"))) >= 1:
+        if kill_when == "units" and len(list((out / ".work").glob("*/*.unit"))) >= 1:
             break
         if kill_when == "shards" and len(list(out.glob("*/*.tar"))) >= 2:
             break
@@ -216,11 +210,11 @@ def test_a_full_disk_is_one_line_and_the_rerun_resumes_to_the_same_bytes(prepped
 
     real, calls = files.atomic_write, []
 
-    def full_after_three(path, data):
+    def full_after_three(path, data, durable=True):
         calls.append(path)
         if len(calls) > 3:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+        real(path, data, durable)
 
     monkeypatch.setattr(files, "atomic_write", full_after_three)
     cfg = PrepConfig(sample[0] / "extracted", tmp_path / "o", shard_size=5, workers=1, progress=False)
@@ -324,3 +318,69 @@ def test_a_run_killed_before_its_plan_was_written_starts_again(prepped, sample, 
     (out / ".work").mkdir(parents=True)  # prep creates .work, then writes its plan: a kill in between
     run(PrepConfig(sample[0] / "extracted", out, shard_size=5, workers=1, progress=False))
     assert _files(out) == _files(prepped)
+
+
+@pytest.fixture(scope="module")
+def larger(tmp_path_factory):
+    """A sample with enough images per unit for a worker to be caught at work, and its clean shards."""
+    root = tmp_path_factory.mktemp("larger")
+    sample_maker.make(root / "sample", classes=2, train_per_class=120, val_per_class=2, seed=3,
+                      layouts=("extracted",), workers=2)
+    run(PrepConfig(root / "sample" / "extracted", root / "clean", shard_size=4, workers=1, progress=False))
+    return root / "sample" / "extracted", root / "clean"
+
+
+@pytest.mark.parametrize("stage", ["units", "shards"])
+def test_a_killed_worker_stops_prep_with_one_line_and_the_rerun_gives_a_clean_runs_bytes(larger, tmp_path, stage):
+    source, clean = larger
+    out = tmp_path / "o"
+    args = CLI + ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "2",
+                  "--no-progress"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while victim is None and proc.poll() is None and time.time() < deadline:
+        for busy in (out / ".work").glob(".busy-*"):
+            try:
+                doing = busy.read_text()
+            except FileNotFoundError:
+                continue
+            if doing and doing.endswith(".tar") == (stage == "shards"):
+                victim = int(busy.name.split("-")[1])
+                os.kill(victim, signal.SIGKILL)  # as the OOM killer would
+                break
+    if victim is None:
+        proc.kill()
+        pytest.skip(f"no worker was caught in the {stage} stage")
+    t0 = time.time()
+    err = proc.communicate(timeout=60)[1]
+    assert time.time() - t0 < 10 and proc.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"worker {victim} died (SIGKILL) while preparing " in lines[0], err
+    assert "run the same command again to resume" in lines[0]
+    assert (".tar" in lines[0]) == (stage == "shards")
+    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert _files(out) == _files(clean)
+    rerun = subprocess.run(args + ["--rebuild"], capture_output=True, text=True)  # nothing changed: same bytes
+    assert rerun.returncode == 0 and _files(out) == _files(clean)
+
+
+def test_a_multi_gib_file_is_skipped_unread_naming_its_size_and_memory_stays_flat(sample, tmp_path):
+    root = tmp_path / "src"
+    shutil.copytree(sample[0] / "extracted", root, symlinks=True)
+    wnid = sorted(p.name for p in (root / "train").iterdir())[1]
+    huge = root / "train" / wnid / f"{wnid}_999999.JPEG"
+    with open(huge, "wb") as f:  # sparse: 3 GiB of zeros that take no disk
+        f.truncate(3 * 2**30)
+    # VmHWM: this process's peak RSS since its exec (getrusage's maxrss would carry pytest's own across exec);
+    # with one worker the images are read in this process
+    measured = ("import re, sys; from alexnet_pipeline.cli import prep_main; rc = prep_main(sys.argv[1:]); "
+                "print('peak', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+                "sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", measured, "--imagenet-root", str(root), "--out", str(tmp_path / "o"),
+                        "--workers", "1", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak_mib = int(r.stdout.split("peak ")[1]) / 1024
+    assert peak_mib < 400, peak_mib  # reading the file whole would take 3 GiB
+    skipped = {s["source"]: s["reason"] for s in shards.load_manifest(tmp_path / "o")["skipped"]}
+    assert skipped[str(huge)].startswith("3,221,225,472 bytes, larger than any photograph (the limit is 256 MiB")
+    assert "a file of zeros" in skipped[str(huge)]

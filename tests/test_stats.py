@@ -59,3 +59,22 @@ def test_prepped_stats_match_the_decoded_training_shards(prepped):
         # (4:2:0 chroma subsampling blurs textured colour: off-diagonal terms move by up to ~0.2% of a variance)
         np.testing.assert_allclose(z["cov"], np.cov(x.reshape(-1, 3).T, bias=True), rtol=0.02,
                                    atol=0.005 * np.max(np.diag(z["cov"])))
+
+
+def test_the_sums_are_exact_against_python_integers_including_all_255_images():
+    """int64 totals equal a Python-integer reference over random and saturated images, past the point where
+    the uint16 per-pixel accumulator is folded (257 images), and through the unit file's small dtype."""
+    rng = np.random.default_rng(7)
+    size = 8
+    images = [np.full((size, size, 3), 255, np.uint8)] * 300 + \
+        [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(40)]
+    m = Moments(size)
+    for im in images:
+        m.add(im)
+    flat = [im.reshape(-1, 3).tolist() for im in images]
+    outer = [[sum(p[i] * p[j] for pixels in flat for p in pixels) for j in range(3)] for i in range(3)]
+    per_pixel = [[[sum(int(im[y, x, c]) for im in images) for c in range(3)] for x in range(size)] for y in range(size)]
+    assert m.outer_sum.tolist() == outer and m.totals().pixel_sum.tolist() == per_pixel and m.n_images == 340
+    again = Moments.from_arrays(m.to_arrays())
+    assert again.pixel_sum.dtype == np.int64 and again.pixel_sum.tolist() == per_pixel
+    assert m.to_arrays()["pixel_sum"].dtype == np.uint32  # 340 x 255 needs 17 bits
