@@ -251,13 +251,14 @@ def _listed_files(d: Path) -> list[Path]:
 
 
 def _folder_units(split, top: Path, classes, limit) -> list[Unit]:
-    units = []
+    """Units of FILES_PER_UNIT files in class order, a unit running on into the next class: classes of a few
+    images do not make units of a few images, each paying a unit's fixed costs (its work file, its task)."""
+    entries = []
     for label, wnid in enumerate(classes):
         d = top / wnid
         files = _limited(_listed_files(d), limit) if d.is_dir() else []
-        for part, chunk in enumerate(_chunks([FileEntry(str(p), label) for p in files])):
-            units.append(FolderUnit(split, f"{split}/{wnid}-{part:03d}", len(chunk), files=chunk))
-    return units
+        entries += [FileEntry(str(p), label) for p in files]
+    return [FolderUnit(split, f"{split}/{i:05d}", len(chunk), files=chunk) for i, chunk in enumerate(_chunks(entries))]
 
 
 def _val_units(root, data, index, use_folders, use_archives, limit, source: Source):

@@ -4,7 +4,7 @@ Two stages, both resumable and both independent of the worker count:
 
 1. Work: each `Unit` (a few hundred source images) is decoded, resized, cropped and re-encoded by one worker,
    which writes one work file ``.work/<split>/<unit>.unit``: the JPEGs, then their keys, offsets, skipped
-   files and exact statistics sums (an npz), then a trailer with a CRC32 of it all. It is renamed into
+   files and exact statistics sums (a JSON header and raw sums), then a trailer with a CRC32 of it all. It is renamed into
    place whole, so its presence marks a finished unit; it is not fsynced (a unit of one image would spend
    most of its time there), so a resumed run checks the CRC of every work file it finds and redoes those a
    crash left short. A killed run redoes at most the units that were in flight.
@@ -141,40 +141,58 @@ def _one_blas_thread():
     return threadpool_limits(1, user_api="blas")
 
 
-def _init_worker(counter):
-    global _counter
-    _counter = counter
-    _one_blas_thread()
-    # Ctrl-C reaches the whole process group: the parent alone reports it. SIGTERM ends a worker quietly
-    # (the parent's handler, inherited through fork, would raise in here).
+def _init_worker(counter, work: Path):
+    global _counter, _busy_fd
+    # First: Ctrl-C reaches the whole process group, the parent alone reports it; SIGTERM ends a worker
+    # quietly (the parent's handler, inherited through fork, would raise in here).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _counter = counter
+    _busy_fd = os.open(_busy_path(work, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    _one_blas_thread()
 
 
 # ---- work files: .work/<split>/<unit>.unit ------------------------------------------------------------
 
-_TRAILER = struct.Struct("<QI4s")  # offset of the npz part, CRC32 of everything before the trailer, magic
-_MAGIC = b"APU1"
+# JPEG bytes, header bytes (JSON), CRC32 of everything before the trailer, magic
+_TRAILER = struct.Struct("<QQI4s")
+_MAGIC = b"APU2"
 
 
 def _unit_path(work: Path, unit: units.Unit) -> Path:
     return (work / unit.name).with_suffix(".unit")  # unit names are "<split>/<part>"
 
 
-def _write_unit_file(path: Path, jpegs: bytes, arrays: dict) -> None:
-    body = jpegs + shards.npz_bytes(arrays)
-    files.atomic_write(path, body + _TRAILER.pack(len(jpegs), zlib.crc32(body), _MAGIC), durable=False)
+def _write_unit_file(path: Path, jpegs: bytes, header: dict, moments: Moments | None) -> None:
+    """One work file: the JPEGs, a JSON header (keys, labels, offsets, sizes, skipped files and the statistics'
+    small sums), the per-pixel sum's raw bytes, the trailer. Plain bytes, not npz: a unit of one image
+    spends its time in per-array overheads otherwise."""
+    pixels = b""
+    if moments is not None:
+        arrays = moments.to_arrays()
+        header = {**header, "n_images": int(arrays["n_images"]), "outer_sum": arrays["outer_sum"].tolist(),
+                  "plane_sum": [arrays["plane_sum"].dtype.str, list(arrays["plane_sum"].shape)]}
+        pixels = arrays["plane_sum"].tobytes()
+    head = json.dumps(header).encode()
+    body = b"".join((jpegs, head, pixels))
+    files.atomic_write(path, body + _TRAILER.pack(len(jpegs), len(head), zlib.crc32(body), _MAGIC), durable=False)
 
 
-def _unit_arrays(path: Path) -> dict:
-    """The arrays of a work file (its JPEGs stay on disk, at the offsets it lists)."""
+def _unit_contents(path: Path) -> tuple[dict, Moments | None]:
+    """The header and statistics of a work file (its JPEGs stay on disk, at the offsets the header lists)."""
     with open(path, "rb") as f:
         f.seek(-_TRAILER.size, os.SEEK_END)
         end = f.tell()
-        npz_at = _TRAILER.unpack(f.read(_TRAILER.size))[0]
-        f.seek(npz_at)
-        with np.load(io.BytesIO(f.read(end - npz_at))) as z:
-            return {k: z[k] for k in z.files}
+        n_jpeg, n_head = _TRAILER.unpack(f.read(_TRAILER.size))[:2]
+        f.seek(n_jpeg)
+        rest = f.read(end - n_jpeg)
+    header = json.loads(rest[:n_head])
+    if "plane_sum" not in header:
+        return header, None
+    dtype, shape = header["plane_sum"]
+    arrays = {"n_images": header["n_images"], "outer_sum": np.array(header["outer_sum"], np.int64),
+              "plane_sum": np.frombuffer(rest, dtype, offset=n_head).reshape(shape)}
+    return header, Moments.from_arrays(arrays)
 
 
 def _unit_file_intact(path: Path) -> bool:
@@ -183,20 +201,28 @@ def _unit_file_intact(path: Path) -> bool:
     data = path.read_bytes()
     if len(data) < _TRAILER.size:
         return False
-    npz_at, crc, magic = _TRAILER.unpack(data[-_TRAILER.size:])
-    return magic == _MAGIC and npz_at <= len(data) - _TRAILER.size and zlib.crc32(data[:-_TRAILER.size]) == crc
+    n_jpeg, n_head, crc, magic = _TRAILER.unpack(data[-_TRAILER.size:])
+    return (magic == _MAGIC and n_jpeg + n_head <= len(data) - _TRAILER.size
+            and zlib.crc32(data[:-_TRAILER.size]) == crc)
+
+
+_busy_fd: int | None = None  # a worker's note of what it is preparing, .work/.busy-PID (read when it dies)
 
 
 def _busy_path(work: Path, pid: int) -> Path:
-    """A worker's note of the unit it is preparing (read when it dies)."""
     return work / f".busy-{pid}"
+
+
+def _note_busy(what: str) -> None:
+    if _busy_fd is not None:  # workers only: the serial path has no pool to lose
+        os.ftruncate(_busy_fd, 0)
+        os.pwrite(_busy_fd, what.encode(), 0)
 
 
 def process_unit(unit: units.Unit, work: Path, size: int, quality: int,
                  max_bytes: int = units.MAX_IMAGE_MIB * 2**20) -> tuple[int, int]:
     """Prepare every image of `unit` into its work file; returns (usable, skipped)."""
-    busy = _busy_path(work, os.getpid())
-    busy.write_text(unit.name)
+    _note_busy(unit.name)
     keys, labels, offsets, sizes, skipped = [], [], [], [], []
     moments = Moments(size) if unit.split == "train" else None
     out = io.BytesIO()  # a unit is at most one class (~1,300 images, ~40 MB of JPEGs)
@@ -230,13 +256,9 @@ def process_unit(unit: units.Unit, work: Path, size: int, quality: int,
         # a damaged archive loses the rest of this unit only; what was read so far is kept
         skipped.append({"split": unit.split, "source": unit.where,
                         "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
-    arrays = {"keys": np.array(keys, dtype=str), "labels": np.array(labels, np.int64),
-              "offsets": np.array(offsets, np.int64), "sizes": np.array(sizes, np.int64),
-              "skipped": np.array(json.dumps(skipped))}
-    if moments is not None:
-        arrays.update(moments.to_arrays())
-    _write_unit_file(_unit_path(work, unit), out.getvalue(), arrays)
-    busy.unlink()
+    header = {"keys": keys, "labels": labels, "offsets": offsets, "sizes": sizes, "skipped": skipped}
+    _write_unit_file(_unit_path(work, unit), out.getvalue(), header, moments)
+    _note_busy("")
     return len(keys), len(skipped)
 
 
@@ -247,7 +269,7 @@ class _Pool:
     def __init__(self, workers: int, work: Path):
         self.work = work
         self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                                            initargs=(_counter,))
+                                            initargs=(_counter, work))
         self._processes: dict = {}
 
     def submit(self, fn, *args):
@@ -269,7 +291,8 @@ class _Pool:
         _, pid, code = min(dead)
         how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
         busy = _busy_path(self.work, pid)
-        doing = f" while preparing {busy.read_text()}" if busy.exists() else ""
+        what = busy.read_text() if busy.exists() else ""
+        doing = f" while preparing {what}" if what else ""
         return WorkerDied(f"worker {pid} died ({how}){doing}; finished work is kept: run the same command again "
                           "to resume")
 
@@ -342,18 +365,16 @@ def _collect(planned: list, work: Path):
     samples, skipped, moments, seen = [], [], None, {}
     for u in planned:
         path = _unit_path(work, u)
-        z = _unit_arrays(path)
-        skipped += json.loads(str(z["skipped"]))
+        z, part = _unit_contents(path)
+        skipped += z["skipped"]
         for key, label, off, size in zip(z["keys"], z["labels"], z["offsets"], z["sizes"], strict=True):
-            key = str(key)
             if key in seen:
                 skipped.append({"split": u.split, "source": f"{u.name}:{key}",
                                 "reason": f"duplicate sample key (kept the one from {seen[key]})"})
                 continue
             seen[key] = u.name
             samples.append((key, int(label), str(path), int(off), int(size)))
-        if "pixel_sum" in z:
-            part = Moments.from_arrays(z)
+        if part is not None:
             if moments is None:
                 moments = part
             else:
@@ -365,8 +386,7 @@ def _write_shard_task(args) -> shards.ShardInfo:
     path, members = args
     if path.exists():  # renamed into place complete by an earlier run
         return shards.describe_shard(path)
-    busy = _busy_path(Path(members[0][2]).parents[1], os.getpid())  # .work/<split>/<unit>.unit -> .work
-    busy.write_text(f"{path.name}")
+    _note_busy(path.name)
     opened = {}
 
     def read(bin_path, offset, size):
@@ -379,7 +399,7 @@ def _write_shard_task(args) -> shards.ShardInfo:
     finally:
         for f in opened.values():
             f.close()
-        busy.unlink(missing_ok=True)
+        _note_busy("")
 
 
 def _write_shards(cfg: PrepConfig, split: str, samples, pool) -> list[shards.ShardInfo]:

@@ -3,14 +3,24 @@
 All sums are integers (kept in int64), so merging per-worker partial sums is exact and the result does not
 depend on how images were split across workers or in which order partials were merged. For the full
 ImageNet train set the largest sum (of squared pixel values) is about 5.5e15, below 2**53, so the float64
-matrix product used per image is exact too. Imports nothing from the package.
+dot products used per image are exact too. The sums are kept as channel planes (3, size, size), the layout
+in which an image's channels are read fastest; `pixel_sum` shows them as (size, size, 3). Imports nothing
+from the package.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
+
+_scratches: dict[int, np.ndarray] = {}
+
+
+def _scratch(size: int) -> np.ndarray:
+    """The float64 planes buffer of add_planes, one per process and size: a fresh 1.5 MB buffer for every
+    Moments would cost its page faults again in every unit of work (most of a one-image unit's statistics)."""
+    if size not in _scratches:
+        _scratches[size] = np.empty((3, size * size), np.float64)
+    return _scratches[size]
 
 
 # A uint16 per-pixel sum holds 257 images of 255 exactly; it is folded into the int64 sum before it could
@@ -18,23 +28,17 @@ import numpy as np
 _PENDING_MAX = np.iinfo(np.uint16).max // 255
 
 
-@dataclass
 class Moments:
-    """Exact integer sums over a set of `size` x `size` RGB images."""
+    """Exact integer sums over a set of `size` x `size` RGB images: per-pixel sums and the sum over all
+    pixels of x x^T. Buffers are made when first needed, so a small unit of work pays only for what it uses."""
 
-    size: int
-    n_images: int = 0
-    pixel_sum: np.ndarray = field(default=None)  # (size, size, 3) int64: per-pixel sum
-    outer_sum: np.ndarray = field(default=None)  # (3, 3) int64: sum over all pixels of x x^T
-
-    def __post_init__(self):
-        if self.pixel_sum is None:
-            self.pixel_sum = np.zeros((self.size, self.size, 3), np.int64)
-        if self.outer_sum is None:
-            self.outer_sum = np.zeros((3, 3), np.int64)
-        self._pending = np.zeros((3, self.size, self.size), np.uint16)  # channel planes, folded as (H, W, 3)
+    def __init__(self, size: int, n_images: int = 0, plane_sum: np.ndarray | None = None,
+                 outer_sum: np.ndarray | None = None):
+        self.size, self.n_images = size, n_images
+        self._sum = plane_sum  # (3, size, size) int64, or None while everything is pending
+        self.outer_sum = np.zeros((3, 3), np.int64) if outer_sum is None else outer_sum
+        self._pending: np.ndarray | None = None  # (3, size, size) uint16
         self._n_pending = 0
-        self._planar = np.empty((3, self.size * self.size), np.float64)
 
     def add(self, image: np.ndarray) -> None:
         """Add one uint8 (size, size, 3) image."""
@@ -46,13 +50,16 @@ class Moments:
         """Add one image given as uint8 channel planes (3, size, size): the fast path (prep's)."""
         if planes.shape != (3, self.size, self.size) or planes.dtype != np.uint8:
             raise ValueError(f"expected uint8 (3, {self.size}, {self.size}), got {planes.dtype} {planes.shape}")
-        self._pending += planes
+        if self._pending is None:
+            self._pending = planes.astype(np.uint16)
+        else:
+            self._pending += planes
         self._n_pending += 1
         if self._n_pending == _PENDING_MAX:
             self._fold()
         # x x^T as six dot products of contiguous float64 planes: each partial sum is an integer below 2**53,
         # so the result is exact in any summation order (OpenBLAS's 65536 x 3 matrix product is 10x slower)
-        planar = self._planar
+        planar = _scratch(self.size)
         np.copyto(planar, planes.reshape(3, -1))
         r, g, b = planar
         rg, rb, gb = np.dot(r, g), np.dot(r, b), np.dot(g, b)
@@ -61,37 +68,50 @@ class Moments:
         self.n_images += 1
 
     def _fold(self) -> None:
-        """Move the pending uint16 sums into the int64 per-pixel sum."""
-        self.pixel_sum += self._pending.transpose(1, 2, 0)
-        self._pending[...] = 0
-        self._n_pending = 0
+        """Move the pending uint16 sums into the int64 sum."""
+        if self._sum is None:
+            self._sum = self._pending.astype(np.int64)
+        else:
+            self._sum += self._pending
+        self._pending, self._n_pending = None, 0
 
-    def totals(self) -> "Moments":
-        """Self, with every added image folded into pixel_sum (call before reading pixel_sum)."""
+    @property
+    def plane_sum(self) -> np.ndarray:
+        """The per-pixel sums as int64 channel planes (3, size, size)."""
         if self._n_pending:
             self._fold()
-        return self
+        if self._sum is None:
+            self._sum = np.zeros((3, self.size, self.size), np.int64)
+        return self._sum
+
+    @property
+    def pixel_sum(self) -> np.ndarray:
+        """The per-pixel sums as (size, size, 3) int64 (a view of plane_sum)."""
+        return self.plane_sum.transpose(1, 2, 0)
 
     def merge(self, other: "Moments") -> None:
         """Add another partial sum into this one."""
         if other.size != self.size:
             raise ValueError("cannot merge moments of different image sizes")
-        self.totals().pixel_sum += other.totals().pixel_sum
+        np.add(self.plane_sum, other.plane_sum, out=self.plane_sum)
         self.outer_sum += other.outer_sum
         self.n_images += other.n_images
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        """The sums as arrays; the per-pixel sum in the smallest unsigned type that holds it exactly (a unit
-        of one image writes 196 KB, not 1.5 MB)."""
-        self.totals()
+        """The sums as arrays; the per-pixel sums as planes in the smallest unsigned type that holds them
+        exactly (a unit of one image writes 196 KB, not 1.5 MB)."""
         dtype = np.min_scalar_type(255 * max(1, self.n_images))
-        return {prefix + "n_images": np.array(self.n_images), prefix + "pixel_sum": self.pixel_sum.astype(dtype),
+        if self._sum is None and self._pending is not None:  # all still pending: no int64 pass at all
+            planes = self._pending.astype(dtype)
+        else:
+            planes = self.plane_sum.astype(dtype)
+        return {prefix + "n_images": np.array(self.n_images), prefix + "plane_sum": planes,
                 prefix + "outer_sum": self.outer_sum}
 
     @classmethod
     def from_arrays(cls, arrays, prefix: str = "") -> "Moments":
-        pixel_sum = np.array(arrays[prefix + "pixel_sum"], np.int64)
-        return cls(pixel_sum.shape[0], int(arrays[prefix + "n_images"]), pixel_sum,
+        planes = np.asarray(arrays[prefix + "plane_sum"]).astype(np.int64)
+        return cls(planes.shape[1], int(arrays[prefix + "n_images"]), planes,
                    np.array(arrays[prefix + "outer_sum"], np.int64))
 
 
@@ -99,7 +119,6 @@ def summarize(m: Moments) -> dict[str, np.ndarray]:
     """The contents of stats.npz (0-255 RGB units): means, std, covariance and its eigenpairs."""
     if m.n_images == 0:
         raise ValueError("no images: statistics are undefined")
-    m.totals()
     n = m.n_images * m.size * m.size
     channel_sum = m.pixel_sum.sum(axis=(0, 1))
     # n^2 * cov = n * sum(x x^T) - s s^T, done in Python integers so nothing cancels catastrophically.
