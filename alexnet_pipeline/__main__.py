@@ -1,5 +1,5 @@
-"""python -m alexnet_pipeline prep|train|eval|bench|predict|export ...: the commands without their installed scripts, e.g.
-`torchrun --nproc-per-node 2 -m alexnet_pipeline train --shards SHARDS --out RUN`."""
+"""python -m alexnet_pipeline prep|train|eval|bench|predict|export ...: the commands without their installed
+scripts, e.g. `torchrun --nproc-per-node 2 -m alexnet_pipeline train --shards SHARDS --out RUN`."""
 
 import sys
 

@@ -475,7 +475,8 @@ def train_rates(bench: TrainBench) -> dict:
 
     def summary() -> dict:
         result = {**to_json(bench), "device": str(dev), "threads": bench.num_threads or default_threads(),
-                  "images_per_s": dict(rates), "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items() if "synthetic" in rates},
+                  "images_per_s": dict(rates),
+                  "over_synthetic": {k: v / rates["synthetic"] for k, v in rates.items() if "synthetic" in rates},
                   "train_flops_per_image": flops, "tflops": {k: v * flops / 1e12 for k, v in rates.items()},
                   "matmul_bf16_tflops": None}
         if "dali" in rates and "dataloader" in rates:
@@ -504,7 +505,7 @@ def train_rates(bench: TrainBench) -> dict:
             held = [t.clone() for t in next(iter(loader))]
             rates[feed] = rate(itertools.repeat(held))
             if bench.profile and dev.type == "cuda":
-                kernels = kernel_table(lambda: [parts.step(*held) for _ in range(bench.steps)], bench.steps)
+                kernels = kernel_table(lambda held=held: [parts.step(*held) for _ in range(bench.steps)], bench.steps)
         else:
             rates[feed] = rate(loader.endless())
         del loader

@@ -51,7 +51,7 @@ def filters_mosaic(weight: torch.Tensor) -> np.ndarray:
     height = max(t for t, _ in origins) + side + GAP
     width = min(n // 2 or n, TILES_PER_ROW) * (side + GAP) + GAP
     mosaic = np.full((height, width, 3), BACKGROUND, np.uint8)
-    for kernel, (top, left) in zip(kernels, origins):
+    for kernel, (top, left) in zip(kernels, origins, strict=True):
         tile = np.round(kernel * 255).astype(np.uint8).repeat(SCALE, 0).repeat(SCALE, 1)
         mosaic[top:top + side, left:left + side] = tile
     return mosaic
@@ -108,7 +108,7 @@ def neighbours_mosaic(queries: list[np.ndarray], neighbours: list[list[np.ndarra
     per_row = 1 + max(len(n) for n in neighbours)
     width = GAP + per_row * (THUMB + GAP) + BLOCK_GAP
     mosaic = np.full((GAP + len(queries) * (THUMB + GAP), width, 3), BACKGROUND, np.uint8)
-    for r, (q, ns) in enumerate(zip(queries, neighbours)):
+    for r, (q, ns) in enumerate(zip(queries, neighbours, strict=True)):
         top = GAP + r * (THUMB + GAP)
         for c, im in enumerate([q, *ns]):
             left = GAP + c * (THUMB + GAP) + (BLOCK_GAP if c else 0)
@@ -220,7 +220,8 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     bank = hidden_features(model.net, loader("train"), pool, progress, model.precision)
     found = nearest(query_features, bank, 6)
     train_images = _samples(shards_dir, "train", set(found.flatten().tolist()))
-    mosaic = neighbours_mosaic([val[i][0] for i in queries], [[train_images[j][0] for j in row] for row in found.tolist()])
+    mosaic = neighbours_mosaic([val[i][0] for i in queries],
+                               [[train_images[j][0] for j in row] for row in found.tolist()])
     Image.fromarray(mosaic).save(out_dir / "neighbours.png")
     paths["neighbours"] = out_dir / "neighbours.png"
     return {"paths": paths, "shown": shown, "tops": tops, "truths": truths, "queries": queries,

@@ -19,8 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import UserError
-from .units import (ARCHIVE_ERRORS, ClassTarUnit, FileEntry, FolderUnit, GzMember, HfUnit, TarMember, TarUnit, Unit,
-                    hf_key, sample_key)
+from .units import (
+    ARCHIVE_ERRORS,
+    ClassTarUnit,
+    FileEntry,
+    FolderUnit,
+    GzMember,
+    HfUnit,
+    TarMember,
+    TarUnit,
+    Unit,
+    hf_key,
+    sample_key,
+)
 
 WNID = re.compile(r"^n\d{8}$")
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
@@ -96,7 +107,7 @@ def _find_hf(root: Path, hf: Path, splits, limit) -> Source:
     wanted = (train if "train" in splits or not (hf / HF_VAL).is_file() else []) + \
         ([hf / HF_VAL] if "val" in splits and (hf / HF_VAL).is_file() else [])
     with ThreadPoolExecutor(max(1, len(wanted))) as pool:  # one decompression per archive, in parallel
-        names = dict(zip(wanted, pool.map(_gz_members, wanted)))
+        names = dict(zip(wanted, pool.map(_gz_members, wanted), strict=True))
     label_source = [a for a in wanted if a in train] or wanted
     classes = sorted({w for a in label_source for w in (hf_key(n)[1] for n in names[a]) if w})
     _check_wnids(classes, hf)
@@ -359,7 +370,7 @@ def _meta_leaves(meta: bytes, where):
 def _meta_ids(meta: bytes, where) -> dict[int, str]:
     """ILSVRC2012_ID -> wnid for the 1,000 leaf synsets of meta.mat."""
     leaves = _meta_leaves(meta, where)
-    return {int(i): str(w) for i, w in zip(leaves["ILSVRC2012_ID"], leaves["WNID"])}
+    return {int(i): str(w) for i, w in zip(leaves["ILSVRC2012_ID"], leaves["WNID"], strict=True)}
 
 
 def _meta_words(meta: bytes, where) -> dict[str, str]:
@@ -367,7 +378,7 @@ def _meta_words(meta: bytes, where) -> dict[str, str]:
     leaves = _meta_leaves(meta, where)
     if "words" not in leaves.dtype.names:
         return {}
-    return {str(w): str(words) for w, words in zip(leaves["WNID"], leaves["words"])}
+    return {str(w): str(words) for w, words in zip(leaves["WNID"], leaves["words"], strict=True)}
 
 
 def _devkit_classes(root, data) -> list[str]:

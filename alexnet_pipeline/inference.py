@@ -116,9 +116,9 @@ def predict_pixels(model: TrainedModel, pixels: list[np.ndarray], tencrop: bool 
         batch = np.stack([views(p, model.mean, tencrop) for p in pixels[start:start + batch_size]])
         probs = probabilities(model, batch)
         values, indices = probs.topk(k, 1)
-        for v, i in zip(values.tolist(), indices.tolist()):
+        for v, i in zip(values.tolist(), indices.tolist(), strict=True):
             out.append([Prediction(model.classes[c], model.names.get(model.classes[c], model.classes[c]), p, c)
-                        for p, c in zip(v, i)])
+                        for p, c in zip(v, i, strict=True)])
     return out
 
 
@@ -146,7 +146,8 @@ def run(cfg: PredictConfig) -> int:
         except BadImage as e:
             print(f"alexnet-predict: {path}: {e}", file=sys.stderr)
             failed += 1
-    results = zip([path for path, _ in good], predict_pixels(model, [p for _, p in good], cfg.tencrop, cfg.top))
+    predictions = predict_pixels(model, [p for _, p in good], cfg.tencrop, cfg.top)
+    results = zip([path for path, _ in good], predictions, strict=True)
     if cfg.json:
         print(json.dumps([{"image": path, "top": [dataclasses.asdict(p) for p in preds]} for path, preds in results],
                          indent=1))

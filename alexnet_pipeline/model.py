@@ -18,9 +18,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
-
+from torch import nn
 
 INITS = ("paper", "caffe")
 
@@ -64,8 +63,9 @@ class GroupedLRN(nn.Module):
 
 
 class AlexNet(nn.Module):
-    def __init__(self, cfg: AlexNetConfig = AlexNetConfig()):
+    def __init__(self, cfg: AlexNetConfig | None = None):
         super().__init__()
+        cfg = cfg or AlexNetConfig()
         if cfg.variant not in ("paper", "torchvision"):
             raise ValueError(f"variant must be 'paper' or 'torchvision', got {cfg.variant!r}")
         if cfg.init not in INITS:
@@ -134,7 +134,8 @@ class AlexNet(nn.Module):
     def _conv(self, conv: nn.Conv2d, x):
         if not self.split_groups or conv.groups == 1:
             return conv(x)
-        parts = zip(x.chunk(conv.groups, 1), conv.weight.chunk(conv.groups, 0), conv.bias.chunk(conv.groups, 0))
+        g = conv.groups
+        parts = zip(x.chunk(g, 1), conv.weight.chunk(g, 0), conv.bias.chunk(g, 0), strict=True)
         return torch.cat([F.conv2d(xi, w, b, conv.stride, conv.padding) for xi, w, b in parts], 1)
 
     def features(self, x):
@@ -217,10 +218,10 @@ class TwoColumnAlexNet(nn.Module):
 
     def forward(self, x):
         cols = self.columns
-        a = [c.bottom(x.to(d)) for c, d in zip(cols, self.devices)]
-        h = [c.top(a_) for c, a_ in zip(cols, self._exchange(a))]
-        h = [self.drop(F.relu(c.fc6(h_))) for c, h_ in zip(cols, self._exchange(h))]
-        h = [self.drop(F.relu(c.fc7(h_))) for c, h_ in zip(cols, self._exchange(h))]
+        a = [c.bottom(x.to(d)) for c, d in zip(cols, self.devices, strict=True)]
+        h = [c.top(a_) for c, a_ in zip(cols, self._exchange(a), strict=True)]
+        h = [self.drop(F.relu(c.fc6(h_))) for c, h_ in zip(cols, self._exchange(h), strict=True)]
+        h = [self.drop(F.relu(c.fc7(h_))) for c, h_ in zip(cols, self._exchange(h), strict=True)]
         return self.fc8(torch.cat([h_.to(self.devices[0]) for h_ in h], 1))
 
     def grouped_state_dict(self) -> dict:

@@ -63,7 +63,8 @@ class _HostDraws:
         epoch, run = self.first_epoch + info.iteration // self.runs, info.iteration % self.runs
         x, y, flip, alpha = augment.counter_draws((cfg.seed, cfg.rank, epoch), run * cfg.run_size, cfg.run_size,
                                                   cfg.lighting_sigma, self.span + augment.CROP)
-        out = (x / self.span, y / self.span, flip, self.base - alpha @ self.columns.T) + ((alpha,) if self.alphas else ())
+        out = (x / self.span, y / self.span, flip, self.base - alpha @ self.columns.T)
+        out += (alpha,) if self.alphas else ()
         # DALI takes dense arrays only (a matrix product may come back in column-major order)
         return tuple(np.ascontiguousarray(a, np.int32 if a is flip else np.float32) for a in out)
 

@@ -4,10 +4,10 @@ Two stages, both resumable and both independent of the worker count:
 
 1. Work: each `Unit` (a few hundred source images) is decoded, resized, cropped and re-encoded by one worker,
    which writes one work file ``.work/<split>/<unit>.unit``: the JPEGs, then their keys, offsets, skipped
-   files and exact statistics sums (a JSON header and raw sums), then a trailer with a CRC32 of it all. It is renamed into
-   place whole, so its presence marks a finished unit; it is not fsynced (a unit of one image would spend
-   most of its time there), so a resumed run checks the CRC of every work file it finds and redoes those a
-   crash left short. A killed run redoes at most the units that were in flight.
+   files and exact statistics sums (a JSON header and raw sums), then a trailer with a CRC32 of it all. It
+   is renamed into place whole, so its presence marks a finished unit; it is not fsynced (a small unit
+   would spend most of its time there), so a resumed run checks the CRC of every work file it finds and
+   redoes those a crash left short. A killed run redoes at most the units that were in flight.
 2. Shards: with every unit done, the samples are sorted by key, permuted with the seed (train only: DALI's
    reader shuffles only inside a buffer) and cut into shards, each written atomically with its index.
    A shard already on disk is finished (it was renamed into place complete), so it is kept.

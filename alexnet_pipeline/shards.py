@@ -325,7 +325,7 @@ def readable_split(shards: Path, split: str) -> tuple[list[Path], int, dict]:
     paths = shard_paths(shards, split, manifest)
     if not paths:
         raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
-    for path, info in zip(paths, manifest["splits"][split]["shards"]):
+    for path, info in zip(paths, manifest["splits"][split]["shards"], strict=True):
         if not path.is_file():
             raise ShardError(f"{path}: shard missing")
         st = path.stat()

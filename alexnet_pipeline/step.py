@@ -67,7 +67,7 @@ class TrainStep:
             return self._compute(images, labels)
         if self.graph is False:
             self._capture(images, labels)
-        for buffer, batch in zip(self._inputs, (images, labels)):
+        for buffer, batch in zip(self._inputs, (images, labels), strict=True):
             buffer.copy_(batch, non_blocking=True)
         self.graph.replay()
         return self._row.clone()  # the next replay overwrites the graph's output
@@ -91,6 +91,6 @@ class TrainStep:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self._row = self._compute(*self._inputs)
         with torch.no_grad():
-            for t, s in zip(state, saved):
+            for t, s in zip(state, saved, strict=True):
                 t.copy_(s)
         torch.cuda.set_rng_state(rng, self.device)

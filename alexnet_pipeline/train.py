@@ -236,7 +236,7 @@ class Trainer:
                 if bad >= 0:
                     raise Diverged(f"the loss is not finite at step {bad} (epoch {self.epoch + 1}); stopping. "
                                    f"The last good state is {self.run.file(CHECKPOINT)}; a lower --lr may help")
-                totals = [t + sum(col) for t, col in zip(totals, zip(*rows))]
+                totals = [t + sum(col) for t, col in zip(totals, zip(*rows, strict=True), strict=True)]
                 dt = time.perf_counter() - t0
                 self.log.interval(epoch=self.epoch + 1, epochs=cfg.epochs, step=self.step,
                                   done=self.train_loader.position, per_epoch=len(self.train_loader), losses=losses,

@@ -172,10 +172,11 @@ class ClassTarUnit(Unit):
                 if self.limit is not None:  # same rule as folders: the first N names in sorted order
                     members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
                 for name, data in members:
+                    source = f"{where}/{name}"
                     if isinstance(data, int):
-                        yield Item(sample_key(name), self.label, f"{where}/{name}", b"", error=oversize(data, max_bytes))
+                        yield Item(sample_key(name), self.label, source, b"", error=oversize(data, max_bytes))
                     else:
-                        yield Item(sample_key(name), self.label, f"{where}/{name}", data)
+                        yield Item(sample_key(name), self.label, source, data)
 
     def source_files(self) -> list[str]:
         return [self.archive]

@@ -45,7 +45,7 @@ def test_random_params_cover_every_offset():
 def test_counter_draws_do_not_depend_on_how_samples_are_cut_into_batches():
     whole = augment.counter_draws((3, 1, 2), 0, 40, 0.1)
     parts = [augment.counter_draws((3, 1, 2), start, count, 0.1) for start, count in ((0, 7), (7, 25), (32, 8))]
-    for a, b in zip(whole, zip(*parts)):
+    for a, b in zip(whole, zip(*parts, strict=True), strict=True):
         np.testing.assert_array_equal(a, np.concatenate(b))
     other_epoch = augment.counter_draws((3, 1, 3), 0, 40, 0.1)
     assert not np.array_equal(whole[3], other_epoch[3])  # each epoch (and rank, and seed) draws afresh

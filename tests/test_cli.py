@@ -55,7 +55,8 @@ def _status(main, argv) -> int:
     ("train_main", ["--shards", "x", "--out", "y", "--width", "-1"], "width"),
     ("train_main", ["--shards", "x", "--out", "y", "--momentum-rule", "nesterov"], "momentum-rule"),
     ("train_main", ["--shards", "x", "--out", "y", "--column-devices", "cpu,cpu"], "column_devices"),
-    ("eval_main", ["--shards", "x"], "--checkpoint"), ("bench_main", ["train", "--shards", "x", "--steps", "0"], "steps"),
+    ("eval_main", ["--shards", "x"], "--checkpoint"),
+    ("bench_main", ["train", "--shards", "x", "--steps", "0"], "steps"),
     ("bench_main", ["train", "--shards", "x", "--feeds", "synthetic,dali-hwx"], "dali-hwx")])
 def test_bad_training_flags_exit_2_naming_the_option(main, argv, named, capsys):
     assert _status(getattr(cli, main), argv) == 2

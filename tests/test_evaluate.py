@@ -44,7 +44,7 @@ def test_ten_crop_equals_ten_forward_passes_with_averaged_softmax(prepped):
 def test_error_counts_match_predictions_and_skip_padding(prepped):
     model = _model()
     loader = eval_loader(prepped, batch_size=5, num_threads=2)  # 5 does not divide the val split: padding
-    probs, labels = map(torch.cat, zip(*evaluate.predictions(model, loader, tencrop=False)))
+    probs, labels = map(torch.cat, zip(*evaluate.predictions(model, loader, tencrop=False), strict=True))
     assert (labels == PAD_LABEL).any()
     keep = labels != PAD_LABEL
     probs, labels = probs[keep], labels[keep]

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_samples, sample_maker
 from PIL import Image
 
 from alexnet_pipeline import files, shards
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.image import BadImage, decode_rgb
 from alexnet_pipeline.prep import PrepConfig, PrepError, run
-from conftest import read_samples, sample_maker
 
 PREP = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())"]
 TRAIN = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import train_main; sys.exit(train_main())"]

@@ -18,7 +18,7 @@ def test_figure_3_has_one_tile_per_kernel_each_normalised_in_two_blocks(tmp_path
     origins = figures.tile_origins(96, 11)
     side = 11 * figures.SCALE
     kernels = figures.normalised_kernels(weight)
-    for kernel, (top, left) in zip(kernels, origins):  # every tile is its kernel, min to max
+    for kernel, (top, left) in zip(kernels, origins, strict=True):  # every tile is its kernel, min to max
         tile = image[top:top + side, left:left + side]
         assert np.array_equal(tile[::figures.SCALE, ::figures.SCALE], np.round(kernel * 255).astype(np.uint8))
     assert len(set(origins)) == 96 and kernels.min() == 0 and kernels.max() == 1
@@ -34,7 +34,7 @@ def test_nearest_is_the_brute_force_nearest():
     g = torch.Generator().manual_seed(0)
     bank, queries = torch.randn(500, 64, generator=g), torch.randn(5, 64, generator=g)
     found = figures.nearest(queries, bank, 6)
-    for q, row in zip(queries, found):
+    for q, row in zip(queries, found, strict=True):
         distances = ((bank - q) ** 2).sum(1)
         assert row.tolist() == distances.argsort()[:6].tolist()
 
@@ -74,7 +74,7 @@ def test_figure_4_shows_the_predictions_and_the_nearest_training_images_in_fc7(p
             return net.hidden(torch.from_numpy(views(pixels, ckpt.mean_to_subtract(), False)))[0]
 
     bank = torch.stack([fc7(train_images[i][0]) for i in range(20)])
-    for q, row in zip(drawn["queries"], drawn["neighbours"]):
+    for q, row in zip(drawn["queries"], drawn["neighbours"], strict=True):
         distances = ((bank - fc7(val_images[q][0])) ** 2).sum(1)
         order = distances.argsort().tolist()
         assert set(row) == set(order[:6]) or np.allclose(sorted(distances[row]), sorted(distances[order[:6]]),

@@ -2,10 +2,10 @@ import io
 
 import numpy as np
 import pytest
+from conftest import sample_maker
 from PIL import Image
 
 from alexnet_pipeline.image import BadImage, center_square, decode_rgb, pil_flavour, prepare
-from conftest import sample_maker
 
 KEPT = [kind for _, kind, kept in sample_maker.QUIRKS if kept]
 DROPPED = [kind for _, kind, kept in sample_maker.QUIRKS if not kept]

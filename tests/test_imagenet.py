@@ -1,9 +1,9 @@
 import re
 
 import pytest
+from conftest import CLASSES, sample_maker
 
 from alexnet_pipeline import imagenet, units
-from conftest import CLASSES, sample_maker
 
 
 def _labels(source, split):
@@ -25,7 +25,7 @@ def test_the_devkit_trap_is_real_in_the_sample_and_avoided(sample):
     gt = (root / "devkit/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").read_text().split()
     names = sorted(truth["val"])
     # the raw IDs (minus one) are not the sorted-index labels, so using them directly would be wrong
-    assert sum(int(i) - 1 != truth["val"][n] for i, n in zip(gt, names)) > len(names) // 2
+    assert sum(int(i) - 1 != truth["val"][n] for i, n in zip(gt, names, strict=True)) > len(names) // 2
     assert _labels(imagenet.find(root / "devkit"), "val") == truth["val"]
 
 

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import read_samples
 from PIL import Image
 
 import alexnet_pipeline as ap
@@ -16,7 +17,6 @@ from alexnet_pipeline.checkpoint import Checkpoint
 from alexnet_pipeline.classnames import ilsvrc2012, parse_hf_classes
 from alexnet_pipeline.inference import image_256, views
 from alexnet_pipeline.prep import PrepConfig, run
-from conftest import read_samples
 
 TINY = dict(width=0.25, global_batch=8, log_every=4, num_threads=1, final_tencrop=False, device="cpu")
 
@@ -44,8 +44,8 @@ def lively(prepped, tmp_path_factory):
 
 
 def _errors(tops, labels, classes):
-    top1 = sum(t[0].wnid != classes[y] for t, y in zip(tops, labels)) / len(labels)
-    top5 = sum(classes[y] not in [p.wnid for p in t[:5]] for t, y in zip(tops, labels)) / len(labels)
+    top1 = sum(t[0].wnid != classes[y] for t, y in zip(tops, labels, strict=True)) / len(labels)
+    top5 = sum(classes[y] not in [p.wnid for p in t[:5]] for t, y in zip(tops, labels, strict=True)) / len(labels)
     return top1, top5
 
 

@@ -136,7 +136,7 @@ def test_split_groups_compute_the_grouped_function_and_gradients():
         out = m(x)
         out.logsumexp(1).sum().backward()
         grads.append((out.detach(), m.conv2.weight.grad.clone(), m.conv5.bias.grad.clone()))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     assert AlexNet(AlexNetConfig(width=0.25)).split_groups is False
 
@@ -155,5 +155,5 @@ def test_conv1_over_space_to_depth_blocks_is_the_same_convolution(variant):
         (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()
         results.append((y.detach(), m.conv1.weight.grad.clone(), m.conv1.bias.grad.clone()))
     assert results[0][0].shape[-2:] == (55, 55)
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

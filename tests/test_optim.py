@@ -12,8 +12,9 @@ def _paper_replay(w0, grads_of, lrs, momentum=0.9, decay=5e-4, decayed=(True,)):
     w, v, out = list(w0), [0.0] * len(w0), []
     for eps in lrs:
         g = grads_of(w)
-        v = [momentum * vi - (decay * eps * wi if d else 0.0) - eps * gi for vi, wi, gi, d in zip(v, w, g, decayed)]
-        w = [wi + vi for wi, vi in zip(w, v)]
+        v = [momentum * vi - (decay * eps * wi if d else 0.0) - eps * gi
+             for vi, wi, gi, d in zip(v, w, g, decayed, strict=True)]
+        w = [wi + vi for wi, vi in zip(w, v, strict=True)]
         out.append(list(w))
     return out
 
@@ -44,7 +45,7 @@ def test_the_optimizer_is_the_papers_rule_step_for_step_through_lr_drops():
     want = _paper_replay([1.0, -2.0, 0.5], lambda w: [3.0 * w[0], 0.5 * w[1], 2.0 * w[2]], LRS,
                          decayed=(True, True, False))
     got = _run("paper", LRS)
-    for step, (a, b) in enumerate(zip(got, want)):
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a == pytest.approx(b, rel=1e-12, abs=1e-15), step
 
 

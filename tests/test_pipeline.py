@@ -13,8 +13,16 @@ import torch
 from PIL import Image
 
 from alexnet_pipeline import augment, shards
-from alexnet_pipeline.pipeline import (PAD_LABEL, Loader, LoaderConfig, ShardError, build_pipeline, eval_loader,
-                                       exposed_names, train_loader)
+from alexnet_pipeline.pipeline import (
+    PAD_LABEL,
+    Loader,
+    LoaderConfig,
+    ShardError,
+    build_pipeline,
+    eval_loader,
+    exposed_names,
+    train_loader,
+)
 
 
 def _stats(prepped):
@@ -32,7 +40,7 @@ def _run(prepped, train, batches=1, **options):
     for _ in range(batches):
         outs = pipe.run()
         for i in range(len(outs[0])):
-            sample = {n: np.array(o[i]) for n, o in zip(names, outs)}
+            sample = {n: np.array(o[i]) for n, o in zip(names, outs, strict=True)}
             if "alpha" in sample:  # the host draws give the three alphas as one vector
                 sample.update({f"alpha{j}": sample["alpha"][j] for j in range(3)})
             samples.append(sample)
@@ -98,7 +106,7 @@ def test_draws_over_many_samples(prepped, draws):
 def _fingerprints(loader):
     out = []
     for images, labels in loader:
-        for img, lab in zip(images, labels):
+        for img, lab in zip(images, labels, strict=True):
             if lab != PAD_LABEL:
                 out.append((int(lab), round(float(img.double().sum()), 1)))
     return sorted(out)

@@ -40,8 +40,8 @@ def test_gpu_and_cpu_center_crops_agree_within_decoder_tolerance(prepped):
 
 @pytest.mark.parametrize("dtype,channels_last", [("float16", False), ("bfloat16", True), ("float32", True)])
 def test_gpu_outputs_live_on_the_gpu_with_the_asked_dtype_and_layout(prepped, dtype, channels_last):
-    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype=dtype, channels_last=channels_last,
-                                            num_threads=2)))
+    images, labels = next(iter(train_loader(prepped, batch_size=8, device="cuda", dtype=dtype,
+                                            channels_last=channels_last, num_threads=2)))
     assert images.is_cuda and labels.is_cuda and images.dtype == getattr(torch, dtype)
     assert images.shape == (8, 3, 224, 224)
     assert images.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

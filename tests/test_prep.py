@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CLASSES, read_samples, sample_maker
 
 from alexnet_pipeline import files, shards
 from alexnet_pipeline.prep import PrepConfig, PrepError, run
-from conftest import CLASSES, read_samples, sample_maker
 
 CLI = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())"]
 
@@ -117,7 +117,7 @@ def _tiny_tree(root: Path, sample, names=("n01440764_1652.JPEG", "n01440764_273.
     src = sample[0] / "extracted"
     (root / "train/n01440764").mkdir(parents=True)
     files = sorted((src / "train/n01440764").glob("n01440764_[0-8]*.JPEG"))[:len(names)]
-    for f, name in zip(files, names):
+    for f, name in zip(files, names, strict=True):
         (root / "train/n01440764" / name).write_bytes(f.read_bytes())
     shutil.copytree(src / "val/n01440764", root / "val/n01440764")
     return root

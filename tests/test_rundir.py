@@ -76,7 +76,8 @@ def test_bad_checkpoints_are_one_line_for_eval_and_resume(prepped, tmp_path, cap
 
 def test_resume_with_another_variant_is_one_line(prepped, tmp_path, capsys):
     out = tmp_path / "run"
-    assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "1", "--no-final-tencrop", *ARGS]) == 0
+    assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "1", "--no-final-tencrop",
+                           *ARGS]) == 0
     capsys.readouterr()
     assert cli.train_main(["--shards", str(prepped), "--out", str(out), "--epochs", "2", "--resume",
                            "--variant", "torchvision", *ARGS]) == 2

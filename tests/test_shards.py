@@ -4,9 +4,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import read_samples
 
 from alexnet_pipeline import shards
-from conftest import read_samples
 
 
 def test_index_equals_what_wds2idx_writes(prepped, tmp_path):
@@ -96,7 +96,7 @@ def test_timm_finds_both_splits_through_info_json(prepped):
         split = info["splits"][theirs]
         assert split["name"] == theirs and split["num_samples"] == manifest["splits"][ours]["samples"]
         assert sum(split["shard_lengths"]) == split["num_samples"]
-        for name, length in zip(split["filenames"], split["shard_lengths"]):
+        for name, length in zip(split["filenames"], split["shard_lengths"], strict=True):
             samples = list(wds.WebDataset(str(prepped / name), shardshuffle=False))
             assert len(samples) == length and all({"jpg", "cls"} <= set(s) for s in samples)
 

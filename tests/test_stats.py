@@ -1,10 +1,10 @@
 import io
 
 import numpy as np
+from conftest import read_samples
 from PIL import Image
 
 from alexnet_pipeline.stats import Moments, summarize
-from conftest import read_samples
 
 
 def _images(n, seed=0, size=16):
@@ -81,4 +81,5 @@ def test_the_sums_are_exact_against_python_integers_including_all_255_images():
     few = Moments(size)
     for im in images[-3:]:
         few.add(im)  # all pending: written from the uint16 sums directly
-    assert Moments.from_arrays(few.to_arrays()).pixel_sum.tolist() == np.sum(images[-3:], axis=0, dtype=np.int64).tolist()
+    expected = np.sum(images[-3:], axis=0, dtype=np.int64).tolist()
+    assert Moments.from_arrays(few.to_arrays()).pixel_sum.tolist() == expected

@@ -12,9 +12,9 @@ import tarfile
 
 import numpy as np
 import torch
+from conftest import ROOT, _load_tool
 
 from alexnet_pipeline import cli, environment, train
-from conftest import ROOT, _load_tool
 
 feed_record = _load_tool("feed_record")
 
@@ -32,7 +32,8 @@ def _record(prepped, tmp_path, **inputs):
 def test_the_feed_record_is_made_from_the_stages_outputs(prepped, tmp_path, capsys):
     common = ["--shards", str(prepped), "--device", "cpu", "--threads", "1", "--batch-size", "4", "--repeats", "1",
               "--steps", "3"]
-    assert cli.bench_main(["loader", *common, "--axes", "batches_per_run", "--record", str(tmp_path / "loader.json")]) == 0
+    assert cli.bench_main(["loader", *common, "--axes", "batches_per_run",
+                           "--record", str(tmp_path / "loader.json")]) == 0
     assert cli.bench_main(["train", *common, "--width", "0.0625", "--feeds", "synthetic,dali", "--json"]) == 0
     # DALI may print to stdout before the JSON object
     (tmp_path / "bench.json").write_text("DALI: {a line with braces}\n" + capsys.readouterr().out)
@@ -51,7 +52,8 @@ def test_the_feed_record_is_made_from_the_stages_outputs(prepped, tmp_path, caps
     assert record["torch"] == torch.__version__ and record["commit"] == "0123abc"
     assert record["two_ranks_test"] == "passed"
     n_train = json.loads((prepped / "dataset.json").read_text())["splits"]["train"]["samples"]
-    sizes = [m.size for p in sorted((prepped / "train").glob("*.tar")) for m in tarfile.open(p) if m.name.endswith(".jpg")]
+    sizes = [m.size for p in sorted((prepped / "train").glob("*.tar")) for m in tarfile.open(p)
+             if m.name.endswith(".jpg")]
     assert record["images"] == n_train and record["bytes_per_image"] == sum(sizes) / len(sizes)
     rows = [json.loads(line) for line in (tmp_path / "run" / train.LOG).read_text().splitlines()]
     first, later = ([r for r in rows if r["kind"] == "train" and (r["epoch"] == 1) == one] for one in (True, False))

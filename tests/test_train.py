@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from alexnet_pipeline import build, train
-from alexnet_pipeline.model import AlexNet, AlexNetConfig
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.distributed import World
+from alexnet_pipeline.model import AlexNet, AlexNetConfig
 from alexnet_pipeline.pipeline import PAD_LABEL, Loader
 
 TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False)
@@ -27,7 +27,7 @@ def _records(run_dir, kind="train"):
 
 def _fingerprints(images, labels):
     """Per sample: (label, sum of the augmented crop), what the rank was fed."""
-    return [(int(y), round(float(x.double().sum()), 3)) for x, y in zip(images, labels) if y != PAD_LABEL]
+    return [(int(y), round(float(x.double().sum()), 3)) for x, y in zip(images, labels, strict=True) if y != PAD_LABEL]
 
 
 def _rank(rank, port, shards, out, result_dir):
@@ -101,7 +101,8 @@ def test_interrupted_and_resumed_run_repeats_the_uninterrupted_losses(prepped, t
 
 def test_checkpoint_log_and_plot(prepped, tmp_path):
     out = tmp_path / "run"
-    summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu", **{**TINY, "final_tencrop": True}))
+    summary = train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, device="cpu",
+                                          **{**TINY, "final_tencrop": True}))
     manifest = json.loads((prepped / "dataset.json").read_text())
     ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
     assert ckpt["epoch"] == 2 and ckpt["classes"] == manifest["classes"]

@@ -104,7 +104,8 @@ def test_a_resumed_gpu_run_repeats_the_uninterrupted_losses(prepped, tmp_path):
 def test_two_ranks_share_one_gpu_with_gloo_train_resume_and_count_every_image_once(prepped, tmp_path):
     run = ["torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "alexnet_pipeline"]
     common = ["train", "--shards", str(prepped), "--out", str(tmp_path / "run"), "--backend", "gloo", "--device",
-              "cuda:0", "--width", "0.25", "--global-batch", "8", "--threads", "2", "--no-final-tencrop", "--no-compile"]
+              "cuda:0", "--width", "0.25", "--global-batch", "8", "--threads", "2", "--no-final-tencrop",
+              "--no-compile"]
     for extra in (["--epochs", "1"], ["--epochs", "2", "--resume"]):
         r = subprocess.run([sys.executable, "-m", *run, *common, *extra], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]

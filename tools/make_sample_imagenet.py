@@ -296,9 +296,9 @@ def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class:
                              chunksize=max(1, classes // (4 * workers)))
         val_names = pool.map(_val_file, [(seed, i, int(c), classes, ext / "val") for i, c in enumerate(val_labels)],
                              chunksize=max(1, len(val_labels) // (4 * workers)))
-    train_files = dict(zip(names, per_class))
+    train_files = dict(zip(names, per_class, strict=True))
     truth = {"train": {n: c for c, w in enumerate(names) for n in train_files[w]},
-             "val": {n: int(c) for n, c in zip(val_names, val_labels)}}
+             "val": {n: int(c) for n, c in zip(val_names, val_labels, strict=True)}}
     val_files = [(n, (ext / "val" / names[truth["val"][n]] / n).read_bytes()) for n in val_names]
     if "kaggle" in layouts:
         _kaggle(out, ext, names, val_files, truth)

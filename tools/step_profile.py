@@ -87,37 +87,43 @@ def _ms(fn, repeats: int = 20) -> float:
 
 def layer_table(batch: int, device) -> dict:
     """Forward + backward ms of each convolution layer alone (bf16 autocast, channels_last), per variant."""
-    from torch.nn import functional as F
-
     layers = [("conv1", 3, 96, 11, 4, 0, 1, 227), ("conv2", 96, 256, 5, 1, 2, 2, 27),
               ("conv3", 256, 384, 3, 1, 1, 1, 13), ("conv4", 384, 384, 3, 1, 1, 2, 13),
               ("conv5", 384, 256, 3, 1, 1, 2, 13)]
     out = {}
-    for name, cin, cout, k, stride, pad, groups, size in layers:
-        conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, memory_format=torch.channels_last)
-        x = torch.randn(batch, cin, size, size, device=device).to(memory_format=torch.channels_last)
-        x.requires_grad_(name != "conv1")
-
-        def fwd_bwd(f):
-            with torch.autocast("cuda", torch.bfloat16):
-                y = f()
-            y.float().sum().backward()
-
-        def split():
-            parts = zip(x.chunk(groups, 1), conv.weight.chunk(groups, 0), conv.bias.chunk(groups, 0))
-            return torch.cat([F.conv2d(a, w, b, stride, pad) for a, w, b in parts], 1)
-
-        row = {"native": _ms(lambda: fwd_bwd(lambda: conv(x)))}
-        if groups > 1:
-            row["split"] = _ms(lambda: fwd_bwd(split))
-        if cin == 3:
-            x4 = torch.cat([x, torch.zeros_like(x[:, :1])], 1).contiguous(memory_format=torch.channels_last)
-            w4 = torch.cat([conv.weight.detach(), torch.zeros_like(conv.weight[:, :1])], 1)
-            w4 = w4.contiguous(memory_format=torch.channels_last).requires_grad_()
-            row["pad4"] = _ms(lambda: fwd_bwd(lambda: F.conv2d(x4, w4, conv.bias, stride, pad)))
-        out[name] = row
-        print(f"{name:<7}" + "".join(f"{k} {v:6.3f} ms  " for k, v in row.items()), flush=True)
+    for name, *shape in layers:
+        out[name] = _layer_row(device, batch, *shape)
+        print(f"{name:<7}" + "".join(f"{k} {v:6.3f} ms  " for k, v in out[name].items()), flush=True)
     return out
+
+
+def _layer_row(device, batch: int, cin: int, cout: int, k: int, stride: int, pad: int, groups: int,
+               size: int) -> dict:
+    """One layer's forward + backward ms: native, split per column (grouped layers), channels padded to 4 (conv1)."""
+    from torch.nn import functional as F
+
+    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, memory_format=torch.channels_last)
+    x = torch.randn(batch, cin, size, size, device=device).to(memory_format=torch.channels_last)
+    x.requires_grad_(cin != 3)
+
+    def fwd_bwd(f):
+        with torch.autocast("cuda", torch.bfloat16):
+            y = f()
+        y.float().sum().backward()
+
+    def split():
+        parts = zip(x.chunk(groups, 1), conv.weight.chunk(groups, 0), conv.bias.chunk(groups, 0), strict=True)
+        return torch.cat([F.conv2d(a, w, b, stride, pad) for a, w, b in parts], 1)
+
+    row = {"native": _ms(lambda: fwd_bwd(lambda: conv(x)))}
+    if groups > 1:
+        row["split"] = _ms(lambda: fwd_bwd(split))
+    if cin == 3:
+        x4 = torch.cat([x, torch.zeros_like(x[:, :1])], 1).contiguous(memory_format=torch.channels_last)
+        w4 = torch.cat([conv.weight.detach(), torch.zeros_like(conv.weight[:, :1])], 1)
+        w4 = w4.contiguous(memory_format=torch.channels_last).requires_grad_()
+        row["pad4"] = _ms(lambda: fwd_bwd(lambda: F.conv2d(x4, w4, conv.bias, stride, pad)))
+    return row
 
 
 def main(argv=None) -> int:
