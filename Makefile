@@ -48,9 +48,12 @@ demo: $(STAMP) $(SAMPLE)/.done
 	  --lr 0.001 --schedule step --step-epochs 10 --no-final-tencrop
 	$(BIN)/alexnet-eval --shards $(SHARDS) --checkpoint $(RUN)/checkpoint.pt --tencrop --figures
 	$(BIN)/alexnet-predict $(DEMO_IMAGES) --checkpoint $(RUN)/best.pt --top 3
-	@echo "curves: $(RUN)/curves.png   figures: $(RUN)/filters.png $(RUN)/predictions.png $(RUN)/neighbours.png"
+	@echo "curves: $(RUN)/curves.png $(RUN)/filters.png   figures: $(RUN)/figures/{filters,predictions,neighbours}.png"
 
+# Lint (ruff: pyflakes, bugbear, isort, line length) and types (mypy), configured in pyproject.toml, then the tests.
 test: $(STAMP)
+	$(BIN)/ruff check alexnet_pipeline tools tests
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 $(SHARDS)/dataset.json: $(SAMPLE)/.done

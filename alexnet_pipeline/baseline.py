@@ -22,7 +22,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     (train) or the center / ten crops (eval), as `cfg` (the DALI loaders' options) says."""
 
     def __init__(self, cfg: LoaderConfig, train: bool = True):
-        self.paths = shards.shard_paths(cfg.shards, cfg.split)
+        self.paths = shards.shard_paths(cfg.shards, cfg.split_name)
         self.stats = shards.load_stats(cfg.shards)
         self.mean = augment.mean_to_subtract(self.stats, cfg.mean).astype(np.float32)
         self.train, self.sigma, self.form, self.tencrop = train, cfg.lighting_sigma, cfg.lighting_form, cfg.tencrop
@@ -30,8 +30,8 @@ class ShardDataset(torch.utils.data.IterableDataset):
 
     def _samples(self, paths):
         for path in paths:
-            for _, jpeg, label in shards.iter_samples(path.read_bytes()):
-                yield jpeg, label
+            for s in shards.iter_samples(path.read_bytes()):
+                yield s.jpeg, s.label
 
     def _transform(self, jpeg, rng):
         image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))

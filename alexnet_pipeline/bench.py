@@ -25,29 +25,28 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
 from .config import OptionError, check, option, subset, to_json
 from .environment import report as environment_report
-from .options import Batch, Decoding, Device, Network, Output, Shards, Stepping, Tensors, default_threads
-from .prep import Source, Workers
-
-
-@dataclass(kw_only=True)
-class Timing:
-    repeats: int = option(5, "timed repeats (median), after a warm-up", minimum=1)
-
-
-@dataclass(kw_only=True)
-class Steps:
-    steps: int = option(50, "batches (training steps) per timed repeat", minimum=1)
-
-
-@dataclass(kw_only=True)
-class Record:
-    record: Path | None = option(None, "also write the result as JSON to this file, rewritten as each row is "
-                                 "measured (a run cut short keeps the rows it has)")
+from .options import (
+    Batch,
+    Decoding,
+    Device,
+    ImageNetRoot,
+    Network,
+    Output,
+    Record,
+    Shards,
+    Stepping,
+    Steps,
+    Tensors,
+    Timing,
+    Workers,
+    default_threads,
+)
 
 
 def _recorder(bench):
@@ -116,7 +115,7 @@ def _print_json_or(result: dict, as_json: bool) -> bool:
 # ---- prep ------------------------------------------------------------------------------------------------
 
 @dataclass(kw_only=True)
-class PrepBench(Source, Workers, Timing, Output):
+class PrepBench(ImageNetRoot, Workers, Timing, Output):
     """alexnet-prep with 1 worker and with all workers against a naive one-process Pillow loop."""
 
     def __post_init__(self):
@@ -319,7 +318,8 @@ def loader_rows(bench: LoaderBench) -> list[dict]:
     that equals the defaults (16 threads on 16 cores) or asks for more threads than cores is left out."""
     base = _base_loader(bench)
     resolved = {**dataclasses.asdict(base), "num_threads": base.threads}
-    settings, seen = [{}], {()}
+    settings: list[dict] = [{}]
+    seen: set[tuple] = {()}
     for axis in bench.axes:
         if axis in GPU_ONLY and not base.on_gpu:
             continue
@@ -470,7 +470,8 @@ def train_rates(bench: TrainBench) -> dict:
     sync, world = _sync_for(dev), World(0, 1, 0, dev)
     cfg = bench_run_config(bench)
     parts = build.training(cfg, len(load_manifest(cfg.shards)["classes"]), world)
-    held, kernels, rates, on_row = None, None, {}, _recorder(bench)
+    held, kernels, on_row = None, None, _recorder(bench)
+    rates: dict[str, float] = {}
     flops = flops_per_image(parts.net.cfg)["train_flops"]
 
     def summary() -> dict:
@@ -538,8 +539,9 @@ def _print_train(bench: TrainBench, result: dict) -> None:
     print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
 
 
-STAGES = {PrepBench: (prep_rates, _print_prep), PipelineBench: (pipeline_rates, _print_pipeline),
-          LoaderBench: (loader_rates, _print_loader), TrainBench: (train_rates, _print_train)}
+STAGES: dict[type, tuple[Callable, Callable]] = {
+    PrepBench: (prep_rates, _print_prep), PipelineBench: (pipeline_rates, _print_pipeline),
+    LoaderBench: (loader_rates, _print_loader), TrainBench: (train_rates, _print_train)}
 
 
 def main(bench) -> int:

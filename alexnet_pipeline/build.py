@@ -7,18 +7,24 @@ anything with its fields); nothing here reads RUN/ or writes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import Checkpoint
 from .config import UserError
 from .distributed import World
-from .model import AlexNet, AlexNetConfig, place
+from .model import AlexNet, AlexNetConfig, TwoColumnAlexNet, place
 from .optim import PaperSGD
 from .options import Augmentation, Decoding, LoaderConfig, Order
 from .step import TrainStep
+
+if typing.TYPE_CHECKING:
+    from .pipeline import Loader  # DALI is imported only where a loader is built
 
 
 def batch_format(device: torch.device, precision: str = "bf16") -> dict:
@@ -42,21 +48,32 @@ def loader_config(cfg, world: World, split: str, **extra) -> LoaderConfig:
                         **batch_format(world.device, cfg.precision), **extra)
 
 
-def train_loader(cfg, world: World, ckpt: Checkpoint | None = None):
-    """The run's train loader, built once for every epoch; from a checkpoint, at its exact data position
-    (or, saved by another number of ranks, at the start of its epoch, drawn afresh)."""
+def train_loader(cfg, world: World, state: dict | None = None, first_epoch: int = 0):
+    """The run's train loader, built once for every epoch: fresh, or at a saved data position (`state`), or
+    at the start of `first_epoch` drawn afresh."""
     from .pipeline import Loader  # DALI: only where a loader is built (the step alone needs none)
 
-    state = ckpt.rank_state(world.rank, world.size) if ckpt else None
-    first_epoch = ckpt.epoch if ckpt and state is None else 0
-    return Loader(loader_config(cfg, world, "train"), True, state.loader if state else None, first_epoch)
+    return Loader(loader_config(cfg, world, "train"), True, state, first_epoch)
 
 
-def eval_loader(cfg, world: World, tencrop: bool = False):
-    """This rank's part of the validation split, center crops (or the ten crops)."""
+def evaluation_loader(shards: Path, world: World, *, mean: str, precision: str, batch_size: int,
+                      tencrop: bool = False, split: str = "val", decoding: dict | None = None) -> Loader:
+    """The one builder of evaluation loaders (a run's validation, alexnet-eval, the paper's figures): this
+    rank's part of `split`, center crops (or the ten crops), with the mean and the tensor format the network
+    was trained with, and the loaders' `decoding` options (threads, decoder, ...; their defaults if None)."""
     from .pipeline import Loader
 
-    return Loader(loader_config(cfg, world, "val", tencrop=tencrop), False)
+    cfg = LoaderConfig(**(decoding or {}), shards=shards, split=split, batch_size=batch_size,
+                       device=str(world.device), rank=world.rank, world_size=world.size, mean=mean, tencrop=tencrop,
+                       **batch_format(world.device, precision))
+    return Loader(cfg, train=False)
+
+
+def eval_loader(cfg, world: World, tencrop: bool = False) -> Loader:
+    """A training run's validation loader: its share of the global batch, its mean, precision and decoding."""
+    return evaluation_loader(cfg.shards, world, mean=cfg.mean, precision=cfg.precision,
+                             batch_size=per_rank_batch(cfg.global_batch, world), tencrop=tencrop,
+                             decoding={f.name: getattr(cfg, f.name) for f in fields(Decoding)})
 
 
 def optimizer_for(cfg, net) -> PaperSGD:
@@ -65,13 +82,13 @@ def optimizer_for(cfg, net) -> PaperSGD:
                     cfg.momentum_rule)
 
 
-def network(cfg, num_classes: int, world: World, ckpt: Checkpoint | None = None):
-    """The network as it runs: the seed's initial weights (the same on every rank) or the checkpoint's,
-    placed on this rank's device, or as the paper's two columns."""
+def network(cfg, num_classes: int, world: World, weights: dict | None = None):
+    """The network as it runs: the seed's initial weights (the same on every rank) or `weights` (grouped
+    layout), placed on this rank's device, or as the paper's two columns."""
     torch.manual_seed(cfg.seed)
     net = AlexNet(AlexNetConfig(num_classes, cfg.variant, cfg.width, init=cfg.init))
-    if ckpt is not None:
-        net.load_state_dict(ckpt.weights)
+    if weights is not None:
+        net.load_state_dict(weights)
     columns = cfg.column_devices.split(",") if cfg.column_devices else None
     if cfg.model_parallel and columns is None and world.device.type == "cuda" and \
             torch.cuda.device_count() < world.device.index + 2:
@@ -85,31 +102,66 @@ class Training:
     """`net` is the network itself (AlexNet, or its two columns), whose weights and momentum are saved;
     `model` is what the step calls: `net`, or `net` inside DDP and/or torch.compile."""
 
-    net: torch.nn.Module
+    net: AlexNet | TwoColumnAlexNet
     model: torch.nn.Module
     optimizer: PaperSGD
     step: TrainStep
 
     def grouped_weights(self) -> dict:
         """The weights in AlexNet's (grouped) layout, on the CPU: a checkpoint loads on any machine."""
-        if hasattr(self.net, "grouped_state_dict"):
+        if isinstance(self.net, TwoColumnAlexNet):
             return self.net.grouped_state_dict()
         return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
 
 
-def training(cfg, num_classes: int, world: World, ckpt: Checkpoint | None = None, adapt=None) -> Training:
-    """Network (with the checkpoint's weights), optimizer and step, as alexnet-train runs them: DDP over
-    several ranks, torch.compile and a CUDA graph on one GPU unless turned off. `adapt(net)`, if given, may
-    change the placed network before the rest is built (tools/step_profile.py's earlier forms of the step).
-    The checkpoint's optimizer state is restored by Checkpoint.restore_training, before the first step."""
-    net = network(cfg, num_classes, world, ckpt)
+def training(cfg, num_classes: int, world: World, weights: dict | None = None, adapt=None) -> Training:
+    """Network (fresh, or with `weights`), optimizer and step, as alexnet-train runs them: DDP over several
+    ranks, torch.compile and a CUDA graph on one GPU unless turned off. `adapt(net)`, if given, may change
+    the placed network before the rest is built (tools/step_profile.py's earlier forms of the step)."""
+    net = network(cfg, num_classes, world, weights)
     if adapt is not None:
         adapt(net)
     optimizer = optimizer_for(cfg, net)
     gpu = world.device.type == "cuda"
-    model = net
+    model: nn.Module = net
     if world.size > 1:  # a model split over two GPUs takes no device_ids
         model = DistributedDataParallel(model, device_ids=[world.device] if gpu and not cfg.model_parallel else None)
-    model = torch.compile(model) if cfg.compile and gpu else model
+    if cfg.compile and gpu:
+        model = typing.cast(nn.Module, torch.compile(model))  # an OptimizedModule: a Module that compiles
     graph = cfg.cuda_graph and gpu and world.size == 1 and not cfg.model_parallel
     return Training(net, model, optimizer, TrainStep(model, optimizer, world.device, cfg.precision, graph=graph))
+
+
+@dataclass
+class Run:
+    """A training run's parts and where it stands: what `resume` gives the trainer."""
+
+    parts: Training
+    train_loader: Loader
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    note: str | None = None  # said once when the run starts (data restarting at an epoch's start)
+
+
+def resume(cfg, num_classes: int, world: World, schedule, ckpt: Checkpoint | None = None) -> Run:
+    """The run's network, optimizer, step and train loader: fresh, or continued from `ckpt`. The one place
+    a checkpoint is restored, in the order that matters: the weights into the network before it is placed
+    (as the paper's two columns, say), the optimizer's momentum, the `schedule` (lr, drops, plateau count),
+    this rank's data position, and last this rank's random generators, since building the network drew its
+    initial weights from them. A checkpoint saved by another number of ranks restarts the data at its
+    epoch's start, drawn afresh."""
+    parts = training(cfg, num_classes, world, ckpt.weights if ckpt else None)
+    if ckpt is None:
+        return Run(parts, train_loader(cfg, world))
+    state = ckpt.training_state()
+    parts.optimizer.load_state_dict(state.optimizer)
+    schedule.load_state_dict(state.schedule)
+    rank = ckpt.rank_state(world.rank, world.size)
+    loader = train_loader(cfg, world, rank.loader if rank else None, ckpt.epoch if rank is None else 0)
+    note = None
+    if rank is None:
+        note = f"checkpoint from {len(state.ranks)} ranks, now {world.size}: data restarts at the epoch start"
+    else:
+        rank.restore_generators(world.device)
+    return Run(parts, loader, ckpt.epoch, ckpt.step, list(ckpt.history), note)

@@ -18,24 +18,18 @@ import dataclasses
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from .config import UserError, option
+from .config import UserError
 from .files import atomic_write, write_error
 
 FORMAT = 3  # 3: typed checkpoint with preprocessing and class names; global_batch and final_tencrop options
 MODEL_KEYS = ("weights", "model_config", "config", "classes", "class_names", "preprocessing", "epoch", "step",
               "history")
 TRAINING_KEYS = ("optimizer", "schedule", "ranks")
-
-
-@dataclass(kw_only=True)
-class Weights:
-    """The option of the commands that use a trained network (alexnet-eval, alexnet-predict, alexnet-export)."""
-
-    checkpoint: Path = option(dataclasses.MISSING, "RUN/best.pt or RUN/checkpoint.pt written by alexnet-train")
 
 
 @dataclass
@@ -141,12 +135,14 @@ class Checkpoint:
             training = TrainingState(raw["optimizer"], raw["schedule"], [RankState(**r) for r in raw["ranks"]])
         return cls(**{k: raw[k] for k in MODEL_KEYS}, training=training, path=path)
 
-    def check_run(self, classes: list[str], config: dict, recipe: list[str], shards: Path) -> None:
-        """Refuse to continue this checkpoint on other classes or with another recipe."""
+    def check_run(self, classes: list[str], config: dict, recipe: dict[str, Any], shards: Path) -> None:
+        """Refuse to continue this checkpoint on other classes or with another recipe. `recipe`: the recipe
+        options and their defaults; an option the checkpoint does not record (written before the option
+        existed) ran with its default."""
         if self.classes != classes:
             raise UserError(f"{self.path}: trained on other classes than {shards} holds")
-        differ = [f"{n} {self.config.get(n)!r} -> {config.get(n)!r}" for n in recipe
-                  if self.config.get(n) != config.get(n)]
+        theirs = {name: self.config.get(name, default) for name, default in recipe.items()}
+        differ = [f"{n} {theirs[n]!r} -> {config.get(n)!r}" for n in recipe if theirs[n] != config.get(n)]
         if differ:
             raise UserError(f"{self.path}: --resume with another recipe ({'; '.join(differ)}); resume with the "
                             "run's options (see its config.json) or start a new --out")
@@ -157,10 +153,11 @@ class Checkpoint:
         ranks = self.training.ranks if self.training else []
         return ranks[rank] if len(ranks) == world_size else None
 
-    def restore_training(self, optimizer, schedule) -> None:
-        """Momentum buffers, lr and schedule; the caller restores each rank's generators last."""
-        optimizer.load_state_dict(self.training.optimizer)
-        schedule.load_state_dict(self.training.schedule)
+    def training_state(self) -> TrainingState:
+        """The training state; only checkpoint.pt has one (Checkpoint.load(resumable=True) refuses others)."""
+        if self.training is None:
+            raise UserError(f"{self.path}: holds the weights only; it cannot be resumed")
+        return self.training
 
     def network(self, device: torch.device | str = "cpu"):
         """The trained AlexNet (grouped layout, on `device`, in eval mode)."""

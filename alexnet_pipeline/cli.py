@@ -32,9 +32,9 @@ def prep_main(argv=None) -> int:
     add_arguments(p, PrepConfig, require=False)
     a = p.parse_args(argv)
     if a.version:
-        from .environment import report
+        from .environment import report as versions
 
-        _print_table(report())
+        _print_table(versions())
         return 0
     if a.verify:
         return _verify(a.verify)
@@ -207,7 +207,8 @@ def bench_main(argv=None) -> int:
     stages = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "loader": bench.LoaderBench,
               "train": bench.TrainBench}
     for name, cls in stages.items():
-        add_arguments(sub.add_parser(name, help=cls.__doc__.split(":")[0].split(".")[0], description=cls.__doc__), cls)
+        doc = cls.__doc__ or name
+        add_arguments(sub.add_parser(name, help=doc.split(":")[0].split(".")[0], description=doc), cls)
     a = p.parse_args(argv)
     cls = stages[a.stage]
     try:

@@ -14,6 +14,7 @@ import math
 import types
 import typing
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
@@ -30,8 +31,9 @@ def option(default, help: str, *, choices: tuple = (), minimum: float | None = N
            validate=None):
     """A dataclass field with its documentation and checks. `flag` overrides the command-line spelling
     (default: --name-with-dashes); `cli=False` keeps it out of the command line; `scope` ("train" or "eval")
-    marks an option that only one kind of loader takes; `recipe` marks an option that defines a training run
-    (a resume must keep it); `validate(value)` returns an error text, or None when the value is fine."""
+    marks an option that only one kind of loader takes; `recipe` marks an option that defines what a command
+    makes: a training run (a resume must keep it) or prep's output bytes (its fingerprint); `validate(value)`
+    returns an error text, or None when the value is fine."""
     return dataclasses.field(default=default, metadata={
         "help": help, "choices": tuple(choices), "minimum": minimum, "maximum": maximum, "flag": flag, "cli": cli,
         "scope": scope, "recipe": recipe, "validate": validate})
@@ -40,7 +42,7 @@ def option(default, help: str, *, choices: tuple = (), minimum: float | None = N
 def _allowed_types(tp) -> tuple:
     """The runtime types accepted for an annotation like `int`, `float | None`, `Path`, `tuple[str, ...]`."""
     args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
-    out = []
+    out: list[type] = []
     for a in args:
         if a is type(None):
             out.append(type(None))
@@ -90,9 +92,10 @@ def documented_fields(cls) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
-def recipe_fields(cls) -> list[str]:
-    """Names of the options of `cls` declared with recipe=True: what defines a training run."""
-    return [f.name for f in documented_fields(cls) if f.metadata["recipe"]]
+def recipe_fields(cls) -> dict[str, Any]:
+    """The options of `cls` declared with recipe=True (what defines a training run), with their defaults: a
+    checkpoint written before an option existed ran with its default."""
+    return {f.name: f.default for f in documented_fields(cls) if f.metadata["recipe"]}
 
 
 def flag_of(f: dataclasses.Field) -> str:

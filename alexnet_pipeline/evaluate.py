@@ -14,21 +14,21 @@ import torch
 import torch.distributed as dist
 
 from . import distributed
-from .checkpoint import Checkpoint, Weights
+from .checkpoint import Checkpoint
 from .config import UserError, check, option
-from .options import Batch, Decoding, Output, Placement, Shards
+from .options import Batch, Decoding, Output, Placement, Shards, TenCrop, Weights
 from .step import autocast
 
 
 @dataclass(kw_only=True)
-class EvalConfig(Shards, Weights, Placement, Batch, Decoding, Output):
+class EvalConfig(Shards, Weights, Placement, Batch, Decoding, TenCrop, Output):
     """Options of alexnet-eval. The preprocessing (mean mode) and the precision come from the checkpoint, so
     a model is always evaluated as it was trained."""
 
-    tencrop: bool = option(False, "also the paper's ten crops: 4 corners + center, and their mirrors")
     figures: bool = option(False, "also draw the paper's Figures 3 and 4: filters.png, predictions.png, "
                            "neighbours.png")
-    figures_out: Path | None = option(None, "where the figures go (default: beside the checkpoint)")
+    figures_out: Path | None = option(None, "where the figures go (default: figures/ beside the checkpoint; the "
+                                      "run's own filters.png is training's)")
     neighbour_pool: int = option(10_000, "figures: training images searched for the nearest neighbours in fc7",
                                  minimum=1)
 
@@ -54,7 +54,8 @@ def predictions(model, loader, tencrop: bool, precision: str = "bf16"):
 def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") -> torch.Tensor:
     """[images, top-1 hits, top-5 hits] over the whole split (summed over ranks), on the model's device.
     Nothing here waits for the device until the caller reads the result."""
-    counts = None
+    counts = torch.zeros(3, dtype=torch.int64)  # (replaced by the first batch's, on the model's device)
+    first = True
     # all of it in inference mode: the counts are made from inference tensors, and the all-reduce updates
     # them in place (gloo copies CUDA tensors back into them)
     with torch.inference_mode():
@@ -62,7 +63,7 @@ def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") 
             top = probs.topk(min(5, probs.shape[1]), 1).indices
             hit, valid = top == labels[:, None], labels >= 0  # padding (PAD_LABEL) is never counted
             batch = torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum()])
-            counts = batch if counts is None else counts + batch
+            counts, first = (batch if first else counts + batch), False
         if dist.is_initialized():
             dist.all_reduce(counts)
     return counts
@@ -77,9 +78,8 @@ def errors(counts: torch.Tensor) -> dict:
 def run(cfg: EvalConfig) -> dict:
     """Center-crop (and with cfg.tencrop, ten-crop) errors of a checkpoint over SHARDS/val, on every rank of
     torchrun's world if launched by it. Returns {"center": errors, "tencrop": errors?, ...} on rank 0."""
-    from .build import batch_format
+    from .build import evaluation_loader
     from .config import subset
-    from .pipeline import Loader, LoaderConfig
 
     world = distributed.setup(cfg.device, cfg.backend)
     try:
@@ -90,18 +90,15 @@ def run(cfg: EvalConfig) -> dict:
                   "ranks": world.size, "device": str(world.device), "mean": ckpt.preprocessing["mean"],
                   "precision": precision if world.device.type == "cuda" else "fp32"}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
-            lcfg = LoaderConfig(**subset(cfg, Decoding), shards=cfg.shards, split="val", batch_size=cfg.batch_size,
-                                device=str(world.device), rank=world.rank, world_size=world.size,
-                                mean=ckpt.preprocessing["mean"], tencrop=tencrop,
-                                **batch_format(world.device, precision))
-            loader = Loader(lcfg, train=False)
+            loader = evaluation_loader(cfg.shards, world, mean=ckpt.preprocessing["mean"], precision=precision,
+                                       batch_size=cfg.batch_size, tencrop=tencrop, decoding=subset(cfg, Decoding))
             if loader.classes != ckpt.classes:
                 raise UserError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
             result[name] = errors(error_counts(model, loader, tencrop, precision))
         if cfg.figures and world.main:
             from .figures import paper_figures
 
-            drawn = paper_figures(ckpt, cfg.shards, cfg.figures_out or cfg.checkpoint.parent, world.device,
+            drawn = paper_figures(ckpt, cfg.shards, cfg.figures_out or cfg.checkpoint.parent / "figures", world.device,
                                   cfg.neighbour_pool, cfg.batch_size, progress=sys.stderr.isatty())
             result["figures"] = {k: str(v) for k, v in drawn["paths"].items()} | {"neighbour_pool": drawn["pool"]}
         return result if world.main else {}

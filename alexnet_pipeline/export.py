@@ -18,13 +18,15 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, Weights
+from .checkpoint import Checkpoint
 from .config import UserError, check, option
 from .files import atomic_write, write_error
+from .options import Weights
 
 # our layer -> torchvision.models.AlexNet's (features / classifier are nn.Sequential)
 TORCHVISION_NAMES = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6", "conv4": "features.8",
@@ -71,6 +73,8 @@ def onnx_bytes(ckpt: Checkpoint, uint8_input: bool = False) -> bytes:
         program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
                                     dynamo=True, verbose=False)
+    if program is None:  # dynamo=True always gives a program; None is the legacy exporter's
+        raise RuntimeError("torch.onnx.export returned no program")
     return program.model_proto.SerializeToString()
 
 
@@ -90,9 +94,12 @@ def torchvision_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
 
 def run(cfg: ExportConfig) -> Path:
     ckpt = Checkpoint.load(cfg.checkpoint)
+    write: Callable[[BinaryIO], None] | bytes
     if cfg.out.suffix == ".pt":
         state = torchvision_state_dict(ckpt)
-        write = lambda f: torch.save(state, f)  # noqa: E731
+
+        def write(f: BinaryIO) -> None:
+            torch.save(state, f)
     else:
         write = onnx_bytes(ckpt, cfg.input == "uint8")
     try:

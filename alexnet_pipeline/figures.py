@@ -156,7 +156,7 @@ def _short(name: str) -> str:
 
 def _pick(labels: list[int], n: int) -> list[int]:
     """Indices of n samples, one per class first (the first of each), then the next ones in order."""
-    first = {}
+    first: dict[int, int] = {}
     for i, label in enumerate(labels):
         first.setdefault(label, i)
     chosen = sorted(first.values())[:n]
@@ -167,7 +167,7 @@ def _labels(shards_dir: Path, split: str) -> list[int]:
     """The labels of a split's samples in shard order (no image is decoded)."""
     from .shards import iter_samples, shard_paths
 
-    return [label for path in shard_paths(shards_dir, split) for _, _, label in iter_samples(path.read_bytes())]
+    return [s.label for path in shard_paths(shards_dir, split) for s in iter_samples(path.read_bytes())]
 
 
 def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
@@ -177,9 +177,9 @@ def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
 
     out, i = {}, 0
     for path in shard_paths(shards_dir, split):
-        for _, jpeg, label in iter_samples(path.read_bytes()):
+        for s in iter_samples(path.read_bytes()):
             if wanted is None or i in wanted:
-                out[i] = (image_256(jpeg), label)
+                out[i] = (image_256(s.jpeg), s.label)
             i += 1
         if wanted is not None and len(out) == len(wanted):
             break
@@ -192,10 +192,9 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     with eight validation images (one per class first) and the first five of them beside their six nearest
     neighbours in fc7 among the first `pool` training images (center crops, in shard order). Returns the
     paths and what they show."""
-    from .build import batch_format
+    from .build import evaluation_loader
+    from .distributed import World
     from .inference import predict_pixels, trained_model
-    from .options import LoaderConfig
-    from .pipeline import Loader
     from .shards import load_manifest
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -210,9 +209,8 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     paths["predictions"] = predictions_figure([val[i][0] for i in shown], tops, truths, out_dir / "predictions.png")
 
     def loader(split):
-        cfg = LoaderConfig(shards=shards_dir, split=split, batch_size=batch_size, device=str(device),
-                           mean=ckpt.preprocessing["mean"], num_threads=None, **batch_format(device, model.precision))
-        return Loader(cfg, train=False)
+        return evaluation_loader(shards_dir, World(0, 1, 0, device), mean=ckpt.preprocessing["mean"],
+                                 precision=model.precision, batch_size=batch_size, split=split)
 
     pool = min(pool, manifest["splits"]["train"]["samples"])
     queries = shown[:5]

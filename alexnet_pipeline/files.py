@@ -1,5 +1,5 @@
 """Files that are never half-written and directories with one writer: atomic writes, the sweep of what a
-killed write left, and an exclusive lock on an output directory. Imports nothing from the package."""
+killed write left, and an exclusive lock on an output directory. Imports only config (for UserError)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ class DirectoryLock:
     A second writer is refused at once with one line naming the holder."""
 
     def __init__(self, directory: Path, what: str):
-        self.path, self.what, self._fd = Path(directory) / LOCK, what, None
+        self.path, self.what = Path(directory) / LOCK, what
+        self._fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
         while True:

@@ -30,6 +30,7 @@ from .units import (
     TarUnit,
     Unit,
     hf_key,
+    member_bytes,
     sample_key,
 )
 
@@ -89,11 +90,11 @@ def _hf_units(split: str, archives: dict[Path, list[str]], index: dict[str, int]
         for names in archives.values():
             for name in names:
                 key, wnid = hf_key(name)
-                by_class.setdefault(index.get(wnid, -1), []).append(key)
+                by_class.setdefault(index.get(wnid, -1) if wnid else -1, []).append(key)
         keep = {k for label, keys in by_class.items() for k in (keys if label < 0 else sorted(keys)[:limit])}
-    units = []
+    units: list[Unit] = []
     for archive, names in sorted(archives.items()):
-        members = [GzMember(i, name, index.get(hf_key(name)[1], -1)) for i, name in enumerate(names)
+        members = [GzMember(i, name, index.get(hf_key(name)[1] or "", -1)) for i, name in enumerate(names)
                    if keep is None or hf_key(name)[0] in keep]
         stem = archive.name.split(".")[0]
         units += [HfUnit(split, f"{split}/{stem}-{k:05d}", len(chunk), archive=str(archive), members=chunk)
@@ -291,9 +292,9 @@ def _val_units(root, data, index, use_folders, use_archives, limit, source: Sour
         members = sorted(_tar_index(val_tar).items())
         entries = _limit_by_label([TarMember(off, size, name, labels.get(sample_key(name), -1))
                                    for name, (off, size) in members], limit)
-        units = [TarUnit("val", f"val/{i:05d}", len(c), archive=str(val_tar), members=c)
-                 for i, c in enumerate(_chunks(entries))]
-        return units, f"archive ({val_tar}), labels from {how}"
+        tar_units: list[Unit] = [TarUnit("val", f"val/{i:05d}", len(c), archive=str(val_tar), members=c)
+                                 for i, c in enumerate(_chunks(entries))]
+        return tar_units, f"archive ({val_tar}), labels from {how}"
     raise LayoutError(f"{root}: no validation images (val/<wnid>/ folders, flat val/*.JPEG or {VAL_TAR})")
 
 
@@ -350,7 +351,7 @@ def _devkit_files(root: Path, data: Path):
                     truth = files.get(f"{DEVKIT}/{GROUND_TRUTH}")
                     if meta is None or truth is None:
                         raise LayoutError(f"{archive}: no data/meta.mat or ground truth inside")
-                    return tf.extractfile(meta).read(), tf.extractfile(truth).read(), str(archive)
+                    return member_bytes(tf, meta), member_bytes(tf, truth), str(archive)
             except ARCHIVE_ERRORS as e:
                 raise LayoutError(f"{archive}: unreadable ({e})") from None
     return None

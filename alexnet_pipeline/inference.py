@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 from . import augment
-from .checkpoint import Checkpoint, Weights
+from .checkpoint import Checkpoint
 from .config import check, option
 from .image import BadImage, center_square, decode_rgb, rgb
-from .options import Device, Output, resolve_device
+from .options import Device, Output, TenCrop, Weights, resolve_device
 from .step import autocast
 
 SIZE = 256
@@ -103,7 +103,7 @@ def probabilities(model: TrainedModel, batch: np.ndarray) -> torch.Tensor:
 def predict(model: TrainedModel, images, tencrop: bool = False, top: int = 5, batch_size: int = 64) \
         -> list[list[Prediction]]:
     """The `top` most likely classes of each image (paths, bytes or PIL images), most likely first. An image
-    that cannot be decoded raises BadImage (a UserError) whose message says why."""
+    that cannot be decoded raises image.BadImage (a ValueError) whose message says why."""
     return predict_pixels(model, [image_256(im) for im in images], tencrop, top, batch_size)
 
 
@@ -123,11 +123,10 @@ def predict_pixels(model: TrainedModel, pixels: list[np.ndarray], tencrop: bool 
 
 
 @dataclass(kw_only=True)
-class PredictConfig(Weights, Device, Output):
+class PredictConfig(Weights, Device, TenCrop, Output):
     """Options of alexnet-predict."""
 
     images: tuple[str, ...] = option(dataclasses.MISSING, "image files to classify", cli=False)
-    tencrop: bool = option(False, "the paper's ten crops, softmax averaged (default: the center crop)")
     top: int = option(5, "classes to show per image", minimum=1)
 
     def __post_init__(self):

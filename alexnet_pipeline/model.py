@@ -15,6 +15,7 @@ torchvision's variant pads 2 on every side.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -49,7 +50,7 @@ class GroupedLRN(nn.Module):
     def __init__(self, channels: int, groups: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75,
                  k: float = 2.0):
         super().__init__()
-        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.channels, self.size, self.alpha, self.beta, self.k = channels, size, alpha, beta, k
         c = torch.arange(channels)
         near = (c[:, None] - c[None, :]).abs() <= size // 2
         same_column = (c[:, None] * groups // channels) == (c[None, :] * groups // channels)
@@ -135,6 +136,7 @@ class AlexNet(nn.Module):
         if not self.split_groups or conv.groups == 1:
             return conv(x)
         g = conv.groups
+        assert conv.bias is not None  # every AlexNet layer has one
         parts = zip(x.chunk(g, 1), conv.weight.chunk(g, 0), conv.bias.chunk(g, 0), strict=True)
         return torch.cat([F.conv2d(xi, w, b, conv.stride, conv.padding) for xi, w, b in parts], 1)
 
@@ -168,11 +170,13 @@ class _Column(nn.Module):
         def half(layer, full_input: bool):  # this column's rows of `layer`
             out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
             rows = slice(i * out // 2, (i + 1) * out // 2)
+            new: nn.Linear | nn.Conv2d
             if isinstance(layer, nn.Linear):
                 new = nn.Linear(layer.in_features, out // 2, dtype=layer.weight.dtype)
             else:
                 new = nn.Conv2d(layer.in_channels if full_input else layer.in_channels // 2, out // 2,
                                 layer.kernel_size, layer.stride, layer.padding, dtype=layer.weight.dtype)
+            assert new.bias is not None and layer.bias is not None  # every AlexNet layer has one
             with torch.no_grad():
                 new.weight.copy_(layer.weight[rows])
                 new.bias.copy_(layer.bias[rows])
@@ -182,8 +186,9 @@ class _Column(nn.Module):
         self.conv4, self.conv5 = half(net.conv4, False), half(net.conv5, False)
         self.fc6, self.fc7 = half(net.fc6, True), half(net.fc7, True)
         # the grouped model's LRN settings, for this column's channels alone
-        self.lrn1, self.lrn2 = (GroupedLRN(lrn.band.shape[0] // 2, 1, lrn.size, lrn.alpha, lrn.beta, lrn.k)
-                                for lrn in (net.lrn1, net.lrn2))
+        grouped = [typing.cast(GroupedLRN, lrn) for lrn in (net.lrn1, net.lrn2)]  # the paper variant has LRN
+        self.lrn1, self.lrn2 = (GroupedLRN(lrn.channels // 2, 1, lrn.size, lrn.alpha, lrn.beta, lrn.k)
+                                for lrn in grouped)
         self.pad1 = net.pad1
 
     def bottom(self, x):  # conv1, conv2: only this column's maps
@@ -240,16 +245,19 @@ def place(net: AlexNet, device: torch.device, model_parallel: bool = False, colu
     that layout."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once per shape
+    placed: nn.Module
     if not model_parallel:
-        net = net.to(device)
+        placed = net.to(device)
         net.split_groups = net.space_to_depth = device.type == "cuda"
     elif columns is not None:
-        net = TwoColumnAlexNet(net, tuple(torch.device(c) for c in columns))
+        placed = TwoColumnAlexNet(net, tuple(torch.device(c) for c in columns))
     elif device.type == "cuda":
-        net = TwoColumnAlexNet(net, (device, torch.device("cuda", device.index + 1)))
+        placed = TwoColumnAlexNet(net, (device, torch.device("cuda", (device.index or 0) + 1)))
     else:
-        net = TwoColumnAlexNet(net, (device, device))  # two CPU "devices": for tests and CPU-only machines
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+        placed = TwoColumnAlexNet(net, (device, device))  # two CPU "devices": for tests and CPU-only machines
+    if device.type == "cuda":
+        placed = placed.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a run-time kwarg the stubs lack
+    return placed
 
 
 def flops_per_image(cfg: AlexNetConfig, size: int = 224) -> dict:

@@ -38,7 +38,8 @@ class PaperSGD:
         dtype = next(iter(self.params.values())).dtype
         self._lr_tensor = torch.tensor(self.lr, dtype=dtype, device=devices.pop()) if single else None
         groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": undecayed, "weight_decay": 0.0}]
-        self.sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=self._lr_tensor if single else self.lr,
+        lr_arg: torch.Tensor | float = self.lr if self._lr_tensor is None else self._lr_tensor
+        self.sgd = torch.optim.SGD([g for g in groups if g["params"]], lr=lr_arg,
                                    momentum=momentum, fused=single, foreach=None if single else False)
         # zero buffers from the start: the first step is then an ordinary one (m * 0 + grad), so the step is
         # the same computation every time, which a CUDA graph needs

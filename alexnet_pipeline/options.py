@@ -13,6 +13,11 @@ check everywhere. Run-specific options (epochs, the optimizer, the output direct
     Network       variant, width, init         the model
     Stepping      precision, compile, cuda_graph   how the training step runs
     Output        json
+    ImageNetRoot, Workers   prep's source and processes (alexnet-prep, alexnet-bench prep)
+    Weights       checkpoint                   commands that use a trained network
+    Seed          seed                         every random choice (prep's shuffle; training's draws and weights)
+    TenCrop       tencrop                      the paper's ten crops (eval, predict, the eval loader)
+    Timing, Steps, Record   repeats, steps, record   the benchmarks
 
 LoaderConfig composes the loader's groups; train_loader / eval_loader take its fields as keyword options.
 """
@@ -52,6 +57,53 @@ class Output:
     json: bool = option(False, "print one JSON object instead of a table")
 
 
+@dataclass
+class ImageNetRoot:
+    imagenet_root: Path = option(dataclasses.MISSING, "ImageNet as folders, the official tars, Kaggle's or Hugging "
+                                 "Face's layout (found by itself)", recipe=True)
+
+
+@dataclass(kw_only=True)
+class Workers:
+    workers: int = option(0, "processes (0: every core this process may use)", minimum=0)
+
+
+@dataclass(kw_only=True)
+class Weights:
+    """The option of the commands that use a trained network (alexnet-eval, alexnet-predict, alexnet-export)."""
+
+    checkpoint: Path = option(dataclasses.MISSING, "RUN/best.pt or RUN/checkpoint.pt written by alexnet-train")
+
+
+@dataclass(kw_only=True)
+class Seed:
+    seed: int = option(0, "seed of every random choice: prep's global shuffle of the train split; training's "
+                       "crops, flips, lighting, shuffling and initial weights", minimum=0, recipe=True)
+
+
+@dataclass(kw_only=True)
+class TenCrop:
+    tencrop: bool = option(False, "the paper's ten crops (the 4 corners and the center, and their mirrors; "
+                           "predictions softmax-averaged): alexnet-eval reports them beside the center crop, "
+                           "alexnet-predict uses them instead, a loader gives [B, 10, 3, 224, 224]", scope="eval")
+
+
+@dataclass(kw_only=True)
+class Timing:
+    repeats: int = option(5, "timed repeats (median), after a warm-up", minimum=1)
+
+
+@dataclass(kw_only=True)
+class Steps:
+    steps: int = option(50, "batches (training steps) per timed repeat", minimum=1)
+
+
+@dataclass(kw_only=True)
+class Record:
+    record: Path | None = option(None, "also write the result as JSON to this file, rewritten as each row is "
+                                 "measured (a run cut short keeps the rows it has)")
+
+
 @dataclass(kw_only=True)
 class Device:
     device: str = option("auto", "auto (this rank's GPU if there is one, else the CPU), cpu, cuda or cuda:N",
@@ -87,11 +139,9 @@ class Augmentation:
 
 
 @dataclass(kw_only=True)
-class Order:
+class Order(Seed):
     """Which samples come when, and the random draws of the augmentation."""
 
-    seed: int = option(0, "seed of the random crops, flips, lighting and shuffling (alexnet-train: also the "
-                       "initial weights)", minimum=0, recipe=True)
     shuffle_buffer: int = option(4096, "samples DALI shuffles among as it reads", minimum=1, scope="train",
                                  recipe=True)
     shard_shuffle: bool = option(True, "draw a new order of the shards every epoch (with the buffer, a new "
@@ -182,13 +232,12 @@ def resolve_device(name: str, local_rank: int = 0):
 
 
 @dataclass(kw_only=True)
-class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors):
+class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors, TenCrop):
     """Options of train_loader / eval_loader (their keyword arguments)."""
 
     split: str | None = option(None, "split to read (default: train for train_loader, val for eval_loader)")
     rank: int = option(0, "this process's global rank (its part of the data)", minimum=0)
     world_size: int = option(1, "number of ranks sharing the data", minimum=1)
-    tencrop: bool = option(False, "the paper's ten crops per image, [B, 10, 3, 224, 224]", scope="eval")
 
     def __post_init__(self):
         self.shards = Path(self.shards)
@@ -208,6 +257,12 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
     @property
     def on_gpu(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def split_name(self) -> str:
+        """The split, which __post_init__ made sure is set (train_loader and eval_loader choose it)."""
+        assert self.split is not None
+        return self.split
 
     @property
     def threads(self) -> int:

@@ -122,7 +122,7 @@ def _decode(cfg: LoaderConfig, jpg):
     if not cfg.gpu_decoding:
         image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
         return image.gpu() if cfg.on_gpu else image  # CPU decoding feeding the GPU augmentation
-    hints = {"preallocate_width_hint": 256, "preallocate_height_hint": 256} if cfg.preallocate else {}
+    hints: dict = {"preallocate_width_hint": 256, "preallocate_height_hint": 256} if cfg.preallocate else {}
     return fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load,
                              **hints)
 
@@ -140,7 +140,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws."""
     if upto not in STAGES:
         raise ValueError(f"upto must be one of {STAGES}, got {upto!r}")
-    paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split)
+    paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split_name)
     stats = shards.load_stats(cfg.shards)
     span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
 
@@ -185,7 +185,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     try:
         pipe.build()
     except RuntimeError as e:
-        raise ShardError(f"{cfg.shards / cfg.split}: DALI could not open the shards: {e}") from None
+        raise ShardError(f"{cfg.shards / cfg.split_name}: DALI could not open the shards: {e}") from None
     return pipe, n_samples, manifest
 
 
@@ -252,8 +252,8 @@ class Loader:
         self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint,
                                                              first_epoch=self.first_epoch)
         # bit rot is named during the first epoch: each batch looks, and the epoch's end waits for the check
-        self._digest = _Digest(shards.shard_paths(cfg.shards, cfg.split, manifest),
-                               manifest["splits"][cfg.split]["shards"], cfg.rank, cfg.world_size)
+        self._digest = _Digest(shards.shard_paths(cfg.shards, cfg.split_name, manifest),
+                               manifest["splits"][cfg.split_name]["shards"], cfg.rank, cfg.world_size)
         self.classes = manifest["classes"]
         self.batches = batches_per_epoch(cfg, self.n_samples)
         self.runs = runs_per_epoch(cfg, self.n_samples)
@@ -284,6 +284,7 @@ class Loader:
             epoch, position = epoch + 1, 0
         mid_run = position % self.cfg.batches_per_run
         dali = self._before_run if mid_run else self.pipe.checkpoint()
+        assert dali is not None  # mid-run, _next_run kept the state before the run
         return {"dali": torch.frombuffer(bytearray(dali), dtype=torch.uint8), "epoch": epoch, "position": position,
                 "first_epoch": self.first_epoch}
 
@@ -307,7 +308,7 @@ class Loader:
                 else self.pipe.run()
         except RuntimeError:
             # DALI names no file; the shard whose bytes changed since prep wrote it is the likely culprit
-            damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split)
+            damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split_name)
             if damaged:
                 raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}; "
                                  "alexnet-prep --verify checks everything)") from None

@@ -30,7 +30,8 @@ def moving_mean(values: list[float], window: int) -> list[float]:
 
 def step_losses(records: list[dict]) -> tuple[list[int], list[float]]:
     """(step, loss) of every step in alexnet-train's log records."""
-    steps, losses = [], []
+    steps: list[int] = []
+    losses: list[float] = []
     for r in records:
         if r.get("kind") == "train":
             first = r["step"] - len(r["losses"]) + 1

@@ -35,12 +35,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from . import __version__, files, imagenet, shards, units
-from .config import OptionError, UserError, check, option
+from .config import OptionError, UserError, check, option, recipe_fields
 from .image import BadImage, prepare
+from .options import ImageNetRoot, Seed, Workers
 from .stats import Moments, summarize
 
 WORK = ".work"
@@ -52,36 +54,24 @@ def _quality_problem(q: int) -> str | None:
 
 
 @dataclass
-class Source:
-    imagenet_root: Path = option(dataclasses.MISSING, "ImageNet as folders, the official tars, Kaggle's or Hugging "
-                                 "Face's layout (found by itself)")
-
-
-@dataclass(kw_only=True)
-class Workers:
-    workers: int = option(0, "processes (0: every core this process may use)", minimum=0)
-
-
-@dataclass
-class PrepConfig(Source, Workers):
+class PrepConfig(ImageNetRoot, Workers, Seed):
     """Options of alexnet-prep; `fingerprint` is the part that determines the output bytes."""
 
     out: Path = option(dataclasses.MISSING, "output directory for shards, dataset.json and stats.npz")
     splits: tuple[str, ...] = option(("train", "val"), "splits to prepare: train,val or one of them",
-                                     choices=SPLITS)
-    shard_size: int = option(1000, "samples per shard", minimum=1)
-    quality: int = option(95, "JPEG quality (cuda-convnet2's 95)", validate=_quality_problem)
-    image_size: int = option(256, "side of the prepared images (the paper's 256)", minimum=224, cli=False)
-    seed: int = option(0, "seed of the global train shuffle", minimum=0)
-    limit_per_class: int | None = option(None, "keep the first N files of each class", minimum=1)
+                                     choices=SPLITS, recipe=True)
+    shard_size: int = option(1000, "samples per shard", minimum=1, recipe=True)
+    quality: int = option(95, "JPEG quality (cuda-convnet2's 95)", validate=_quality_problem, recipe=True)
+    image_size: int = option(256, "side of the prepared images (the paper's 256)", minimum=224, cli=False, recipe=True)
+    limit_per_class: int | None = option(None, "keep the first N files of each class", minimum=1, recipe=True)
     layout: str = option("auto", "which layout to read when several are present: auto (folders, then the "
                          "official archives, then Hugging Face's), folders, archives or hf",
-                         choices=("auto", "folders", "archives", "hf"))
+                         choices=("auto", "folders", "archives", "hf"), recipe=True)
     progress: bool | None = option(None, "progress bars (default: when stderr is a terminal)")
     rebuild: bool = option(False, "if the source changed since OUT was written, rebuild OUT from it (without "
                            "this, a changed source is refused)")
     max_image_mib: int = option(units.MAX_IMAGE_MIB, "a file larger than this (MiB) is skipped without being "
-                                "read, its size named (no photograph comes near it)", minimum=1)
+                                "read, its size named (no photograph comes near it)", minimum=1, recipe=True)
 
     def __post_init__(self):
         self.imagenet_root, self.out, self.splits = Path(self.imagenet_root), Path(self.out), tuple(self.splits)
@@ -90,10 +80,12 @@ class PrepConfig(Source, Workers):
             raise OptionError(f"option splits: expected train, val or train,val; got {','.join(self.splits)!r}")
 
     def fingerprint(self) -> dict:
-        return {"imagenet_root": str(Path(self.imagenet_root).resolve()), "splits": list(self.splits),
-                "shard_size": self.shard_size, "quality": self.quality, "image_size": self.image_size,
-                "seed": self.seed, "limit_per_class": self.limit_per_class, "layout": self.layout,
-                "max_image_mib": self.max_image_mib, "format_version": shards.FORMAT_VERSION}
+        """What the output bytes depend on: the options declared recipe=True (the source by its resolved
+        path), and the format version."""
+        values = {name: getattr(self, name) for name in recipe_fields(PrepConfig)}
+        values["imagenet_root"] = str(Path(self.imagenet_root).resolve())
+        values["splits"] = list(self.splits)
+        return {**values, "format_version": shards.FORMAT_VERSION}
 
     def n_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
@@ -130,7 +122,7 @@ class Interrupted(Exception):
 
 # ---- stage 1: units -> work files ---------------------------------------------------------------------
 
-_counter = None  # images done, shared with the parent for a progress bar that moves within units
+_counter: Any = None  # images done, shared with the parent for a progress bar that moves within units
 
 
 def _one_blas_thread():
@@ -330,7 +322,7 @@ def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: _Po
                     process_unit(unit, work, cfg.image_size, cfg.quality, max_bytes)
                     bar.update(counter.value - bar.n)
         else:
-            in_flight = collections.deque()
+            in_flight: collections.deque = collections.deque()
             for unit in jobs:
                 in_flight.append(pool.submit(process_unit, unit, work, cfg.image_size, cfg.quality, max_bytes))
                 while len(in_flight) >= 2 * workers:
@@ -362,7 +354,8 @@ def _wait(future, pool: _Pool, tick=lambda: None):
 
 def _collect(planned: list, work: Path):
     """Samples (key, label, bin file, offset, size) of all units, skipped files, and merged moments."""
-    samples, skipped, moments, seen = [], [], None, {}
+    samples, skipped, moments = [], [], None
+    seen: dict[str, str] = {}
     for u in planned:
         path = _unit_path(work, u)
         z, part = _unit_contents(path)
@@ -373,7 +366,7 @@ def _collect(planned: list, work: Path):
                                 "reason": f"duplicate sample key (kept the one from {seen[key]})"})
                 continue
             seen[key] = u.name
-            samples.append((key, int(label), str(path), int(off), int(size)))
+            samples.append(Prepared(key, int(label), str(path), int(off), int(size)))
         if part is not None:
             if moments is None:
                 moments = part
@@ -382,20 +375,31 @@ def _collect(planned: list, work: Path):
     return samples, skipped, moments
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Where a prepared sample waits for its shard: its JPEG at `offset` in the work file `path`."""
+
+    key: str
+    label: int
+    path: str
+    offset: int
+    size: int
+
+
 def _write_shard_task(args) -> shards.ShardInfo:
     path, members = args
     if path.exists():  # renamed into place complete by an earlier run
         return shards.describe_shard(path)
     _note_busy(path.name)
-    opened = {}
+    opened: dict[str, BinaryIO] = {}
 
-    def read(bin_path, offset, size):
-        f = opened.get(bin_path) or opened.setdefault(bin_path, open(bin_path, "rb"))
-        f.seek(offset)
-        return f.read(size)
+    def read(p: Prepared) -> bytes:
+        f = opened.get(p.path) or opened.setdefault(p.path, open(p.path, "rb"))
+        f.seek(p.offset)
+        return f.read(p.size)
 
     try:
-        return shards.write_shard(path, ((k, read(b, o, s), lab) for k, lab, b, o, s in members))
+        return shards.write_shard(path, (shards.Sample(p.key, read(p), p.label) for p in members))
     finally:
         for f in opened.values():
             f.close()
@@ -403,7 +407,7 @@ def _write_shard_task(args) -> shards.ShardInfo:
 
 
 def _write_shards(cfg: PrepConfig, split: str, samples, pool) -> list[shards.ShardInfo]:
-    samples.sort(key=lambda s: s[0])
+    samples.sort(key=lambda s: s.key)
     if split == "train":
         order = np.random.default_rng(cfg.seed).permutation(len(samples))
         samples = [samples[i] for i in order]
@@ -556,12 +560,13 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
     workers = min(cfg.n_workers(), n_units)
     if workers < cfg.n_workers():
         report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {n_units} units of work")
-    manifest = {"format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
-                "classes": source.classes, "class_names": {w: source.class_names[w] for w in source.classes
-                                                           if w in source.class_names},
-                "layout": source.layout, "splits": {}, "skipped": [], "fingerprint": cfg.fingerprint(),
-                "source": {"files": len(listing), "sha256": shards.source_digest(listing)},
-                "created_by": f"alexnet-pipeline {__version__}"}
+    manifest: dict[str, Any] = {
+        "format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
+        "classes": source.classes,
+        "class_names": {w: source.class_names[w] for w in source.classes if w in source.class_names},
+        "layout": source.layout, "splits": {}, "skipped": [], "fingerprint": cfg.fingerprint(),
+        "source": {"files": len(listing), "sha256": shards.source_digest(listing)},
+        "created_by": f"alexnet-pipeline {__version__}"}
     _counter = mp.get_context("fork").Value("q", 0)
     pool = _Pool(workers, work) if workers > 1 else None
     try:

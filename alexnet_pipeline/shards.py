@@ -60,18 +60,39 @@ def tar_member(name: str, data: bytes) -> bytes:
     return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
 
 
-def sample_members(key: str, jpeg: bytes, label: int) -> list[tuple[str, bytes]]:
-    """The members of one sample, in the order they are written."""
-    return [(f"{key}.jpg", jpeg), (f"{key}.cls", str(label).encode()),
-            (f"{key}.{LABEL_EXT}", int(label).to_bytes(8, "little", signed=True))]
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a shard, as WebDataset sees it: tar members KEY.EXT that share a key. A new field is a
+    new member: declared here, written by `members` and read back by `from_members`, nowhere else."""
+
+    key: str  # the source file's stem, e.g. n01440764_10026 (no dots)
+    jpeg: bytes  # 256x256 baseline RGB JPEG
+    label: int  # index into the manifest's sorted classes
+
+    def members(self) -> list[tuple[str, bytes]]:
+        """The tar members, in the order they are written: jpg, cls (ASCII digits, WebDataset's convention)
+        and lbl (8 bytes, int64 little-endian: DALI's reader batches fixed-size members without parsing)."""
+        return [(f"{self.key}.jpg", self.jpeg), (f"{self.key}.cls", str(self.label).encode()),
+                (f"{self.key}.{LABEL_EXT}", int(self.label).to_bytes(8, "little", signed=True))]
+
+    @classmethod
+    def from_members(cls, key: str, members: dict[str, bytes]) -> "Sample":
+        """The sample of one key's members ({ext: bytes}); ValueError if they are not this format's or disagree."""
+        if set(members) != {"jpg", "cls", LABEL_EXT}:
+            raise ValueError(f"members {', '.join(f'{key}.{e}' for e in members)} are not one sample's jpg, cls and "
+                             f"{LABEL_EXT}")
+        label = int(members["cls"])
+        if int.from_bytes(members[LABEL_EXT], "little", signed=True) != label:
+            raise ValueError(f"{key}.cls says {label} but {key}.{LABEL_EXT} disagrees")
+        return cls(key, members["jpg"], label)
 
 
 def build_shard(samples) -> tuple[bytes, str]:
-    """Tar bytes and wds2idx-format index text for `samples`, an iterable of (key, jpeg, label)."""
+    """Tar bytes and wds2idx-format index text for `samples`, an iterable of Sample."""
     buf, lines, offset = io.BytesIO(), [], 0
-    for key, jpeg, label in samples:
+    for sample in samples:
         parts = []
-        for name, data in sample_members(key, jpeg, label):
+        for name, data in sample.members():
             member = tar_member(name, data)
             buf.write(member)
             # the data starts after the 512-byte header, which is where the index points
@@ -352,22 +373,22 @@ def iter_tar(data: bytes):
     """(name, bytes) of each regular member of an in-memory tar."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         for m in tf:
-            if m.isfile():
-                yield m.name, tf.extractfile(m).read()
+            f = tf.extractfile(m) if m.isfile() else None
+            if f is not None:
+                yield m.name, f.read()
 
 
 def iter_samples(data: bytes):
-    """(key, jpeg bytes, label) of each sample of an in-memory shard, checking the member triple."""
-    members = list(iter_tar(data))
-    for i in range(0, len(members), 3):
-        (jn, jpeg), (cn, cls), (ln, lbl) = members[i:i + 3]
-        key = jn.split(".")[0]
-        if (jn, cn, ln) != (f"{key}.jpg", f"{key}.cls", f"{key}.{LABEL_EXT}"):
-            raise ValueError(f"members {jn}, {cn}, {ln} are not one sample's jpg, cls and {LABEL_EXT}")
-        label = int(cls)
-        if int.from_bytes(lbl, "little", signed=True) != label:
-            raise ValueError(f"{cn} says {label} but {ln} disagrees")
-        yield key, jpeg, label
+    """The Samples of an in-memory shard, in order: consecutive members that share a key make one."""
+    key, members = None, {}
+    for name, payload in iter_tar(data):
+        stem, _, ext = name.partition(".")
+        if stem != key and key is not None:
+            yield Sample.from_members(key, members)
+            members = {}
+        key, members[ext] = stem, payload
+    if key is not None:
+        yield Sample.from_members(key, members)
 
 
 def verify(shards: Path, check_images: bool = True) -> list[str]:
@@ -422,11 +443,11 @@ def _shard_problems(path: Path, info: dict, manifest: dict, check_images: bool) 
     if len(samples) != info["samples"]:
         problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info['samples']}")
     size = manifest["image_size"]
-    for key, jpeg, label in samples:
-        if not 0 <= label < len(manifest["classes"]):
-            problems.append(f"{path}: {key}: label {label} out of range")
-        if check_images and not _baseline_jpeg(jpeg, size):
-            problems.append(f"{path}: {key}.jpg: not a {size}x{size} baseline RGB JPEG")
+    for s in samples:
+        if not 0 <= s.label < len(manifest["classes"]):
+            problems.append(f"{path}: {s.key}: label {s.label} out of range")
+        if check_images and not _baseline_jpeg(s.jpeg, size):
+            problems.append(f"{path}: {s.key}.jpg: not a {size}x{size} baseline RGB JPEG")
     return problems, len(samples)
 
 

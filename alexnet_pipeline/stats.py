@@ -69,6 +69,7 @@ class Moments:
 
     def _fold(self) -> None:
         """Move the pending uint16 sums into the int64 sum."""
+        assert self._pending is not None  # only called with images pending
         if self._sum is None:
             self._sum = self._pending.astype(np.int64)
         else:

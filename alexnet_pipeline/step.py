@@ -50,8 +50,10 @@ class TrainStep:
         if graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         self.model, self.optimizer, self.device, self.precision = model, optimizer, device, precision
-        self.graph = None if not graph else False  # False: to be captured at the first call
-        self._inputs = self._row = None
+        self.use_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None  # captured at the first call
+        self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row: torch.Tensor | None = None
 
     def _compute(self, images, labels) -> torch.Tensor:
         with autocast(self.device, self.precision):
@@ -62,11 +64,12 @@ class TrainStep:
         return torch.cat([loss.detach()[None], counts.to(loss.dtype)])
 
     def __call__(self, images, labels) -> torch.Tensor:
-        if self.graph is None:
+        if not self.use_graph:
             self.optimizer.zero_grad(set_to_none=True)
             return self._compute(images, labels)
-        if self.graph is False:
+        if self.graph is None:
             self._capture(images, labels)
+        assert self.graph is not None and self._inputs is not None and self._row is not None  # set by _capture
         for buffer, batch in zip(self._inputs, (images, labels), strict=True):
             buffer.copy_(batch, non_blocking=True)
         self.graph.replay()
@@ -76,20 +79,21 @@ class TrainStep:
         state = [*self.optimizer.params.values(), *self.optimizer.buffers()]
         saved = [t.detach().clone() for t in state]
         rng = torch.cuda.get_rng_state(self.device)
-        self._inputs = (images.clone(), labels.clone())  # clone keeps the layout (channels_last)
+        inputs = self._inputs = (images.clone(), labels.clone())  # clone keeps the layout (channels_last)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
                 self.optimizer.zero_grad(set_to_none=True)
-                self._compute(*self._inputs)
+                self._compute(*inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         # gradients are allocated inside the graph's memory pool and overwritten (not accumulated) on replay
         self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         # thread_local: DALI's threads may allocate on the GPU meanwhile; "global" would fail the capture
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._row = self._compute(*self._inputs)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self._row = self._compute(*inputs)
+        self.graph = graph
         with torch.no_grad():
             for t, s in zip(state, saved, strict=True):
                 t.copy_(s)

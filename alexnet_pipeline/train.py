@@ -90,6 +90,7 @@ class Schedule:
     """The learning rate per epoch: divided by 10 on a validation plateau (the paper) or every step_epochs."""
 
     def __init__(self, cfg: TrainConfig):
+        assert cfg.lr is not None  # TrainConfig derives it from the global batch when not given
         self.cfg, self.lr, self.drops, self.best, self.bad = cfg, cfg.lr, 0, math.inf, 0
 
     def after_epoch(self, epoch: int, val_error: float) -> None:
@@ -152,20 +153,13 @@ class Trainer:
         self.log = RunLog(self.run, self.world.main)
         if ckpt is not None:
             self.log.line(f"resuming {ckpt.path}: epoch {ckpt.epoch}, step {ckpt.step}")
-        self.train_loader = build.train_loader(cfg, self.world, ckpt)
         self.val_loader = build.eval_loader(cfg, self.world)
-        self.parts = build.training(cfg, len(self.classes), self.world, ckpt)
         self.schedule = Schedule(cfg)
-        self.epoch, self.step, self.history, self.stopping = 0, 0, [], False
-        if ckpt is not None:
-            ckpt.restore_training(self.parts.optimizer, self.schedule)
-            self.epoch, self.step, self.history = ckpt.epoch, ckpt.step, ckpt.history
-            rank = ckpt.rank_state(self.world.rank, self.world.size)
-            if rank is None:
-                self.log.line(f"note: checkpoint from {len(ckpt.training.ranks)} ranks, now {self.world.size}: data "
-                              "restarts at the epoch start")
-            else:  # last: building the network drew initial weights from the generator
-                rank.restore_generators(self.world.device)
+        run = build.resume(cfg, len(self.classes), self.world, self.schedule, ckpt)
+        self.parts, self.train_loader = run.parts, run.train_loader
+        self.epoch, self.step, self.history, self.stopping = run.epoch, run.step, run.history, False
+        if run.note:
+            self.log.line(f"note: {run.note}")
         self.run.write_json(CONFIG, to_json(cfg))
 
     def _start_run(self) -> Checkpoint | None:

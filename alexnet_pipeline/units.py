@@ -1,8 +1,9 @@
-"""Prep's units of work: a picklable recipe for a few hundred images (a slice of a class folder, a run of val
-files, one per-class tar inside ILSVRC2012_img_train.tar, consecutive members of a Hugging Face .tar.gz) that a
-worker turns into `Item`s, one class per kind of source. Archives are read in place, nothing is extracted:
-the outer tar is indexed once (headers only) and each worker seeks to its member and streams it; each .tar.gz
-is streamed once, by its own thread (`with_payloads`).
+"""Prep's units of work: a picklable recipe for a few hundred images that a worker turns into `Item`s, one
+class per kind of source: `FolderUnit` (64 files of class folders or of a flat val folder), `TarUnit` (members
+of a flat tar such as ILSVRC2012_img_val.tar), `ClassTarUnit` (one per-class tar inside
+ILSVRC2012_img_train.tar) and `HfUnit` (consecutive members of a Hugging Face .tar.gz). Archives are read in
+place, nothing is extracted: the outer tar is indexed once (headers only) and each worker seeks to its member
+and streams it; each .tar.gz is streamed once, by its own thread (`with_payloads`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tarfile
 import threading
 import urllib.parse
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,14 @@ class ArchiveError(UserError):
 
 
 MAX_IMAGE_MIB = 256  # far above any photograph (ImageNet's largest train file is about 15 MB)
+
+
+def member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The data of a regular member of an open tar."""
+    f = tf.extractfile(member)
+    if f is None:  # callers pass regular members only
+        raise tarfile.TarError(f"{member.name}: not a regular file")
+    return f.read()
 
 
 def oversize(size: int, max_bytes: int) -> str:
@@ -167,8 +177,8 @@ class ClassTarUnit(Unit):
             where = f"{self.archive}:{self.name.split('/', 1)[1]}.tar"
             with tarfile.open(fileobj=window, mode="r|") as inner:
                 # an oversized member is not read: the stream skips its data in blocks
-                members = ((m.name, inner.extractfile(m).read() if m.size <= max_bytes else m.size)
-                           for m in inner if m.isfile())
+                members: Iterator[tuple[str, bytes | int]] = (
+                    (m.name, member_bytes(inner, m) if m.size <= max_bytes else m.size) for m in inner if m.isfile())
                 if self.limit is not None:  # same rule as folders: the first N names in sorted order
                     members = iter(heapq.nsmallest(self.limit, members, key=lambda nm: nm[0]))
                 for name, data in members:
@@ -252,7 +262,8 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
             by_archive.setdefault(u.archive, []).append(u)
     if not by_archive:
         return
-    out, stop, done = queue.Queue(maxsize=queue_size), threading.Event(), object()
+    out: queue.Queue = queue.Queue(maxsize=queue_size)
+    stop, done = threading.Event(), object()
 
     def put(item):
         while not stop.is_set():
@@ -264,7 +275,7 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
 
     def read(archive: str, archive_units: list[HfUnit]):
         owner = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
-        parts = [[None] * len(u.members) for u in archive_units]
+        parts: list[list[bytes | int | None] | None] = [[None] * len(u.members) for u in archive_units]
         left = [len(u.members) for u in archive_units]
         try:
             with tarfile.open(archive, "r|gz") as tf:
@@ -274,10 +285,12 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
                         break
                     if i in owner:
                         n, j = owner[i]
-                        parts[n][j] = tf.extractfile(member).read() if member.size <= max_bytes else member.size
+                        got = parts[n]
+                        assert got is not None  # a unit's list goes only once it is complete
+                        got[j] = member_bytes(tf, member) if member.size <= max_bytes else member.size
                         left[n] -= 1
                         if not left[n]:
-                            put(dataclasses.replace(archive_units[n], payload=tuple(parts[n])))
+                            put(dataclasses.replace(archive_units[n], payload=tuple(got)))
                             parts[n] = None
             if any(left):
                 raise EOFError("fewer members than when it was first read")

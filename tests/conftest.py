@@ -45,5 +45,5 @@ def read_samples(shards_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:
     """{key: (label, jpeg bytes)} of a split, read back through the manifest."""
     from alexnet_pipeline import shards
 
-    return {key: (label, jpeg) for path in shards.shard_paths(shards_dir, split)
-            for key, jpeg, label in shards.iter_samples(path.read_bytes())}
+    return {s.key: (s.label, s.jpeg) for path in shards.shard_paths(shards_dir, split)
+            for s in shards.iter_samples(path.read_bytes())}

@@ -1,5 +1,6 @@
 """The checkpoint's one owner: what it writes loads, what it did not write (or not all of) is one line."""
 
+import dataclasses
 import errno
 import shutil
 import subprocess
@@ -11,7 +12,7 @@ import torch
 
 from alexnet_pipeline import cli, train
 from alexnet_pipeline.checkpoint import FORMAT, Checkpoint
-from alexnet_pipeline.config import UserError
+from alexnet_pipeline.config import UserError, option, recipe_fields
 
 TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False, device="cpu")
 ARGS = ["--width", "0.0625", "--global-batch", "8", "--threads", "1", "--device", "cpu", "--no-final-tencrop"]
@@ -137,3 +138,24 @@ def test_bad_values_are_refused_before_any_work(prepped, tmp_path, capsys, flag,
     assert cli.train_main(["--shards", str(prepped), "--out", str(out), *ARGS, f"{flag}={value}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and not out.exists()
+
+
+def test_a_checkpoint_from_before_a_recipe_option_existed_resumes_with_its_default(prepped, run_dir, tmp_path,
+                                                                                  monkeypatch):
+    """A recipe option added after a checkpoint was written (here: a TrainConfig that declares one more)
+    leaves that checkpoint resumable while the run uses the option's default, and refused when it does not."""
+
+    @dataclasses.dataclass(kw_only=True)
+    class Newer(train.TrainConfig):
+        label_smoothing: float = option(0.0, "a recipe option added later", minimum=0.0, recipe=True)
+
+    monkeypatch.setattr(train, "RECIPE", recipe_fields(Newer))
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    ckpt = Checkpoint.load(out / train.CHECKPOINT, resumable=True)
+    assert "label_smoothing" not in ckpt.config
+    del ckpt.config["decay_biases"]  # and one this version has, missing as from a version before it
+    ckpt.save(out / train.CHECKPOINT)
+    assert train.run(Newer(shards=prepped, out=out, epochs=2, resume=True, **TINY))["epochs"] == 2
+    with pytest.raises(UserError, match=r"another recipe \(label_smoothing 0.0 -> 0.1\)"):
+        train.run(Newer(shards=prepped, out=out, epochs=3, resume=True, label_smoothing=0.1, **TINY))

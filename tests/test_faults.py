@@ -60,6 +60,14 @@ def test_a_rerun_over_a_changed_source_refuses_naming_the_change_and_rebuild_reb
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert "added_1" in read_samples(out, "train")
     assert subprocess.run(args, capture_output=True, text=True).stdout.count("nothing to do") == 1
+    # an edit that keeps the size (a re-encoded image, a corrected pixel) changes only the modification time
+    data = bytearray(victim.read_bytes())
+    data[-3] ^= 0xFF
+    kept = victim.stat()
+    victim.write_bytes(bytes(data))
+    os.utime(victim, ns=(kept.st_atime_ns, kept.st_mtime_ns + 10**9))
+    line = _one_line(subprocess.run(args, capture_output=True, text=True))
+    assert "0 added, 0 removed, 1 changed" in line and victim.name in line
 
 
 def test_a_resume_over_a_changed_source_says_what_changed(sample, tmp_path):
@@ -128,16 +136,20 @@ def test_bit_rot_that_keeps_size_and_time_is_named_during_the_first_epoch(preppe
     assert not any("samples, dataset.json says" in p for p in problems)  # the damaged shard's samples counted
 
 
-@pytest.mark.parametrize("damage,named", [("nan", "eigval is not finite"), ("mean", "mean_rgb is outside 0-255"),
-                                          ("eigvec", "not orthonormal"), ("negative", "not positive")])
+NAN_IN = ["mean_rgb", "std_rgb", "mean_image", "cov", "eigval", "eigvec"]  # every float array of stats.npz
+
+
+@pytest.mark.parametrize("damage,named", [*((f"nan:{k}", f"{k} is not finite") for k in NAN_IN),
+                                          ("mean", "mean_rgb is outside 0-255"), ("eigvec", "not orthonormal"),
+                                          ("negative", "not positive")])
 def test_statistics_that_are_not_finite_or_consistent_are_named(prepped, tmp_path, damage, named):
     from alexnet_pipeline.pipeline import train_loader
 
     copy = tmp_path / "s"
     shutil.copytree(prepped, copy)
     stats = shards.load_stats(copy)
-    if damage == "nan":
-        stats["eigval"][1] = np.nan
+    if damage.startswith("nan:"):
+        stats[damage[4:]].flat[1] = np.nan  # NaN also passes a 0-255 range test: only the finite check sees it
     elif damage == "mean":
         stats["mean_rgb"][0] = 300.0
     elif damage == "eigvec":
@@ -223,6 +235,22 @@ def test_a_file_name_that_is_not_utf8_is_carried_through_encoded(sample, tmp_pat
 
 
 # ---- decoding is right, or the reason is -----------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_grey_images_of_every_mode_become_8_bits(mode):
+    """16-bit ('I;16') and 32-bit integer ('I') images by value >> 8, float ('F') images clipped to 0-255."""
+    ramp = np.arange(256 * 256).reshape(256, 256)
+    if mode == "F":
+        array, expected = (ramp / 200.0).astype(np.float32), np.clip(ramp / 200.0, 0, 255).astype(np.uint8)
+    else:
+        array, expected = ramp.astype(np.uint16 if mode == "I;16" else np.int32), (ramp >> 8).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "TIFF")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == mode
+    pixels = np.asarray(decode_rgb(buf.getvalue(), 256))
+    for channel in range(3):
+        np.testing.assert_array_equal(pixels[..., channel], expected)
+
 
 def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped():
     ramp = (np.arange(256 * 256, dtype=np.uint32).reshape(256, 256)).astype(np.uint16)

@@ -1,5 +1,7 @@
 """The paper's figures, checked by their pixels and numbers: 96 kernel tiles, the real nearest neighbours."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -58,10 +60,12 @@ def test_figure_4_shows_the_predictions_and_the_nearest_training_images_in_fc7(p
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(trained / train.BEST), "--device", "cpu",
                           "--threads", "1", "--figures", "--figures-out", str(out), "--neighbour-pool", "20"]) == 0
     assert "neighbours among 20 training images" in capsys.readouterr().out
-    for name in ("filters.png", "predictions.png", "neighbours.png"):
-        assert Image.open(out / name).size[0] > 100
     ckpt = Checkpoint.load(trained / train.BEST)
     drawn = figures.paper_figures(ckpt, prepped, tmp_path / "again", torch.device("cpu"), 20, progress=False)
+    for name in ("filters.png", "predictions.png", "neighbours.png"):  # the command draws what the library does
+        assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "again" / name)))
+    assert np.array_equal(np.asarray(Image.open(out / "filters.png")),
+                          figures.filters_mosaic(ckpt.weights["conv1.weight"]))
     assert len(drawn["shown"]) == 8 and drawn["pool"] == 20
     # the neighbours are the nearest of the first 20 training images in fc7, recomputed image by image
     net = ckpt.network("cpu")
@@ -83,4 +87,20 @@ def test_figure_4_shows_the_predictions_and_the_nearest_training_images_in_fc7(p
     t, g = figures.THUMB, figures.GAP
     first = mosaic[g:g + t, g + t + g + figures.BLOCK_GAP:g + t + g + figures.BLOCK_GAP + t]
     assert np.array_equal(first, figures._thumb(train_images[drawn["neighbours"][0][0]][0]))
-    assert [p.wnid for p in drawn["tops"][0]][:1] and len(drawn["truths"]) == 8
+    from alexnet_pipeline.inference import predict_pixels, trained_model
+
+    model = trained_model(ckpt, torch.device("cpu"))
+    shown_pixels = [val_images[i][0] for i in drawn["shown"]]
+    assert [[p.wnid for p in t] for t in drawn["tops"]] == [[p.wnid for p in t]
+                                                            for t in predict_pixels(model, shown_pixels)]
+    assert drawn["truths"] == [ckpt.classes[val_images[i][1]] for i in drawn["shown"]]
+
+
+def test_eval_figures_go_under_figures_out_and_leave_the_runs_filters_png_alone(prepped, trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = (run / train.FILTERS).read_bytes()
+    assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(run / train.BEST), "--device", "cpu",
+                          "--threads", "1", "--figures", "--neighbour-pool", "8"]) == 0
+    assert (run / train.FILTERS).read_bytes() == before  # training is its one writer
+    assert {p.name for p in (run / "figures").iterdir()} == {"filters.png", "predictions.png", "neighbours.png"}

@@ -201,11 +201,17 @@ def test_cpu_batches_stay_valid_while_later_batches_are_produced(prepped):
     assert all(torch.equal(a, b) for a, b in held)
 
 
-def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped):
-    whole = _fingerprints(eval_loader(prepped, batch_size=4, num_threads=1))
-    loader = eval_loader(prepped, batch_size=4, num_threads=1)
-    for _ in loader:
-        break  # abandon the first epoch after one batch
+@pytest.mark.parametrize("per_run,taken", [(1, 1), (2, 1), (2, 2), (3, 2)])
+def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped, per_run, taken):
+    """Abandoned after `taken` batches, inside a run of several batches or at its end: the rest of the epoch's
+    runs are made and dropped, no more and no fewer."""
+    options = dict(batch_size=4, num_threads=1, batches_per_run=per_run)
+    whole = _fingerprints(eval_loader(prepped, **options))
+    loader = eval_loader(prepped, **options)
+    assert len(loader) > taken
+    for i, _ in enumerate(loader):
+        if i + 1 == taken:
+            break  # abandon the first epoch
     assert _fingerprints(loader) == whole
     assert loader.epoch == 2
 
@@ -324,9 +330,9 @@ def test_a_resume_inside_or_at_the_end_of_a_run_of_batches_is_exact(prepped, sto
     taken = [next(it) for _ in range(stop_after)]  # 3 per run: inside a run, at its end, in the second
     resumed = Loader(cut.cfg, True, cut.state_dict())
     again = Loader(cut.cfg, True, resumed.state_dict())  # saved again before it made a batch: the same place
-    rest = [b for _ in range(2) for b in resumed][:len(run) - len(taken)]
-    assert _exact(taken + rest) == _exact(run)
-    assert _exact([b for _ in range(2) for b in again][:len(rest)]) == _exact(rest)
+    rest = [b for _ in range(2) for b in resumed]  # the rest of the epoch, then the next: nothing cut off here
+    assert len(taken) + len(rest) == len(run) and _exact(taken + rest) == _exact(run)
+    assert _exact([b for _ in range(2) for b in again]) == _exact(rest)
 
 
 def test_one_loader_serves_every_epoch_with_one_pipeline(prepped, monkeypatch):

@@ -384,3 +384,21 @@ def test_a_multi_gib_file_is_skipped_unread_naming_its_size_and_memory_stays_fla
     skipped = {s["source"]: s["reason"] for s in shards.load_manifest(tmp_path / "o")["skipped"]}
     assert skipped[str(huge)].startswith("3,221,225,472 bytes, larger than any photograph (the limit is 256 MiB")
     assert "a file of zeros" in skipped[str(huge)]
+
+
+def test_the_fingerprint_is_every_option_declared_to_shape_the_output(sample, tmp_path):
+    """Changing any option declared recipe=True changes the fingerprint (a directory holding another run is
+    refused); the others (workers, progress, rebuild, out) do not."""
+    import dataclasses
+
+    from alexnet_pipeline.config import recipe_fields
+
+    base = PrepConfig(sample[0] / "extracted", tmp_path / "o")
+    assert set(base.fingerprint()) == set(recipe_fields(PrepConfig)) | {"format_version"}
+    changed = {"imagenet_root": sample[0] / "kaggle", "splits": ("train",), "shard_size": 7, "quality": 90,
+               "image_size": 240, "seed": 3, "limit_per_class": 2, "layout": "folders", "max_image_mib": 9}
+    assert set(changed) == set(recipe_fields(PrepConfig))
+    for name, value in changed.items():
+        assert dataclasses.replace(base, **{name: value}).fingerprint() != base.fingerprint(), name
+    for name, value in {"workers": 2, "progress": True, "rebuild": True, "out": tmp_path / "other"}.items():
+        assert dataclasses.replace(base, **{name: value}).fingerprint() == base.fingerprint(), name

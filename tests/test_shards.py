@@ -77,8 +77,8 @@ def test_verify_names_a_bad_index_and_a_missing_manifest(prepped, tmp_path):
 
 
 def test_tar_bytes_depend_only_on_content():
-    a = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
-    b = shards.build_shard([("k1", b"abc", 3), ("k2", b"d" * 700, 0)])
+    a = shards.build_shard([shards.Sample("k1", b"abc", 3), shards.Sample("k2", b"d" * 700, 0)])
+    b = shards.build_shard([shards.Sample("k1", b"abc", 3), shards.Sample("k2", b"d" * 700, 0)])
     assert a == b and a[1].startswith("v1.2 2\n")
 
 

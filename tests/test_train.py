@@ -219,4 +219,4 @@ def test_a_run_builds_each_loader_once(prepped, tmp_path, monkeypatch):
         (cfg.split, train, cfg.tencrop)) or real(cfg, train, **k))
     train.run(train.TrainConfig(shards=prepped, out=tmp_path / "run", epochs=3, device="cpu",
                                 **{**TINY, "final_tencrop": True}))
-    assert builds == [("train", True, False), ("val", False, False), ("val", False, True)]
+    assert builds == [("val", False, False), ("train", True, False), ("val", False, True)]  # each once

@@ -115,7 +115,7 @@ feed_data() {  # call 1: the photo-like feed set on this machine's cores, then i
 }
 step() {  # call 2: the synthetic step alone (no DALI yet); also fills torch.compile's cache for call 3
   boxed step $PY tools/step_profile.py --device "$DEVICE" --variants +compile --batch-size "$BATCH" \
-    --width "$WIDTH" --steps "$STEPS" --repeats "$REPEATS" --no-layers --json "$OUT/step.json"
+    --width "$WIDTH" --steps "$STEPS" --repeats "$REPEATS" --no-layers --record "$OUT/step.json"
 }
 record() {
   $PY tools/feed_record.py --shards "$FEED" --out "$OUT/h200_feed.json" --loader "$OUT/feed_loader.json" \

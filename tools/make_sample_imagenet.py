@@ -307,9 +307,9 @@ def make(out: Path, classes: int = 10, train_per_class: int = 40, val_per_class:
     if "archives" in layouts:
         arc = out / "archives"
         arc.mkdir()
-        per_class = [(f"{w}.tar", tar_bytes([(n, (ext / "train" / w / n).read_bytes()) for n in train_files[w]]))
-                     for w in names]
-        (arc / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(per_class))
+        class_tars = [(f"{w}.tar", tar_bytes([(n, (ext / "train" / w / n).read_bytes()) for n in train_files[w]]))
+                      for w in names]
+        (arc / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(class_tars))
         (arc / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(val_files))
         with tarfile.open(arc / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tf:
             tf.add(out / "devkit" / "ILSVRC2012_devkit_t12", "ILSVRC2012_devkit_t12")

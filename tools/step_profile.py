@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a training step's GPU time goes, from the step as it was to the step as alexnet-train runs it now.
 
-    python tools/step_profile.py [--batch-size 128] [--steps 50] [--repeats 5] [--json OUT.json]
+    python tools/step_profile.py [--batch-size 128] [--steps 50] [--repeats 5] [--record OUT.json]
 
 Full-width paper AlexNet (1000 classes), bfloat16 autocast, channels_last, one batch held on the GPU. Each
 row adds one change to the one above, in this order:
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +35,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alexnet_pipeline import bench, build  # noqa: E402
+from alexnet_pipeline.config import add_arguments, check, from_arguments, option  # noqa: E402
 from alexnet_pipeline.distributed import World  # noqa: E402
+from alexnet_pipeline.options import Batch, Device, Record, Steps, Timing, resolve_device  # noqa: E402
 from alexnet_pipeline.train import TrainConfig  # noqa: E402
 
 
@@ -68,7 +71,7 @@ def step_for(variant: str, device: torch.device, batch_size: int, width: float =
     parts = build.training(cfg, 1000, World(0, 1, 0, device), adapt=earlier_form)
     torch.backends.cudnn.benchmark = level >= 1  # place() turned cuDNN autotuning on
     if level < 3:  # torch's own SGD (foreach), before the fused kernel; the eager step only needs step()
-        parts.step.optimizer = torch.optim.SGD(parts.net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        parts.step.optimizer = torch.optim.SGD(parts.net.parameters(), lr=cfg.lr or 0.01, momentum=cfg.momentum,
                                                weight_decay=cfg.weight_decay)
     return parts.step
 
@@ -99,10 +102,12 @@ def layer_table(batch: int, device) -> dict:
 
 def _layer_row(device, batch: int, cin: int, cout: int, k: int, stride: int, pad: int, groups: int,
                size: int) -> dict:
-    """One layer's forward + backward ms: native, split per column (grouped layers), channels padded to 4 (conv1)."""
+    """One layer's forward + backward ms: native, split per column (grouped layers), channels padded to 4
+    (conv1)."""
     from torch.nn import functional as F
 
-    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device, memory_format=torch.channels_last)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups).to(device)
+    conv = conv.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # a run-time kwarg the stubs lack
     x = torch.randn(batch, cin, size, size, device=device).to(memory_format=torch.channels_last)
     x.requires_grad_(cin != 3)
 
@@ -126,27 +131,33 @@ def _layer_row(device, batch: int, cin: int, cout: int, k: int, stride: int, pad
     return row
 
 
+@dataclass(kw_only=True)
+class ProfileConfig(Device, Batch, Timing, Steps, Record):
+    """The step profile's options: the shared groups (device, batch, repeats, steps, record), and its own."""
+
+    variants: tuple[str, ...] = option(tuple(VARIANTS), "rows to time, in order", choices=tuple(VARIANTS))
+    width: float = option(1.0, "channel multiplier (the CPU dry run of the GPU round)", minimum=1e-3)
+    layers: bool = option(True, "also the per-layer table (GPU)")
+
+    def __post_init__(self):
+        check(self)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the CPU dry run of the GPU round)")
-    p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run (no kernel tables)")
-    p.add_argument("--no-layers", dest="layers", action="store_false", help="skip the per-layer table")
-    p.add_argument("--json", type=Path, help="write the result here (rewritten after each row)")
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
+    add_arguments(p, ProfileConfig)
+    a = from_arguments(ProfileConfig, p.parse_args(argv))
+    device = resolve_device(a.device)
     gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     images = (torch.randn(a.batch_size, 3, 224, 224, device=device) * 60).to(torch.bfloat16 if gpu else torch.float32)
     images = images.contiguous(memory_format=torch.channels_last if gpu else torch.contiguous_format)
     labels = torch.randint(0, 1000, (a.batch_size,), device=device)
-    rows, tables = {}, {}
+    rows: dict[str, float] = {}
+    tables: dict[str, dict] = {}
     result = {"batch_size": a.batch_size, "width": a.width, "images_per_s": rows, "kernels": {},
               "gpu": torch.cuda.get_device_name() if gpu else "none", "torch": torch.__version__}
-    for variant in a.variants.split(","):
+    for variant in a.variants:
         step = step_for(variant, device, a.batch_size, a.width)
 
         def run(step=step):
@@ -161,8 +172,8 @@ def main(argv=None) -> int:
         del step
         if gpu:
             torch.cuda.empty_cache()
-        if a.json:  # a run cut short keeps its rows
-            a.json.write_text(json.dumps(result, indent=1))
+        if a.record:  # a run cut short keeps its rows
+            a.record.write_text(json.dumps(result, indent=1))
     best = max(rows, key=lambda k: rows[k])
     result["kernels"] = {k: tables[k] for k in ("before", best) if k in tables}
     if a.layers and gpu:
@@ -174,8 +185,8 @@ def main(argv=None) -> int:
               f"({rows[name]:,.0f} images/s = {a.batch_size / rows[name] * 1e3:.2f} ms per step)")
         for row in table["top"]:
             print(f"  {row['ms_per_step']:7.3f} ms {row['share']:6.1%} {row['calls_per_step']:5.1f}x  {row['kernel']}")
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+    if a.record:
+        a.record.write_text(json.dumps(result, indent=1))
     return 0
 
 
