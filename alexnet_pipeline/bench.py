@@ -469,7 +469,7 @@ def train_rates(bench: TrainBench) -> dict:
     dev = resolve_device(bench.device)
     sync, world = _sync_for(dev), World(0, 1, 0, dev)
     cfg = bench_run_config(bench)
-    parts = build.training(cfg, len(load_manifest(cfg.shards)["classes"]), world)
+    parts = build.training(cfg, len(load_manifest(cfg.shards).classes), world)
     held, kernels, on_row = None, None, _recorder(bench)
     rates: dict[str, float] = {}
     flops = flops_per_image(parts.net.cfg)["train_flops"]

@@ -84,9 +84,9 @@ def _verify(path: Path) -> int:
         return 1
     shards.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
     m = shards.load_manifest(path)
-    print(f"{path}: OK, {len(m['classes'])} classes, " +
-          ", ".join(f"{s} {e['samples']} samples in {len(e['shards'])} shards" for s, e in m["splits"].items()))
-    if "train" in m["splits"]:
+    print(f"{path}: OK, {len(m.classes)} classes, " +
+          ", ".join(f"{s} {e.samples} samples in {len(e.shards)} shards" for s, e in m.splits.items()))
+    if "train" in m.splits:
         z = shards.load_stats(path)
         np.set_printoptions(precision=3, suppress=True)
         print(f"  mean_rgb {z['mean_rgb']}  std_rgb {z['std_rgb']}  (0-255, {int(z['n_pixels'])} pixels)")

@@ -212,7 +212,7 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
         return evaluation_loader(shards_dir, World(0, 1, 0, device), mean=ckpt.preprocessing["mean"],
                                  precision=model.precision, batch_size=batch_size, split=split)
 
-    pool = min(pool, manifest["splits"]["train"]["samples"])
+    pool = min(pool, manifest.splits["train"].samples)
     queries = shown[:5]
     query_features = hidden_features(model.net, loader("val"), max(queries) + 1, False, model.precision)[queries]
     bank = hidden_features(model.net, loader("train"), pool, progress, model.precision)

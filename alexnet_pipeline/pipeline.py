@@ -142,7 +142,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
         raise ValueError(f"upto must be one of {STAGES}, got {upto!r}")
     paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split_name)
     stats = shards.load_stats(cfg.shards)
-    span = manifest["image_size"] - augment.CROP  # crop_pos is normalised: offset = pos * span
+    span = manifest.image_size - augment.CROP  # crop_pos is normalised: offset = pos * span
 
     # a new shard order every epoch, the same on every rank (one seed), so the ranks' parts stay disjoint
     shard_order = {}
@@ -219,10 +219,11 @@ class _Digest:
 
     def _run(self, mine) -> None:
         for path, info in mine:
-            if shards.file_sha256(path) != info["sha256"]:
+            if shards.file_sha256(path) != info.sha256:
                 self.problem = (f"{path}: its bytes differ from {shards.MANIFEST} (sha256) while its size and time "
-                                "did not change (bit rot, or a bad copy): copy it again, or run alexnet-prep "
-                                "--rebuild over the source; alexnet-prep --verify names every damaged shard")
+                                f"did not change (bit rot, or a bad copy{shards.undecodable(path)}): copy it again, "
+                                "or run alexnet-prep --rebuild over the source; alexnet-prep --verify names every "
+                                "damaged shard")
                 return
 
     def check(self, wait: bool = False) -> None:
@@ -253,8 +254,8 @@ class Loader:
                                                              first_epoch=self.first_epoch)
         # bit rot is named during the first epoch: each batch looks, and the epoch's end waits for the check
         self._digest = _Digest(shards.shard_paths(cfg.shards, cfg.split_name, manifest),
-                               manifest["splits"][cfg.split_name]["shards"], cfg.rank, cfg.world_size)
-        self.classes = manifest["classes"]
+                               manifest.splits[cfg.split_name].shards, cfg.rank, cfg.world_size)
+        self.classes = manifest.classes
         self.batches = batches_per_epoch(cfg, self.n_samples)
         self.runs = runs_per_epoch(cfg, self.n_samples)
         self.epoch = self.first_epoch if state is None else int(state["epoch"])
@@ -310,8 +311,9 @@ class Loader:
             # DALI names no file; the shard whose bytes changed since prep wrote it is the likely culprit
             damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split_name)
             if damaged:
-                raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}; "
-                                 "alexnet-prep --verify checks everything)") from None
+                raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}"
+                                 f"{shards.undecodable(damaged[0])}); copy it again, or run alexnet-prep --rebuild "
+                                 "over the source; alexnet-prep --verify checks everything") from None
             raise
         return self._to_torch(outs[0]), self._to_torch(outs[1]).view(-1)
 

@@ -33,7 +33,7 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -540,7 +540,7 @@ def _finished_report(cfg: PrepConfig, t0: float) -> PrepReport:
     manifest = shards.load_manifest(out)
     if not (out / shards.TIMM_INFO).exists():  # written after the manifest
         shards.write_timm_info(out, manifest)
-    return PrepReport({s: e["samples"] for s, e in manifest["splits"].items()}, manifest["skipped"], 0,
+    return PrepReport({s: e.samples for s, e in manifest.splits.items()}, manifest.skipped, 0,
                       time.perf_counter() - t0, resumed=True)
 
 
@@ -560,13 +560,13 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
     workers = min(cfg.n_workers(), n_units)
     if workers < cfg.n_workers():
         report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {n_units} units of work")
-    manifest: dict[str, Any] = {
-        "format_version": shards.FORMAT_VERSION, "image_size": cfg.image_size, "jpeg_quality": cfg.quality,
-        "classes": source.classes,
-        "class_names": {w: source.class_names[w] for w in source.classes if w in source.class_names},
-        "layout": source.layout, "splits": {}, "skipped": [], "fingerprint": cfg.fingerprint(),
-        "source": {"files": len(listing), "sha256": shards.source_digest(listing)},
-        "created_by": f"alexnet-pipeline {__version__}"}
+    manifest = shards.Manifest(
+        format_version=shards.FORMAT_VERSION, image_size=cfg.image_size, jpeg_quality=cfg.quality,
+        classes=source.classes,
+        class_names={w: source.class_names[w] for w in source.classes if w in source.class_names},
+        layout=source.layout, splits={}, skipped=[], fingerprint=cfg.fingerprint(),
+        source={"files": len(listing), "sha256": shards.source_digest(listing)},
+        created_by=f"alexnet-pipeline {__version__}")
     _counter = mp.get_context("fork").Value("q", 0)
     pool = _Pool(workers, work) if workers > 1 else None
     try:
@@ -578,17 +578,16 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
                 raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
                                 f"({len(skipped)} files skipped; first: {skipped[:1]})")
             infos = _write_shards(cfg, split, samples, pool)
-            manifest["splits"][split] = {"samples": len(samples), "shards": [asdict(i) for i in infos]}
-            shards.remember_intact(out, split, manifest["splits"][split]["shards"],
-                                   shards.shard_paths(out, split, manifest))
-            manifest["skipped"] += sorted(skipped, key=lambda s: s["source"])
+            manifest.splits[split] = shards.SplitInfo(len(samples), infos)
+            shards.remember_intact(out, split, infos, shards.shard_paths(out, split, manifest))
+            manifest.skipped += sorted(skipped, key=lambda s: s["source"])
             report.samples[split] = len(samples)
             if split == "train":
                 shards.save_npz(out / shards.STATS, summarize(moments))
     finally:
         if pool is not None:
             pool.close()
-    report.skipped = manifest["skipped"]
+    report.skipped = manifest.skipped
     shards.write_source(out, listing)  # before the manifest: a finished output has both
     shards.write_manifest(out, manifest)
     shards.write_timm_info(out, manifest)

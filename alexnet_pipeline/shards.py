@@ -9,6 +9,7 @@ index in the format of DALI's ``wds2idx`` (v1.2) from the offsets we just wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -141,25 +142,25 @@ def _write_verified(shards: Path, cache: dict) -> None:
         return  # a read-only copy keeps no cache: its shards are re-hashed at every start, still checked
 
 
-def remember_intact(shards: Path, split: str, entries: list[dict], paths: list[Path]) -> None:
+def remember_intact(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> None:
     """Record in the stat cache that these shards (just written, or just re-hashed) match the manifest."""
     cache = _read_verified(shards)
     for path, info in zip(paths, entries, strict=True):
         st = path.stat()
-        cache[f"{split}/{info['name']}"] = [st.st_size, st.st_mtime_ns, info["sha256"]]
+        cache[f"{split}/{info.name}"] = [st.st_size, st.st_mtime_ns, info.sha256]
     _write_verified(shards, cache)
 
 
-def check_digests(shards: Path, split: str, entries: list[dict], paths: list[Path]) -> int:
+def check_digests(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> int:
     """Re-hash the shards whose size or modification time differ from the stat cache (a copy that lost its
     times, an edit in place); ShardError naming the first whose sha256 differs from the manifest. Returns how
     many were re-hashed; those found intact are trusted from then on."""
     cache, fresh = _read_verified(shards), []
     for path, info in zip(paths, entries, strict=True):
         st = path.stat()
-        if cache.get(f"{split}/{info['name']}") == [st.st_size, st.st_mtime_ns, info["sha256"]]:
+        if cache.get(f"{split}/{info.name}") == [st.st_size, st.st_mtime_ns, info.sha256]:
             continue
-        if file_sha256(path) != info["sha256"]:
+        if file_sha256(path) != info.sha256:
             raise ShardError(f"{path}: its bytes differ from {MANIFEST} (sha256): damaged or edited in place; copy it "
                              "again, or run alexnet-prep --rebuild over the source")
         fresh.append((path, info))
@@ -199,36 +200,78 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     files.atomic_write(path, npz_bytes(arrays))
 
 
-def load_manifest(shards: Path) -> dict:
-    """The parsed dataset.json of a shards directory; ShardError if it is missing or unreadable."""
+@dataclass
+class SplitInfo:
+    """One split in dataset.json: its sample count and its shards, in reading order."""
+
+    samples: int
+    shards: list[ShardInfo]
+
+
+@dataclass
+class Manifest:
+    """SHARDS/dataset.json: what prep wrote and how (docs/design.md, "Shards on disk")."""
+
+    format_version: int
+    image_size: int
+    jpeg_quality: int
+    classes: list[str]  # sorted wnids: a label is an index into this list
+    class_names: dict[str, str]  # the names prep found beside the images (class_names() fills the rest)
+    layout: dict[str, str]  # per split, the layout prep read
+    splits: dict[str, SplitInfo]
+    skipped: list[dict]  # {"split", "source", "reason"} of every file left out
+    fingerprint: dict  # the options that shaped the bytes (PrepConfig.fingerprint)
+    source: dict  # {"files", "sha256"} of the source listing
+    created_by: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Manifest":
+        """A manifest from its JSON (older versions' extra keys, like the shards' times, are left out)."""
+        known = {f.name for f in dataclasses.fields(ShardInfo)}
+        splits = {name: SplitInfo(entry["samples"], [ShardInfo(**{k: v for k, v in s.items() if k in known})
+                                                        for s in entry["shards"]])
+                  for name, entry in raw["splits"].items()}
+        return cls(raw["format_version"], raw["image_size"], raw.get("jpeg_quality", 95), raw["classes"],
+                   raw.get("class_names") or {}, raw.get("layout") or {}, splits, raw.get("skipped", []),
+                   raw.get("fingerprint", {}), raw.get("source", {}), raw.get("created_by", ""))
+
+
+def load_manifest(shards: Path) -> Manifest:
+    """The dataset.json of a shards directory; ShardError if it is missing or unreadable."""
     path = Path(shards) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ShardError(f"{path}: no manifest; is this a directory written by alexnet-prep?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or not {"classes", "splits", "image_size"} <= set(manifest):
+    if not isinstance(raw, dict) or not {"classes", "splits", "image_size"} <= set(raw):
         raise ShardError(f"{path}: not a manifest written by alexnet-prep")
-    version = manifest.get("format_version")
+    version = raw.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ShardError(f"{path}: written by a newer alexnet-prep (format {version}; this version reads up to "
                          f"{FORMAT_VERSION}); upgrade alexnet-pipeline")
-    return manifest
+    try:
+        return Manifest.from_json(raw)
+    except (KeyError, TypeError) as e:
+        raise ShardError(f"{path}: not a manifest written by alexnet-prep (no {e})") from None
 
 
-def write_manifest(shards: Path, manifest: dict) -> None:
-    files.atomic_write(Path(shards) / MANIFEST, json.dumps(manifest, indent=1).encode())
+def write_manifest(shards: Path, manifest: Manifest) -> None:
+    files.atomic_write(Path(shards) / MANIFEST, json.dumps(manifest.to_json(), indent=1).encode())
 
 
-def class_names(manifest: dict) -> dict[str, str]:
+def class_names(manifest: Manifest) -> dict[str, str]:
     """wnid -> human-readable name for the manifest's classes: the names prep found beside the images (the
     devkit, Kaggle's synset mapping), else the ILSVRC-2012 table shipped in the package; a class in neither
     is named by its wnid."""
     from .classnames import ilsvrc2012
 
-    found, table = manifest.get("class_names") or {}, ilsvrc2012()
-    return {w: found.get(w) or table.get(w) or w for w in manifest["classes"]}
+    found, table = manifest.class_names, ilsvrc2012()
+    return {w: found.get(w) or table.get(w) or w for w in manifest.classes}
 
 
 def write_source(shards: Path, listing: dict[str, tuple[int, int]]) -> None:
@@ -269,18 +312,18 @@ def source_changes(old: dict, new: dict) -> str:
     return f"{len(added)} added, {len(removed)} removed, {len(changed)} changed ({', '.join(first)})"
 
 
-def timm_info(manifest: dict) -> dict:
+def timm_info(manifest: Manifest) -> dict:
     """The contents of SHARDS/_info.json in timm's format: per split its name, sample count, shard file names
     (relative to SHARDS) and samples per shard. Our shards hold `jpg` and `cls` members, which is what timm
     reads by default."""
-    return {"name": f"imagenet-{len(manifest['classes'])} (alexnet-pipeline)", "num_classes": len(manifest["classes"]),
-            "splits": {TIMM_SPLITS[split]: {"name": TIMM_SPLITS[split], "num_samples": entry["samples"],
-                                            "filenames": [f"{split}/{s['name']}" for s in entry["shards"]],
-                                            "shard_lengths": [s["samples"] for s in entry["shards"]]}
-                       for split, entry in manifest["splits"].items()}}
+    return {"name": f"imagenet-{len(manifest.classes)} (alexnet-pipeline)", "num_classes": len(manifest.classes),
+            "splits": {TIMM_SPLITS[split]: {"name": TIMM_SPLITS[split], "num_samples": entry.samples,
+                                            "filenames": [f"{split}/{s.name}" for s in entry.shards],
+                                            "shard_lengths": [s.samples for s in entry.shards]}
+                       for split, entry in manifest.splits.items()}}
 
 
-def write_timm_info(shards: Path, manifest: dict) -> None:
+def write_timm_info(shards: Path, manifest: Manifest) -> None:
     files.atomic_write(Path(shards) / TIMM_INFO, json.dumps(timm_info(manifest), indent=1).encode())
 
 
@@ -331,42 +374,57 @@ def stats_problem(stats: dict[str, np.ndarray]) -> str | None:
     return None
 
 
-def shard_paths(shards: Path, split: str, manifest: dict | None = None) -> list[Path]:
+def shard_paths(shards: Path, split: str, manifest: Manifest | None = None) -> list[Path]:
     """The tar shards of `split`, in manifest order."""
     manifest = manifest or load_manifest(shards)
-    if split not in manifest["splits"]:
-        raise ShardError(f"{Path(shards) / MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
-    return [Path(shards) / split / s["name"] for s in manifest["splits"][split]["shards"]]
+    if split not in manifest.splits:
+        raise ShardError(f"{Path(shards) / MANIFEST}: no split {split!r} (has {sorted(manifest.splits)})")
+    return [Path(shards) / split / s.name for s in manifest.splits[split].shards]
 
 
-def readable_split(shards: Path, split: str) -> tuple[list[Path], int, dict]:
+def readable_split(shards: Path, split: str) -> tuple[list[Path], int, Manifest]:
     """Shard paths, sample count and manifest of a split, after the checks that turn what would hang or
     crash a reader (a missing, truncated or replaced shard; a missing or wrong index) into a ShardError."""
     manifest = load_manifest(shards)
     paths = shard_paths(shards, split, manifest)
     if not paths:
         raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
-    for path, info in zip(paths, manifest["splits"][split]["shards"], strict=True):
+    for path, info in zip(paths, manifest.splits[split].shards, strict=True):
         if not path.is_file():
             raise ShardError(f"{path}: shard missing")
         st = path.stat()
-        if st.st_size != info["bytes"]:
-            raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info['bytes']} "
+        if st.st_size != info.bytes:
+            raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info.bytes} "
                              "(truncated or replaced; alexnet-prep --verify checks everything)")
         count, end = index_extent(path.with_suffix(".idx"))
-        if end > info["bytes"] or count != info["samples"]:
+        if end > info.bytes or count != info.samples:
             raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
-                             f"{end}; {MANIFEST} says {info['samples']} in {info['bytes']} bytes)")
-    check_digests(shards, split, manifest["splits"][split]["shards"], paths)
-    return paths, manifest["splits"][split]["samples"], manifest
+                             f"{end}; {MANIFEST} says {info.samples} in {info.bytes} bytes)")
+    check_digests(shards, split, manifest.splits[split].shards, paths)
+    return paths, manifest.splits[split].samples, manifest
+
+
+def undecodable(path: Path, size: int = 256, most: int = 3) -> str:
+    """The damage a decoder meets in a shard, for a message: ", sample KEY does not decode" (up to `most`
+    keys), or "" if every JPEG decodes (corrupt data inside a JPEG often decodes, to wrong pixels)."""
+    try:
+        bad = [s.key for s in iter_samples(Path(path).read_bytes()) if not _baseline_jpeg(s.jpeg, size)]
+    except (OSError, tarfile.TarError, ValueError):
+        return ", its tar structure unreadable"
+    if not bad:
+        return ""
+    if len(bad) == 1:
+        return f", sample {bad[0]} does not decode"
+    more = f" and {len(bad) - most} more" if len(bad) > most else ""
+    return f", samples {', '.join(bad[:most])}{more} do not decode"
 
 
 def damaged_shards(shards: Path, split: str) -> list[Path]:
     """The shards of `split` whose bytes no longer match the sha256 in the manifest (reads them all)."""
     manifest = load_manifest(shards)
-    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest["splits"][split]["shards"],
+    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest.splits[split].shards,
                                        strict=True)
-            if not path.is_file() or file_sha256(path) != info["sha256"]]
+            if not path.is_file() or file_sha256(path) != info.sha256]
 
 
 def iter_tar(data: bytes):
@@ -404,32 +462,32 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     except ShardError as e:
         return [str(e)]
     problems = []
-    if "train" in manifest["splits"]:
+    if "train" in manifest.splits:
         try:
             load_stats(shards)
         except ShardError as e:
             problems.append(str(e))
-    info = shards / TIMM_INFO
-    if not info.is_file() or json.loads(info.read_text()) != timm_info(manifest):
-        problems.append(f"{info}: missing or does not match {MANIFEST}")
-    for split, entry in manifest["splits"].items():
+    timm = shards / TIMM_INFO
+    if not timm.is_file() or json.loads(timm.read_text()) != timm_info(manifest):
+        problems.append(f"{timm}: missing or does not match {MANIFEST}")
+    for split, entry in manifest.splits.items():
         total = 0
-        for info in entry["shards"]:
-            found, count = _shard_problems(shards / split / info["name"], info, manifest, check_images)
+        for info in entry.shards:
+            found, count = _shard_problems(shards / split / info.name, info, manifest, check_images)
             problems += found
             total += count
-        if total != entry["samples"]:
-            problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry['samples']}")
+        if total != entry.samples:
+            problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry.samples}")
     return problems
 
 
-def _shard_problems(path: Path, info: dict, manifest: dict, check_images: bool) -> tuple[list[str], int]:
+def _shard_problems(path: Path, info: ShardInfo, manifest: Manifest, check_images: bool) -> tuple[list[str], int]:
     """(problems, samples read) of one shard and its index."""
     if not path.exists():
         return [f"{path}: missing"], 0
     data = path.read_bytes()
     problems = []
-    if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+    if len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256:
         problems.append(f"{path}: size or sha256 differs from {MANIFEST} (damaged or replaced)")
     try:
         samples = list(iter_samples(data))  # bytes flipped inside JPEGs leave the tar headers (and the count)
@@ -440,11 +498,11 @@ def _shard_problems(path: Path, info: dict, manifest: dict, check_images: bool) 
     idx = path.with_suffix(".idx")
     if not idx.exists() or idx.read_text() != build_shard(samples)[1]:
         problems.append(f"{idx}: missing or does not match its shard")
-    if len(samples) != info["samples"]:
-        problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info['samples']}")
-    size = manifest["image_size"]
+    if len(samples) != info.samples:
+        problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info.samples}")
+    size = manifest.image_size
     for s in samples:
-        if not 0 <= s.label < len(manifest["classes"]):
+        if not 0 <= s.label < len(manifest.classes):
             problems.append(f"{path}: {s.key}: label {s.label} out of range")
         if check_images and not _baseline_jpeg(s.jpeg, size):
             problems.append(f"{path}: {s.key}.jpg: not a {size}x{size} baseline RGB JPEG")
@@ -467,5 +525,5 @@ def remember_verified(shards: Path) -> None:
     """After `verify` found every byte intact (say, in a copy that did not keep times): record every shard's
     size and time in the stat cache, so loader starts trust them without re-hashing."""
     manifest = load_manifest(shards)
-    for split, entry in manifest["splits"].items():
-        remember_intact(shards, split, entry["shards"], shard_paths(shards, split, manifest))
+    for split, entry in manifest.splits.items():
+        remember_intact(shards, split, entry.shards, shard_paths(shards, split, manifest))

@@ -146,7 +146,7 @@ class Trainer:
     def _build(self, cfg: TrainConfig) -> None:
         ckpt = self._start_run()
         manifest = load_manifest(cfg.shards)
-        self.classes, self.names = manifest["classes"], class_names(manifest)
+        self.classes, self.names = manifest.classes, class_names(manifest)
         self.preprocessing = preprocessing(load_stats(cfg.shards), cfg.mean)
         if ckpt is not None:
             ckpt.check_run(self.classes, to_json(cfg), RECIPE, cfg.shards)

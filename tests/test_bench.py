@@ -44,7 +44,7 @@ def test_each_feed_builds_one_pipeline_over_several_epochs(prepped, monkeypatch)
 
     builds, real = [], pipeline.build_pipeline
     monkeypatch.setattr(pipeline, "build_pipeline", lambda *a, **k: builds.append(1) or real(*a, **k))
-    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    n = shards.load_manifest(prepped).splits["train"].samples
     steps, repeats, batch = 6, 2, 4
     assert (repeats + 1) * steps * batch > 2 * n  # warm-up and repeats span more than two epochs
     feeds = "synthetic,dali,dali-run2,dali-cpu"

@@ -279,4 +279,4 @@ def test_a_file_where_a_class_folder_belongs_is_reported(sample, tmp_path):
     report = run(PrepConfig(root, tmp_path / "o", workers=1, progress=False))
     listed = [s for s in report.skipped if s["source"].endswith("README.txt")]
     assert listed and "a file where a class folder belongs" in listed[0]["reason"]
-    assert listed == [s for s in shards.load_manifest(tmp_path / "o")["skipped"] if s["source"].endswith("README.txt")]
+    assert listed == [s for s in shards.load_manifest(tmp_path / "o").skipped if s["source"].endswith("README.txt")]

@@ -52,7 +52,7 @@ def _errors(tops, labels, classes):
 @pytest.mark.parametrize("tencrop", [False, True])
 def test_predict_on_the_val_images_gives_alexnet_evals_errors(prepped, lively, capsys, tencrop):
     model = ap.load_model(lively, device="cpu")
-    assert not model.net.training and model.classes == shards.load_manifest(prepped)["classes"]
+    assert not model.net.training and model.classes == shards.load_manifest(prepped).classes
     val = list(read_samples(prepped, "val").values())
     tops = ap.predict(model, [jpeg for _, jpeg in val], tencrop=tencrop, top=2)
     assert len({t[0].wnid for t in tops}) >= 2  # the network tells images apart: the errors mean something
@@ -110,13 +110,13 @@ def test_prep_records_the_names_found_beside_the_images(sample, tmp_path, layout
     out = tmp_path / "o"
     run(PrepConfig(sample[0] / layout, out, workers=1, progress=False))
     manifest = shards.load_manifest(out)
-    assert manifest["class_names"] == {w: f"class {w}" for w in manifest["classes"]}
+    assert manifest.class_names == {w: f"class {w}" for w in manifest.classes}
     assert shards.class_names(manifest)["n01440764"] == "class n01440764"
 
 
 def test_without_names_beside_the_images_the_table_names_them(prepped):
     manifest = shards.load_manifest(prepped)
-    assert manifest["class_names"] == {}
+    assert manifest.class_names == {}
     assert shards.class_names(manifest)["n01443537"] == "goldfish, Carassius auratus"
 
 

@@ -114,7 +114,7 @@ def _fingerprints(loader):
 
 def test_eval_over_1_2_3_ranks_counts_every_image_once(prepped):
     whole = _fingerprints(eval_loader(prepped, batch_size=4, num_threads=1))
-    assert len(whole) == shards.load_manifest(prepped)["splits"]["val"]["samples"]
+    assert len(whole) == shards.load_manifest(prepped).splits["val"].samples
     assert len(set(whole)) == len(whole)
     for world in (2, 3):
         loaders = [eval_loader(prepped, batch_size=4, rank=r, world_size=world, num_threads=1) for r in range(world)]
@@ -133,7 +133,7 @@ def test_two_train_ranks_see_disjoint_samples_whose_union_is_the_epoch(prepped):
             seen.append(hash(s["image"].tobytes()))
         return seen
 
-    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    n = shards.load_manifest(prepped).splits["train"].samples
     a, b = keys(0, 2), keys(1, 2)
     a_set, b_set = set(a), set(b)
     assert not a_set & b_set
@@ -218,7 +218,7 @@ def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped, per_run, tak
 
 def _epoch_images(prepped, epochs, **options):
     """Per epoch, the hashes of the decoded images in the order the train pipeline read them (no padding)."""
-    n = shards.load_manifest(prepped)["splits"]["train"]["samples"]
+    n = shards.load_manifest(prepped).splits["train"].samples
     cfg = LoaderConfig(shards=prepped, split="train", batch_size=4, num_threads=1, lighting_sigma=0, **options)
     pipe = build_pipeline(cfg, True, expose=True)[0]
     batches = -(-n // 4)

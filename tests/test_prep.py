@@ -27,14 +27,14 @@ def _files(d: Path) -> dict[str, bytes]:
 def test_quirks_kept_bad_files_reported_nothing_good_lost(prepped, sample):
     _, truth = sample
     manifest = shards.load_manifest(prepped)
-    skipped = {Path(s["source"]).name: s["reason"] for s in manifest["skipped"]}
+    skipped = {Path(s["source"]).name: s["reason"] for s in manifest.skipped}
     bad = {f"{sample_maker.WNIDS[0]}_9{k:03d}.JPEG" for k, (_, _, kept) in enumerate(sample_maker.QUIRKS) if not kept}
     assert set(skipped) == bad | {sample_maker.STRAY}
     assert all(skipped.values())
     got = read_samples(prepped, "train")
     want = {n.split(".")[0]: label for n, label in truth["train"].items() if n not in skipped}
     assert {k: v[0] for k, v in got.items()} == want
-    assert manifest["splits"]["train"]["samples"] == len(want)
+    assert manifest.splits["train"].samples == len(want)
 
 
 def test_train_is_shuffled_and_val_is_in_key_order(prepped):
@@ -280,7 +280,7 @@ def test_hugging_face_archives_give_the_same_shards_as_folders(prepped, sample, 
     assert {k: v for k, v in ours.items() if k.endswith((".tar", ".idx", ".npz"))} == \
            {k: v for k, v in theirs.items() if k.endswith((".tar", ".idx", ".npz"))}
     assert any("test_images.tar.gz: test images carry no class" in n for n in report.notes)
-    assert shards.load_manifest(tmp_path / "h")["layout"]["train"].startswith("Hugging Face archives")
+    assert shards.load_manifest(tmp_path / "h").layout["train"].startswith("Hugging Face archives")
 
 
 def test_a_truncated_hugging_face_archive_is_named(sample, tmp_path):
@@ -310,7 +310,7 @@ def test_hugging_face_with_a_per_class_limit_keeps_the_same_images_as_folders(sa
     ours, theirs = _files(tmp_path / "hf"), _files(tmp_path / "extracted")
     assert {k: v for k, v in ours.items() if k.endswith((".tar", ".idx", ".npz"))} == \
            {k: v for k, v in theirs.items() if k.endswith((".tar", ".idx", ".npz"))}
-    assert shards.load_manifest(tmp_path / "hf")["splits"]["train"]["samples"] < 15
+    assert shards.load_manifest(tmp_path / "hf").splits["train"].samples < 15
 
 
 def test_a_run_killed_before_its_plan_was_written_starts_again(prepped, sample, tmp_path):
@@ -381,7 +381,7 @@ def test_a_multi_gib_file_is_skipped_unread_naming_its_size_and_memory_stays_fla
     assert r.returncode == 0, r.stderr
     peak_mib = int(r.stdout.split("peak ")[1]) / 1024
     assert peak_mib < 400, peak_mib  # reading the file whole would take 3 GiB
-    skipped = {s["source"]: s["reason"] for s in shards.load_manifest(tmp_path / "o")["skipped"]}
+    skipped = {s["source"]: s["reason"] for s in shards.load_manifest(tmp_path / "o").skipped}
     assert skipped[str(huge)].startswith("3,221,225,472 bytes, larger than any photograph (the limit is 256 MiB")
     assert "a file of zeros" in skipped[str(huge)]
 

@@ -115,8 +115,10 @@ def test_a_damaged_shard_of_the_right_size_is_named(prepped, tmp_path):
     with pytest.raises(shards.ShardError) as e:
         for _ in eval_loader(copy, batch_size=4, num_threads=1):
             pass
-    # named by DALI's failure or, first, by the background digest
+    # named by DALI's failure or, first, by the background digest: the shard, and the sample that does not decode
+    first = next(shards.iter_samples(bytes(data))).key
     assert str(e.value).startswith(f"{shard}: ") and "sha256" in str(e.value)
+    assert f"sample {first} does not decode" in str(e.value)
 
 
 def test_a_bug_keeps_its_traceback(prepped, tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def test_timm_finds_both_splits_through_info_json(prepped):
     assert set(info["splits"]) == {"train", "validation"}
     for ours, theirs in (("train", "train"), ("val", "validation")):
         split = info["splits"][theirs]
-        assert split["name"] == theirs and split["num_samples"] == manifest["splits"][ours]["samples"]
+        assert split["name"] == theirs and split["num_samples"] == manifest.splits[ours].samples
         assert sum(split["shard_lengths"]) == split["num_samples"]
         for name, length in zip(split["filenames"], split["shard_lengths"], strict=True):
             samples = list(wds.WebDataset(str(prepped / name), shardshuffle=False))
@@ -104,4 +104,4 @@ def test_timm_finds_both_splits_through_info_json(prepped):
 def test_timm_reads_the_shards_when_installed(prepped):
     reader_wds = pytest.importorskip("timm.data.readers.reader_wds")
     reader = reader_wds.ReaderWds(str(prepped), split="validation")
-    assert reader.num_samples == shards.load_manifest(prepped)["splits"]["val"]["samples"]
+    assert reader.num_samples == shards.load_manifest(prepped).splits["val"].samples

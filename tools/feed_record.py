@@ -108,7 +108,7 @@ def record(shards_dir: Path, *, loader: dict | None, bench: dict | None, log: Pa
     rate, wait = logged_after_first_epoch(log)
     rates = (bench or {}).get("images_per_s", {})
     try:
-        images, per_image = shards.load_manifest(shards_dir)["splits"]["train"]["samples"], \
+        images, per_image = shards.load_manifest(shards_dir).splits["train"].samples, \
             jpeg_bytes_per_image(shards_dir)
     except (UserError, OSError):
         images, per_image = None, None
