@@ -198,7 +198,7 @@ def _loader_rate(bench, cfg, train: bool, sync) -> float:
     """images/s of one DALI loader, kept across epochs; its pipeline (and DALI's threads) go when this returns."""
     from .pipeline import Loader
 
-    return _stream_rate(Loader(cfg, train).endless(), bench.steps, bench.repeats, sync)
+    return _stream_rate(Loader(cfg, train).verified().endless(), bench.steps, bench.repeats, sync)
 
 
 def _run_rate(bench, cfg, train: bool, sync, upto: str) -> float:
@@ -348,7 +348,7 @@ def loader_rates(bench: LoaderBench) -> dict:
     for row in loader_rows(bench):
         cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})
         if row["what"] == "train":
-            rate = _stream_rate(Loader(cfg, True).endless(), bench.steps, bench.repeats, sync)
+            rate = _stream_rate(Loader(cfg, True).verified().endless(), bench.steps, bench.repeats, sync)
         else:
             rate = _run_rate(bench, cfg, True, sync, row["what"])
         result["rows"].append({**row, "dali_batch": cfg.run_size, "threads": cfg.threads, "images_per_s": rate})
@@ -501,7 +501,7 @@ def train_rates(bench: TrainBench) -> dict:
             on_row(summary())
             continue
         loader = Loader(build.loader_config(dataclasses.replace(cfg, **_dali_overrides(feed)) if feed != "synthetic"
-                                            else cfg, world, "train"), True)
+                                            else cfg, world, "train"), True).verified()
         if feed == "synthetic":  # one batch of the pipeline's own dtype, layout and device, held
             held = [t.clone() for t in next(iter(loader))]
             rates[feed] = rate(itertools.repeat(held))

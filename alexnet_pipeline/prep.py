@@ -273,6 +273,9 @@ class _Pool:
     def died(self) -> WorkerDied:
         """The error of a broken pool: which worker died, how, and what it was preparing."""
         dead = []
+        for process in self._processes.values():
+            if process.is_alive():
+                process.terminate()  # the executor stops the others too; this bounds the joins below
         for pid, process in self._processes.items():
             process.join(timeout=5)
             code = process.exitcode
