@@ -54,8 +54,7 @@ def predictions(model, loader, tencrop: bool, precision: str = "bf16"):
 def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") -> torch.Tensor:
     """[images, top-1 hits, top-5 hits] over the whole split (summed over ranks), on the model's device.
     Nothing here waits for the device until the caller reads the result."""
-    counts = torch.zeros(3, dtype=torch.int64)  # (replaced by the first batch's, on the model's device)
-    first = True
+    counts: torch.Tensor | None = None
     # all of it in inference mode: the counts are made from inference tensors, and the all-reduce updates
     # them in place (gloo copies CUDA tensors back into them)
     with torch.inference_mode():
@@ -63,7 +62,8 @@ def error_counts(model, loader, tencrop: bool = False, precision: str = "bf16") 
             top = probs.topk(min(5, probs.shape[1]), 1).indices
             hit, valid = top == labels[:, None], labels >= 0  # padding (PAD_LABEL) is never counted
             batch = torch.stack([valid.sum(), (hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum()])
-            counts, first = (batch if first else counts + batch), False
+            counts = batch if counts is None else counts + batch
+        assert counts is not None  # every rank's loader yields at least one batch (padded, if need be)
         if dist.is_initialized():
             dist.all_reduce(counts)
     return counts

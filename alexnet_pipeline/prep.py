@@ -141,7 +141,7 @@ def _init_worker(counter, work: Path):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _counter = counter
     _busy_fd = os.open(_busy_path(work, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    _one_blas_thread()
+    _one_blas_thread()  # applied when made, kept for the worker's life (it is never exited)
 
 
 # ---- work files: .work/<split>/<unit>.unit ------------------------------------------------------------
@@ -356,7 +356,7 @@ def _wait(future, pool: _Pool, tick=lambda: None):
 # ---- stage 2: work files -> shards --------------------------------------------------------------------
 
 def _collect(planned: list, work: Path):
-    """Samples (key, label, bin file, offset, size) of all units, skipped files, and merged moments."""
+    """The Prepared samples of all units, the skipped files, and the merged moments."""
     samples, skipped, moments = [], [], None
     seen: dict[str, str] = {}
     for u in planned:

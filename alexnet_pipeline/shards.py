@@ -151,10 +151,10 @@ def remember_intact(shards: Path, split: str, entries: list[ShardInfo], paths: l
     _write_verified(shards, cache)
 
 
-def check_digests(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> int:
+def check_digests(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> None:
     """Re-hash the shards whose size or modification time differ from the stat cache (a copy that lost its
-    times, an edit in place); ShardError naming the first whose sha256 differs from the manifest. Returns how
-    many were re-hashed; those found intact are trusted from then on."""
+    times, an edit in place); ShardError naming the first whose sha256 differs from the manifest. Those found
+    intact are trusted from then on."""
     cache, fresh = _read_verified(shards), []
     for path, info in zip(paths, entries, strict=True):
         st = path.stat()
@@ -166,7 +166,6 @@ def check_digests(shards: Path, split: str, entries: list[ShardInfo], paths: lis
         fresh.append((path, info))
     if fresh:
         remember_intact(shards, split, [i for _, i in fresh], [p for p, _ in fresh])
-    return len(fresh)
 
 
 def index_extent(idx: Path) -> tuple[int, int]:
@@ -184,20 +183,15 @@ def index_extent(idx: Path) -> tuple[int, int]:
         raise ShardError(f"{idx}: not an index file (alexnet-prep --verify checks everything)") from None
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """np.savez's format with fixed zip timestamps, so equal arrays give equal bytes."""
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez with fixed zip timestamps, so equal arrays give equal bytes; written atomically."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
             info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w") as f:
                 np.lib.format.write_array(f, np.asanyarray(arrays[name]), allow_pickle=False)
-    return buf.getvalue()
-
-
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """npz_bytes written atomically."""
-    files.atomic_write(path, npz_bytes(arrays))
+    files.atomic_write(path, buf.getvalue())
 
 
 @dataclass
@@ -404,11 +398,11 @@ def readable_split(shards: Path, split: str) -> tuple[list[Path], int, Manifest]
     return paths, manifest.splits[split].samples, manifest
 
 
-def undecodable(path: Path, size: int = 256, most: int = 3) -> str:
+def undecodable(path: Path, most: int = 3) -> str:
     """The damage a decoder meets in a shard, for a message: ", sample KEY does not decode" (up to `most`
     keys), or "" if every JPEG decodes (corrupt data inside a JPEG often decodes, to wrong pixels)."""
     try:
-        bad = [s.key for s in iter_samples(Path(path).read_bytes()) if not _baseline_jpeg(s.jpeg, size)]
+        bad = [s.key for s in iter_samples(Path(path).read_bytes()) if _decoded(s.jpeg) is None]
     except (OSError, tarfile.TarError, ValueError):
         return ", its tar structure unreadable"
     if not bad:
@@ -509,16 +503,22 @@ def _shard_problems(path: Path, info: ShardInfo, manifest: Manifest, check_image
     return problems, len(samples)
 
 
-def _baseline_jpeg(data: bytes, size: int) -> bool:
+def _decoded(data: bytes):
+    """The decoded PIL image, or None if PIL cannot decode the bytes."""
     from PIL import Image
 
     try:
         im = Image.open(io.BytesIO(data))
         im.load()
     except (OSError, SyntaxError, ValueError):
-        return False
-    return (im.format == "JPEG" and im.mode == "RGB" and im.size == (size, size) and not im.info.get("progressive")
-            and not im.info.get("progression"))
+        return None
+    return im
+
+
+def _baseline_jpeg(data: bytes, size: int) -> bool:
+    im = _decoded(data)
+    return (im is not None and im.format == "JPEG" and im.mode == "RGB" and im.size == (size, size)
+            and not im.info.get("progressive") and not im.info.get("progression"))
 
 
 def remember_verified(shards: Path) -> None:

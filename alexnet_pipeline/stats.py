@@ -98,7 +98,7 @@ class Moments:
         self.outer_sum += other.outer_sum
         self.n_images += other.n_images
 
-    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+    def to_arrays(self) -> dict[str, np.ndarray]:
         """The sums as arrays; the per-pixel sums as planes in the smallest unsigned type that holds them
         exactly (a unit of one image writes 196 KB, not 1.5 MB)."""
         dtype = np.min_scalar_type(255 * max(1, self.n_images))
@@ -106,14 +106,13 @@ class Moments:
             planes = self._pending.astype(dtype)
         else:
             planes = self.plane_sum.astype(dtype)
-        return {prefix + "n_images": np.array(self.n_images), prefix + "plane_sum": planes,
-                prefix + "outer_sum": self.outer_sum}
+        return {"n_images": np.array(self.n_images), "plane_sum": planes, "outer_sum": self.outer_sum}
 
     @classmethod
-    def from_arrays(cls, arrays, prefix: str = "") -> "Moments":
-        planes = np.asarray(arrays[prefix + "plane_sum"]).astype(np.int64)
-        return cls(planes.shape[1], int(arrays[prefix + "n_images"]), planes,
-                   np.array(arrays[prefix + "outer_sum"], np.int64))
+    def from_arrays(cls, arrays) -> "Moments":
+        """The sums to_arrays gave (as any unsigned type), as int64."""
+        planes = np.asarray(arrays["plane_sum"]).astype(np.int64)
+        return cls(planes.shape[1], int(arrays["n_images"]), planes, np.array(arrays["outer_sum"], np.int64))
 
 
 def summarize(m: Moments) -> dict[str, np.ndarray]:

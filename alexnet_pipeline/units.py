@@ -32,7 +32,7 @@ class ArchiveError(UserError):
     """An archive that was readable when the run started no longer is; the message names it."""
 
 
-MAX_IMAGE_MIB = 256  # far above any photograph (ImageNet's largest train file is about 15 MB)
+MAX_IMAGE_MIB = 256  # far above any photograph; below it a file is read whole
 
 
 def member_bytes(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
