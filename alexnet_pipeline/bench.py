@@ -116,7 +116,8 @@ def _print_json_or(result: dict, as_json: bool) -> bool:
 
 @dataclass(kw_only=True)
 class PrepBench(ImageNetRoot, Workers, Timing, Output):
-    """alexnet-prep with 1 worker and with all workers against a naive one-process Pillow loop."""
+    """alexnet-prep with 1 worker and with all workers against a naive one-process Pillow loop; then
+    alexnet-prep --verify of its output with 1 worker and with all."""
 
     def __post_init__(self):
         check(self)
@@ -142,8 +143,10 @@ def naive_prep(files: list[Path], out: Path, size: int = 256, quality: int = 95)
 
 
 def prep_rates(cfg: PrepBench) -> dict:
-    """images/s of the naive loop, alexnet-prep with 1 worker and with `workers` (default: all cores)."""
+    """images/s of the naive loop, alexnet-prep with 1 worker and with `workers` (default: all cores), and of
+    alexnet-prep --verify over that output with 1 worker and with `workers`."""
     from .prep import PrepConfig, run
+    from .shards import load_manifest, verify
 
     workers = cfg.workers or _cores()
     files = sorted(p for p in (Path(cfg.imagenet_root) / "train").rglob("*") if p.is_file())
@@ -160,15 +163,27 @@ def prep_rates(cfg: PrepBench) -> dict:
         (tmp / "naive").mkdir()
         naive_prep(files, tmp / "naive")
 
+    def checked(n):
+        def go():
+            if verify(tmp / "shards", workers=n):
+                raise RuntimeError("the output prep just wrote does not verify")
+        return go
+
     try:
         rates = {"naive": _median_rate(naive, len(files), cfg.repeats),
                  "prep_1_worker": _median_rate(ours(1), len(files), cfg.repeats),
                  f"prep_{workers}_workers": _median_rate(ours(workers), len(files), cfg.repeats)}
+        kept = sum(e.samples for e in load_manifest(tmp / "shards").splits.values())
+        verify_rates = {"verify_1_worker": _median_rate(checked(1), kept, cfg.repeats),
+                        f"verify_{workers}_workers": _median_rate(checked(workers), kept, cfg.repeats)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"images": len(files), "repeats": cfg.repeats, "workers": workers, "images_per_s": rates,
             "ratio_to_naive": {k: v / rates["naive"] for k, v in rates.items()},
-            "ratio_all_to_1_worker": rates[f"prep_{workers}_workers"] / rates["prep_1_worker"]}
+            "ratio_all_to_1_worker": rates[f"prep_{workers}_workers"] / rates["prep_1_worker"],
+            "verify_images_per_s": verify_rates,
+            "verify_all_to_1_worker": verify_rates[f"verify_{workers}_workers"] / verify_rates["verify_1_worker"]}
+
 
 
 def _print_prep(cfg: PrepBench, result: dict) -> None:
@@ -178,6 +193,9 @@ def _print_prep(cfg: PrepBench, result: dict) -> None:
         print(f"{k:<18}{v:>10.1f}{result['ratio_to_naive'][k]:>9.2f}")
     print(f"all workers / 1 worker: {result['ratio_all_to_1_worker']:.2f}x   "
           f"({result['environment']['PIL']}, {_cores()} cores)")
+    for k, v in result["verify_images_per_s"].items():
+        print(f"{k:<18}{v:>10.1f}")
+    print(f"verify, all workers / 1 worker: {result['verify_all_to_1_worker']:.2f}x")
 
 
 # ---- pipeline --------------------------------------------------------------------------------------------

@@ -57,16 +57,18 @@ def train_loader(cfg, world: World, state: dict | None = None, first_epoch: int 
 
 
 def evaluation_loader(shards: Path, world: World, *, mean: str, precision: str, batch_size: int,
-                      tencrop: bool = False, split: str = "val", decoding: dict | None = None) -> Loader:
+                      tencrop: bool = False, split: str = "val", decoding: dict | None = None,
+                      samples: int | None = None) -> Loader:
     """The one builder of evaluation loaders (a run's validation, alexnet-eval, the paper's figures): this
-    rank's part of `split`, center crops (or the ten crops), with the mean and the tensor format the network
-    was trained with, and the loaders' `decoding` options (threads, decoder, ...; their defaults if None)."""
+    rank's part of `split` (with `samples`, of its first shards holding that many), center crops (or the ten
+    crops), with the mean and the tensor format the network was trained with, and the loaders' `decoding`
+    options (threads, decoder, ...; their defaults if None)."""
     from .pipeline import Loader
 
     cfg = LoaderConfig(**(decoding or {}), shards=shards, split=split, batch_size=batch_size,
                        device=str(world.device), rank=world.rank, world_size=world.size, mean=mean, tencrop=tencrop,
                        **batch_format(world.device, precision))
-    return Loader(cfg, train=False)
+    return Loader(cfg, train=False, samples=samples)
 
 
 def eval_loader(cfg, world: World, tencrop: bool = False) -> Loader:

@@ -23,7 +23,7 @@ def _print_table(rows: dict) -> None:
 def prep_main(argv=None) -> int:
     """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
     from .config import UserError, add_arguments, from_arguments
-    from .prep import Interrupted, PrepConfig, WorkerDied, run
+    from .prep import Interrupted, OutOfFiles, PrepConfig, WorkerDied, run
 
     _printable_output()
     p = _parser(prep_main, usage="%(prog)s --imagenet-root ROOT --out SHARDS [options] | --verify SHARDS | --version")
@@ -37,7 +37,7 @@ def prep_main(argv=None) -> int:
         _print_table(versions())
         return 0
     if a.verify:
-        return _verify(a.verify)
+        return _verify(a.verify, a.workers, a.progress, a.progress_every)
     if a.imagenet_root is None or a.out is None:
         p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
     try:
@@ -48,7 +48,7 @@ def prep_main(argv=None) -> int:
     except Interrupted as e:  # one line; the workers are gone; the same command resumes
         print(f"alexnet-prep: {e}", file=sys.stderr)
         return 128 + e.signum
-    except WorkerDied as e:  # not the input's fault (memory, a crash in a decoder): status 1, resumable
+    except (WorkerDied, OutOfFiles) as e:  # not the input's fault (memory, a crash, a limit): status 1, resumable
         print(f"alexnet-prep: {e}", file=sys.stderr)
         return 1
     _print_prep_summary(cfg, report)
@@ -58,6 +58,8 @@ def prep_main(argv=None) -> int:
 def _print_prep_summary(cfg, report) -> None:
     for note in report.notes:
         print(f"note: {note}")
+    for stage in report.stages:
+        print(stage.line())
     if report.resumed and not report.processed:
         print(f"{cfg.out}: already complete with these options and this source; nothing to do")
     done = ", ".join(f"{n} {s}" for s, n in report.samples.items())
@@ -71,18 +73,28 @@ def _print_prep_summary(cfg, report) -> None:
             print(f"  ... and {len(report.skipped) - 20} more")
 
 
-def _verify(path: Path) -> int:
+def _verify(path: Path, workers: int, progress: bool | None, every: float) -> int:
+    import os
+
     import numpy as np
 
-    from . import shards
+    from . import files, shards, verified
+    from .progress import Progress, mode
 
-    problems = shards.verify(path)
+    files.raise_open_file_limit()
+    try:
+        n = sum(len(e.shards) for e in shards.load_manifest(path).splits.values())
+    except shards.ShardError:
+        n = 0  # verify names the problem
+    bar = Progress("verify", n, "shards", mode(progress), every)
+    problems = shards.verify(path, workers=workers or len(os.sched_getaffinity(0)), progress=bar)
+    print(bar.close().line())
     if problems:
         print(f"alexnet-prep: verify failed: {problems[0]}", file=sys.stderr)
         for more in problems[1:10]:
             print(f"  also: {more}", file=sys.stderr)
         return 1
-    shards.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
+    verified.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
     m = shards.load_manifest(path)
     print(f"{path}: OK, {len(m.classes)} classes, " +
           ", ".join(f"{s} {e.samples} samples in {len(e.shards)} shards" for s, e in m.splits.items()))

@@ -29,7 +29,8 @@ class EvalConfig(Shards, Weights, Placement, Batch, Decoding, TenCrop, Output):
                            "neighbours.png")
     figures_out: Path | None = option(None, "where the figures go (default: figures/ beside the checkpoint; the "
                                       "run's own filters.png is training's)")
-    neighbour_pool: int = option(10_000, "figures: training images searched for the nearest neighbours in fc7",
+    neighbour_pool: int = option(10_000, "figures: training images searched for the nearest neighbours in fc7 "
+                                 "(the paper: all of them; the search streams, so memory does not grow with it)",
                                  minimum=1)
 
     def __post_init__(self):

@@ -69,20 +69,34 @@ def filters_figure(weight: torch.Tensor, path: Path) -> Path:
 THUMB = 128  # pixels per image in the neighbours mosaic (the 256x256 images halved)
 
 
-def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 6) -> torch.Tensor:
-    """Indices [q, k] of each query's k nearest rows of `bank` in Euclidean distance, nearest first."""
-    distances = torch.cdist(queries.double(), bank.double())
-    return distances.topk(min(k, bank.shape[0]), dim=1, largest=False).indices
+def nearest(queries: torch.Tensor, bank, k: int = 6) -> torch.Tensor:
+    """Indices [q, k] of each query's k nearest rows of `bank` in Euclidean distance, nearest first. `bank` is
+    a tensor or an iterable of row chunks, searched one chunk at a time: the memory is a chunk's and k rows
+    per query's, whatever the bank's size (the paper searched the whole training set: 1.28M x 4,096)."""
+    queries = queries.double()
+    best_d = torch.full((len(queries), 0), float("inf"), dtype=torch.float64)
+    best_i = torch.zeros((len(queries), 0), dtype=torch.int64)
+    seen = 0
+    for chunk in ([bank] if isinstance(bank, torch.Tensor) else bank):
+        d = torch.cdist(queries, chunk.double().to(queries.device))
+        idx = torch.arange(seen, seen + len(chunk)).expand(len(queries), -1)
+        best_d, best_i = torch.cat([best_d, d], 1), torch.cat([best_i, idx], 1)
+        # ties keep the earlier row: a stable sort on distance, then the k first
+        order = torch.sort(best_d, dim=1, stable=True).indices[:, :k]
+        best_d, best_i = best_d.gather(1, order), best_i.gather(1, order)
+        seen += len(chunk)
+    return best_i
 
 
-def hidden_features(net, loader, limit: int, progress: bool = True, precision: str = "fp32") -> torch.Tensor:
-    """fc7 activations [n, 4096 x width] of the first `limit` images of a center-crop loader (padding left
-    out), on the CPU, with a progress bar; `precision` as the network was trained (bf16 autocast on GPUs)."""
+def hidden_features(net, loader, limit: int, progress: bool = True, precision: str = "fp32"):
+    """fc7 activations [b, 4096 x width] of the first `limit` images of a center-crop loader (padding left
+    out), batch by batch on the CPU, with a progress bar; `precision` as the network was trained (bf16
+    autocast on GPUs)."""
     from tqdm import tqdm
 
     from .step import autocast
 
-    out, n = [], 0
+    n = 0
     net.eval()
     with torch.inference_mode(), tqdm(total=limit, desc="fc7 of training images", unit="img",
                                       disable=not progress) as bar:
@@ -90,12 +104,11 @@ def hidden_features(net, loader, limit: int, progress: bool = True, precision: s
             with autocast(images.device, precision):
                 h = net.hidden(images)[labels >= 0].float().cpu()
             h = h[:limit - n]
-            out.append(h)
             n += len(h)
             bar.update(len(h))
+            yield h
             if n >= limit:
                 break
-    return torch.cat(out)
 
 
 def _thumb(pixels: np.ndarray) -> np.ndarray:
@@ -154,20 +167,26 @@ def _short(name: str) -> str:
     return name.split(",")[0][:24]
 
 
-def _pick(labels: list[int], n: int) -> list[int]:
-    """Indices of n samples, one per class first (the first of each), then the next ones in order."""
+def _pick(labels, n: int) -> list[int]:
+    """Indices of n samples, one per class first (the first of each), then the next ones in order. `labels`
+    is read only as far as needed: up to the n-th new class (one shard of ImageNet's val, not 50,000)."""
     first: dict[int, int] = {}
+    taken = []
     for i, label in enumerate(labels):
+        taken.append(i)
         first.setdefault(label, i)
+        if len(first) == n:
+            break
     chosen = sorted(first.values())[:n]
-    return chosen + [i for i in range(len(labels)) if i not in chosen][:n - len(chosen)]
+    return chosen + [i for i in taken if i not in chosen][:n - len(chosen)]
 
 
-def _labels(shards_dir: Path, split: str) -> list[int]:
-    """The labels of a split's samples in shard order (no image is decoded)."""
+def _labels(shards_dir: Path, split: str):
+    """The labels of a split's samples in shard order, read shard by shard as they are asked for."""
     from .shards import iter_samples, shard_paths
 
-    return [s.label for path in shard_paths(shards_dir, split) for s in iter_samples(path.read_bytes())]
+    for path in shard_paths(shards_dir, split):
+        yield from (s.label for s in iter_samples(path.read_bytes()))
 
 
 def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
@@ -201,21 +220,22 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     model = trained_model(ckpt, device)
     paths = {"filters": filters_figure(ckpt.weights["conv1.weight"], out_dir / "filters.png")}
     manifest = load_manifest(shards_dir)
-    labels = _labels(shards_dir, "val")  # 50,000 on ImageNet: only the images shown are decoded
-    shown = _pick(labels, min(8, len(labels)))
+    shown = _pick(_labels(shards_dir, "val"), min(8, manifest.splits["val"].samples))
     val = _samples(shards_dir, "val", set(shown))
     tops = predict_pixels(model, [val[i][0] for i in shown])
     truths = [ckpt.classes[val[i][1]] for i in shown]
     paths["predictions"] = predictions_figure([val[i][0] for i in shown], tops, truths, out_dir / "predictions.png")
 
-    def loader(split):
+    def loader(split, samples):  # the first shards holding `samples` only: opened, checked and read
         return evaluation_loader(shards_dir, World(0, 1, 0, device), mean=ckpt.preprocessing["mean"],
-                                 precision=model.precision, batch_size=batch_size, split=split)
+                                 precision=model.precision, batch_size=batch_size, split=split, samples=samples)
 
     pool = min(pool, manifest.splits["train"].samples)
     queries = shown[:5]
-    query_features = hidden_features(model.net, loader("val"), max(queries) + 1, False, model.precision)[queries]
-    bank = hidden_features(model.net, loader("train"), pool, progress, model.precision)
+    n_query = max(queries) + 1
+    query_features = torch.cat(list(hidden_features(model.net, loader("val", n_query), n_query, False,
+                                                    model.precision)))[queries]
+    bank = hidden_features(model.net, loader("train", pool), pool, progress, model.precision)
     found = nearest(query_features, bank, 6)
     train_images = _samples(shards_dir, "train", set(found.flatten().tolist()))
     mosaic = neighbours_mosaic([val[i][0] for i in queries],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import resource
 from pathlib import Path
 
 from .config import UserError
@@ -13,6 +14,34 @@ from .config import UserError
 LOCK = ".lock"
 # A full disk, a read-only or forbidden place: a problem the user fixes, reported in one line.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+# The process's open-file limit (EMFILE) or the system's table (ENFILE): not the input's fault.
+OPEN_FILE_ERRNOS = {errno.EMFILE, errno.ENFILE}
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (allowed without privileges; most shells and systemd
+    units give 1,024 soft under a higher hard limit); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass  # a limit the kernel caps lower (nr_open): keep the one in force
+    return soft
+
+
+def open_files_error(e: OSError) -> str:
+    """The one line for EMFILE/ENFILE: which limit, and the remedy."""
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno == errno.ENFILE:
+        return (f"{where}the system's open-file table is full (fs.file-max); close other programs or raise it, then "
+                "run the same command again to resume (finished work is kept)")
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return (f"{where}too many open files (this process may hold {soft:,}: ulimit -n); raise the limit (ulimit -n "
+            "4096, or the hard limit in /etc/security/limits.conf) and run the same command again to resume "
+            "(finished work is kept)")
 
 
 def write_error(path: Path, e: OSError) -> UserError | None:
@@ -52,10 +81,22 @@ def remove_partials(directory: Path) -> int:
     return len(partials)
 
 
+_held: set[int] = set()  # descriptors of the locks this process holds (forked children close theirs)
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close its copies of the parent's lock descriptors. An flock belongs to the open file,
+    which a fork shares: a child holding a copy would keep the lock after its parent died."""
+    for fd in list(_held):
+        os.close(fd)
+    _held.clear()
+
+
 class DirectoryLock:
     """An exclusive lock on `directory` (flock on directory/.lock, which holds the holder's pid), held until
-    release() or the process ends: the kernel drops a dead process's lock, so a stale one never blocks.
-    A second writer is refused at once with one line naming the holder."""
+    release() or the process ends: the kernel drops a dead process's lock, so a stale one never blocks (forked
+    workers close their copies, close_inherited_locks). A second writer is refused at once with one line
+    naming the holder."""
 
     def __init__(self, directory: Path, what: str):
         self.path, self.what = Path(directory) / LOCK, what
@@ -81,6 +122,7 @@ class DirectoryLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        _held.add(fd)
         return self
 
     def release(self) -> None:
@@ -88,6 +130,7 @@ class DirectoryLock:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
+            _held.discard(self._fd)
             self._fd = None
 
     def __enter__(self):

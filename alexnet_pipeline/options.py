@@ -33,9 +33,11 @@ from pathlib import Path
 
 from . import augment
 from .config import OptionError, check, option
-from .model import INITS
-from .step import PRECISIONS
 
+# model.INITS and step.PRECISIONS, written out: this module imports no torch module, so that prep (which
+# declares its options from these groups) starts without torch (tests/test_imports.py holds them equal)
+INITS = ("paper", "caffe")
+PRECISIONS = ("bf16", "fp32")
 BACKENDS = ("auto", "nccl", "gloo")
 DTYPES = ("float32", "float16", "bfloat16")
 DRAWS = ("host", "dali")
@@ -284,10 +286,16 @@ def _shard_size(n: int, shard: int, shards_: int) -> int:
     return n * (shard + 1) // shards_ - n * shard // shards_
 
 
-def rank_samples(cfg: LoaderConfig, n_samples: int, epoch: int) -> int:
-    """Samples of this rank's part in `epoch`: DALI readers move to the next shard every epoch
-    (stick_to_shard=False)."""
-    return _shard_size(n_samples, (cfg.rank + epoch) % cfg.world_size, cfg.world_size)
+def rank_part(cfg: LoaderConfig, epoch: int, shard_shuffled: bool) -> int:
+    """Which of DALI's world_size parts of the split this rank reads in `epoch`. Readers move to the next part
+    every epoch (stick_to_shard=False), except with shuffle_after_epoch (the train loader's shard_shuffle):
+    then each rank keeps its part of a sequence whose shard order changes (observed with DALI 2.4)."""
+    return cfg.rank if shard_shuffled else (cfg.rank + epoch) % cfg.world_size
+
+
+def rank_samples(cfg: LoaderConfig, n_samples: int, epoch: int, shard_shuffled: bool) -> int:
+    """Samples of this rank's part in `epoch` (the rest of its batches are DALI's padding)."""
+    return _shard_size(n_samples, rank_part(cfg, epoch, shard_shuffled), cfg.world_size)
 
 
 def batches_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:

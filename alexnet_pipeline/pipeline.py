@@ -19,8 +19,11 @@ the batches, their padding marks and the data position are the same as with one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import tempfile
 import threading
+import time
 import typing
 from pathlib import Path
 
@@ -31,10 +34,11 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import augment, shards
 from .config import OptionError, documented_fields
-from .options import LoaderConfig, batches_per_epoch, rank_samples, runs_per_epoch
+from .options import LoaderConfig, batches_per_epoch, rank_part, rank_samples, runs_per_epoch
 from .shards import ShardError  # noqa: F401 (the loaders' errors; shards.py owns the format)
 
 PAD_LABEL = -100
+DAMAGE_SEARCH_SECONDS = 120  # after a DALI failure, how long this rank may hash its shards to name a damaged one
 
 
 def _base_mean(cfg: LoaderConfig, stats: dict) -> np.ndarray:
@@ -131,16 +135,19 @@ STAGES = ("read", "decode", "all")
 
 
 def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: str = "all",
-                   checkpoint: str | None = None, first_epoch: int = 0):
+                   checkpoint: str | None = None, first_epoch: int = 0, samples: int | None = None):
     """The DALI pipeline, built, making cfg.run_size samples per run. Outputs (images, labels); with
     `expose`, also the decoded 256x256 image and the random draws, sorted by name (alpha0..2, mirror, x, y;
     with host draws alpha as one [3] vector; x and y as fractions of the 32-pixel span), so tests can replay
     them through the reference. `upto` stops early, for the benchmarks: "decode" after decoding (the
     decoder's ceiling), "read" after reading and the random draws (the graph's CPU side, no image work).
-    `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws."""
+    `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws. `samples`:
+    read only the split's first shards holding that many samples (the figures use the first 10,000)."""
     if upto not in STAGES:
         raise ValueError(f"upto must be one of {STAGES}, got {upto!r}")
-    paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split_name)
+    paths, n_samples, manifest = shards.readable_split(cfg.shards, cfg.split_name, rank=cfg.rank,
+                                                       world_size=cfg.world_size, gather=_gather(cfg),
+                                                       samples=samples)
     stats = shards.load_stats(cfg.shards)
     span = manifest.image_size - augment.CROP  # crop_pos is normalised: offset = pos * span
 
@@ -205,26 +212,92 @@ def _device_id(cfg: LoaderConfig) -> int | None:
     return int(cfg.device.split(":")[1]) if ":" in cfg.device else torch.cuda.current_device()
 
 
-class _Digest:
-    """A background check of this rank's share of the split's shards against the manifest's sha256, once per
-    loader (once per run): bit rot keeps a shard's size and time, which is all a loader start compares (the
-    stat cache). It reads each shard once more, from the page cache if the loader has just read it; sha256
-    runs outside the GIL at about 1.7 GB/s per core here."""
+def _gather(cfg: LoaderConfig):
+    """torch.distributed's all_gather_object when this loader is one rank of an initialised process group of
+    its world size (alexnet-train, alexnet-eval), else None: the ranks then share the shards' hashing."""
+    import torch.distributed as dist
 
-    def __init__(self, paths: list[Path], entries: list[shards.ShardInfo], rank: int, world_size: int):
-        mine = [(p, e) for i, (p, e) in enumerate(zip(paths, entries, strict=True)) if i % world_size == rank]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != cfg.world_size or \
+            dist.get_rank() != cfg.rank:
+        return None
+
+    def gather(obj):
+        out = [None] * cfg.world_size
+        dist.all_gather_object(out, obj)
+        return out
+    return gather
+
+
+@functools.lru_cache(maxsize=16)
+def _dali_shard_order(n_shards: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The order in which DALI's webdataset reader with shuffle_after_epoch (seed `seed`) takes `n_shards` shards
+    in `epoch`, read off DALI itself: a probe of one-sample shards (one small tar, an index per shard) run
+    for epoch + 1 epochs. DALI documents no formula, so it is asked."""
+    with tempfile.TemporaryDirectory(prefix="alexnet-order-") as tmp:
+        tar = Path(tmp) / "probe.tar"
+        members = [shards.tar_member(f"{i}.lbl", i.to_bytes(8, "little")) for i in range(n_shards)]
+        tar.write_bytes(b"".join(members) + b"\0" * 1024)
+        index = []
+        for i, at in enumerate(sum((len(m) for m in members[:i]), 0) for i in range(n_shards)):
+            index.append(Path(tmp) / f"{i}.idx")
+            index[-1].write_text(f"v1.2 1\nlbl {at + 512} 8 {i}.lbl\n")
+
+        @pipeline_def(batch_size=n_shards, num_threads=1, device_id=None)
+        def probe():
+            return fn.readers.webdataset(paths=[str(tar)] * n_shards, index_paths=[str(p) for p in index], ext=["lbl"],
+                                         dtypes=[types.INT64], random_shuffle=False, shuffle_after_epoch=True,
+                                         shuffle_after_epoch_seed=seed)
+
+        pipe = probe()
+        pipe.build()
+        for _ in range(epoch + 1):
+            labels = pipe.run()[0]
+        return tuple(int(np.array(labels[i])[0]) for i in range(n_shards))
+
+
+def read_order(cfg: LoaderConfig, counts: list[int], epoch: int, shard_shuffled: bool) -> list[int]:
+    """The shards (indices into the split's, whose sample counts are `counts`) this rank reads in `epoch`, in
+    the order it reads them: its part of the split (options.rank_part) in DALI's shard order for the epoch."""
+    order = _dali_shard_order(len(counts), cfg.seed, epoch) if shard_shuffled else range(len(counts))
+    n, part = sum(counts), rank_part(cfg, epoch, shard_shuffled)
+    lo, hi = n * part // cfg.world_size, n * (part + 1) // cfg.world_size
+    mine, at = [], 0
+    for i in order:
+        if at < hi and at + counts[i] > lo:
+            mine.append(i)
+        at += counts[i]
+    return mine
+
+
+def _damage(path: Path, info: shards.ShardInfo, kept: bool) -> str | None:
+    """The message for a shard whose bytes differ from the manifest, or None; `kept`: its size and time did
+    not change (bit rot, or a bad copy)."""
+    if shards.file_sha256(path) == info.sha256:
+        return None
+    how = " while its size and time did not change (bit rot, or a bad copy" if kept else " (damaged"
+    return (f"{path}: its bytes differ from {shards.MANIFEST} (sha256){how}{shards.undecodable(path)}): copy it "
+            "again, or run alexnet-prep --rebuild over the source; alexnet-prep --verify names every damaged shard")
+
+
+class _Digest:
+    """A background check of the shards this rank reads in its first epoch against the manifest's sha256,
+    once per loader (once per run), in the order it reads them: bit rot keeps a shard's size and time, which
+    is all a loader start compares (the stat cache). Each shard is hashed right after DALI has read it, so
+    mostly from the page cache; sha256 runs outside the GIL at about 1.7 GB/s per core here."""
+
+    def __init__(self, paths: list[Path], entries: list[shards.ShardInfo], order: list[int]):
+        self.paths, self.entries = paths, entries
         self.problem: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(mine,), daemon=True, name="shard-digest")
+        self.intact: set[int] = set()
+        self.thread = threading.Thread(target=self._run, args=(order,), daemon=True, name="shard-digest")
         self.thread.start()
 
-    def _run(self, mine) -> None:
-        for path, info in mine:
-            if shards.file_sha256(path) != info.sha256:
-                self.problem = (f"{path}: its bytes differ from {shards.MANIFEST} (sha256) while its size and time "
-                                f"did not change (bit rot, or a bad copy{shards.undecodable(path)}): copy it again, "
-                                "or run alexnet-prep --rebuild over the source; alexnet-prep --verify names every "
-                                "damaged shard")
+    def _run(self, order: list[int]) -> None:
+        for i in order:
+            self.problem = _damage(self.paths[i], self.entries[i], kept=True)
+            if self.problem:
                 return
+            self.intact.add(i)
 
     def check(self, wait: bool = False) -> None:
         """Raise the ShardError of a damaged shard, if one was found (with `wait`, once every shard is read)."""
@@ -243,22 +316,26 @@ class Loader:
     count each sample exactly once.
     """
 
-    def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None, first_epoch: int = 0):
+    def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None, first_epoch: int = 0,
+                 samples: int | None = None):
         if train and cfg.tencrop:
             raise OptionError("option tencrop: ten crops are for evaluation (eval_loader), not training")
         self.cfg, self.train = cfg, train
+        self.shard_shuffled = train and cfg.shard_shuffle  # DALI's shuffle_after_epoch: parts stay, order changes
         checkpoint = None if state is None else state["dali"].numpy().tobytes()
         # the epoch the pipeline's first run belongs to; a restored pipeline counts its runs from there too
         self.first_epoch = first_epoch if state is None else int(state["first_epoch"])
         self.pipe, self.n_samples, manifest = build_pipeline(cfg, train, checkpoint=checkpoint,
-                                                             first_epoch=self.first_epoch)
+                                                             first_epoch=self.first_epoch, samples=samples)
+        self.epoch = self.first_epoch if state is None else int(state["epoch"])
+        entries = manifest.splits[cfg.split_name].shards
+        keep = shards.first_shards(entries, samples)  # the shards build_pipeline read
+        self._paths, self._entries = shards.shard_paths(cfg.shards, cfg.split_name, manifest)[:keep], entries[:keep]
         # bit rot is named during the first epoch: each batch looks, and the epoch's end waits for the check
-        self._digest = _Digest(shards.shard_paths(cfg.shards, cfg.split_name, manifest),
-                               manifest.splits[cfg.split_name].shards, cfg.rank, cfg.world_size)
+        self._digest = _Digest(self._paths, self._entries, self._read_order(self.epoch))
         self.classes = manifest.classes
         self.batches = batches_per_epoch(cfg, self.n_samples)
         self.runs = runs_per_epoch(cfg, self.n_samples)
-        self.epoch = self.first_epoch if state is None else int(state["epoch"])
         self._position = 0 if state is None else int(state["position"])  # batches of `epoch` yielded
         self._resuming = state is not None
         # DALI's state before the run being sliced (batches_per_run > 1); a loader restored inside a run starts
@@ -269,6 +346,27 @@ class Loader:
 
     def __len__(self) -> int:
         return self.batches
+
+    def _read_order(self, epoch: int) -> list[int]:
+        return read_order(self.cfg, [e.samples for e in self._entries], epoch, self.shard_shuffled)
+
+    def _find_damage(self) -> str | None:
+        """After a DALI failure: a damaged shard among those this rank reads this epoch and the next, in that
+        order (those the digest found intact skipped), hashing for at most DAMAGE_SEARCH_SECONDS; None if none
+        was found."""
+        seconds = DAMAGE_SEARCH_SECONDS
+        deadline = time.monotonic() + seconds
+        self._digest.thread.join(timeout=seconds)
+        if self._digest.problem:
+            return self._digest.problem
+        for i in dict.fromkeys(self._read_order(self.epoch) + self._read_order(self.epoch + 1)):
+            if time.monotonic() > deadline:
+                break
+            if i not in self._digest.intact:
+                problem = _damage(self._paths[i], self._entries[i], kept=False)
+                if problem:
+                    return problem
+        return None
 
     @property
     def position(self) -> int:
@@ -308,12 +406,10 @@ class Loader:
             outs = self.pipe.run(torch.cuda.current_stream(self._torch_device)) if self._stream_ordered \
                 else self.pipe.run()
         except RuntimeError:
-            # DALI names no file; the shard whose bytes changed since prep wrote it is the likely culprit
-            damaged = shards.damaged_shards(self.cfg.shards, self.cfg.split_name)
-            if damaged:
-                raise ShardError(f"{damaged[0]}: damaged (its sha256 differs from {shards.MANIFEST}"
-                                 f"{shards.undecodable(damaged[0])}); copy it again, or run alexnet-prep --rebuild "
-                                 "over the source; alexnet-prep --verify checks everything") from None
+            # DALI names no file; a shard of this rank whose bytes changed since prep wrote it is the likely culprit
+            problem = self._find_damage()
+            if problem:
+                raise ShardError(problem) from None
             raise
         return self._to_torch(outs[0]), self._to_torch(outs[1]).view(-1)
 
@@ -332,7 +428,7 @@ class Loader:
         # a resumed loader continues its epoch, inside a run of several batches if it stopped in one
         held = self._next_run() if self._resuming and self._position % per_run else None
         self._resuming = False
-        valid = rank_samples(self.cfg, self.n_samples, self.epoch)
+        valid = rank_samples(self.cfg, self.n_samples, self.epoch, self.shard_shuffled)
         for b in range(self._position, self.batches):
             if b % per_run == 0:
                 held = self._next_run()

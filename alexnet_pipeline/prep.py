@@ -2,51 +2,46 @@
 
 Two stages, both resumable and both independent of the worker count:
 
-1. Work: each `Unit` (a few hundred source images) is decoded, resized, cropped and re-encoded by one worker,
-   which writes one work file ``.work/<split>/<unit>.unit``: the JPEGs, then their keys, offsets, skipped
-   files and exact statistics sums (a JSON header and raw sums), then a trailer with a CRC32 of it all. It
-   is renamed into place whole, so its presence marks a finished unit; it is not fsynced (a small unit
-   would spend most of its time there), so a resumed run checks the CRC of every work file it finds and
-   redoes those a crash left short. A killed run redoes at most the units that were in flight.
-2. Shards: with every unit done, the samples are sorted by key, permuted with the seed (train only: DALI's
-   reader shuffles only inside a buffer) and cut into shards, each written atomically with its index.
-   A shard already on disk is finished (it was renamed into place complete), so it is kept.
+1. Work: each `Unit` (64 source images, or one class archive) is decoded, resized, cropped and re-encoded by
+   one worker, which writes one work file ``.work/<split>/<unit>.unit`` (workfiles.py) holding the unit's
+   JPEGs in the split's order: train by a seeded order key (a keyed hash of the sample key, so each sample's
+   place in the global shuffle is known when its image is prepared), val by key. A killed run redoes at
+   most the units that were in flight; a resumed run checks every work file's CRC, in the pool.
+2. Shards: with every unit done, the workers read the work files' headers (and merge the statistics); the
+   parent sorts the samples into the split's order and cuts shards, each written atomically with its index
+   by a worker that reads its samples one work file at a time, front to back (every work file is in the same
+   order as the shards), so a worker holds at most two files open whatever the shard size. A shard already
+   on disk is finished (it was renamed into place complete), so it is kept.
 
 Output bytes depend only on the inputs and the options that change them (`PrepConfig.fingerprint`).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import errno
-import io
+import gc
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
 import signal
-import struct
-import sys
 import time
-import zlib
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
 
-import numpy as np
-
-from . import __version__, files, imagenet, shards, units
+from . import __version__, files, imagenet, listing, shards, units, verified, workers, workfiles
 from .config import OptionError, UserError, check, option, recipe_fields
 from .image import BadImage, prepare
 from .options import ImageNetRoot, Seed, Workers
+from .progress import Progress, Stage, mode
 from .stats import Moments, summarize
+from .workers import WorkerDied
 
 WORK = ".work"
 SPLITS = ("train", "val")
+__all__ = ["PrepConfig", "PrepReport", "PrepError", "WorkerDied", "Interrupted", "OutOfFiles", "run", "WORK"]
 
 
 def _quality_problem(q: int) -> str | None:
@@ -67,7 +62,10 @@ class PrepConfig(ImageNetRoot, Workers, Seed):
     layout: str = option("auto", "which layout to read when several are present: auto (folders, then the "
                          "official archives, then Hugging Face's), folders, archives or hf",
                          choices=("auto", "folders", "archives", "hf"), recipe=True)
-    progress: bool | None = option(None, "progress bars (default: when stderr is a terminal)")
+    progress: bool | None = option(None, "progress bars (default: bars when stderr is a terminal, else a line "
+                                   "every --progress-every seconds); --no-progress: neither")
+    progress_every: float = option(30.0, "seconds between progress lines when stderr is not a terminal (logs, "
+                                   "nohup, Slurm)", minimum=0.01)
     rebuild: bool = option(False, "if the source changed since OUT was written, rebuild OUT from it (without "
                            "this, a changed source is refused)")
     max_image_mib: int = option(units.MAX_IMAGE_MIB, "a file larger than this (MiB) is skipped without being "
@@ -90,6 +88,9 @@ class PrepConfig(ImageNetRoot, Workers, Seed):
     def n_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
 
+    def progress_for(self, name: str, total: int | None, unit: str) -> Progress:
+        return Progress(name, total, unit, mode(self.progress), self.progress_every)
+
 
 @dataclass
 class PrepReport:
@@ -101,15 +102,11 @@ class PrepReport:
     seconds: float = 0.0
     resumed: bool = False
     notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. workers capped)
+    stages: list[Stage] = field(default_factory=list)  # each stage's count and time
 
 
 class PrepError(UserError):
     """A problem with the whole run (not one image): wrong tree, clashing output directory, nothing usable."""
-
-
-class WorkerDied(Exception):
-    """A worker process died (a signal, the OOM killer, a crash in native code); finished work is kept and
-    the same command resumes. The message names the unit and the signal."""
 
 
 class Interrupted(Exception):
@@ -120,104 +117,32 @@ class Interrupted(Exception):
         self.signum = signum
 
 
+class OutOfFiles(Exception):
+    """The process's open-file limit or the system's file table refused a file: not the input's fault; the
+    message names the limit and the remedy, and the same command resumes."""
+
+
+def order_key(key: str, seed: int) -> int:
+    """A sample's place in the train split's global shuffle: a 64-bit keyed hash of its key. It depends on the
+    key and the seed alone, so a worker knows it while preparing the image (and writes its work file in that
+    order), whatever else the split holds."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
+                             key=seed.to_bytes(8, "little")).digest()
+    return int.from_bytes(digest, "big")
+
+
 # ---- stage 1: units -> work files ---------------------------------------------------------------------
 
-_counter: Any = None  # images done, shared with the parent for a progress bar that moves within units
-
-
-def _one_blas_thread():
-    """Each worker is one process per core: the statistics' dot products on one BLAS thread are 1.6x faster
-    than with OpenBLAS waking a thread per core for every image (0.13 against 0.21 ms per image here)."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1, user_api="blas")
-
-
-def _init_worker(counter, work: Path):
-    global _counter, _busy_fd
-    # First: Ctrl-C reaches the whole process group, the parent alone reports it; SIGTERM ends a worker
-    # quietly (the parent's handler, inherited through fork, would raise in here).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _counter = counter
-    _busy_fd = os.open(_busy_path(work, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    _one_blas_thread()  # applied when made, kept for the worker's life (it is never exited)
-
-
-# ---- work files: .work/<split>/<unit>.unit ------------------------------------------------------------
-
-# JPEG bytes, header bytes (JSON), CRC32 of everything before the trailer, magic
-_TRAILER = struct.Struct("<QQI4s")
-_MAGIC = b"APU2"
-
-
 def _unit_path(work: Path, unit: units.Unit) -> Path:
-    return (work / unit.name).with_suffix(".unit")  # unit names are "<split>/<part>"
+    return (work / unit.name).with_suffix(workfiles.SUFFIX)  # unit names are "<split>/<part>"
 
 
-def _write_unit_file(path: Path, jpegs: bytes, header: dict, moments: Moments | None) -> None:
-    """One work file: the JPEGs, a JSON header (keys, labels, offsets, sizes, skipped files and the statistics'
-    small sums), the per-pixel sum's raw bytes, the trailer. Plain bytes, not npz: a unit of one image
-    spends its time in per-array overheads otherwise."""
-    pixels = b""
-    if moments is not None:
-        arrays = moments.to_arrays()
-        header = {**header, "n_images": int(arrays["n_images"]), "outer_sum": arrays["outer_sum"].tolist(),
-                  "plane_sum": [arrays["plane_sum"].dtype.str, list(arrays["plane_sum"].shape)]}
-        pixels = arrays["plane_sum"].tobytes()
-    head = json.dumps(header).encode()
-    body = b"".join((jpegs, head, pixels))
-    files.atomic_write(path, body + _TRAILER.pack(len(jpegs), len(head), zlib.crc32(body), _MAGIC), durable=False)
-
-
-def _unit_contents(path: Path) -> tuple[dict, Moments | None]:
-    """The header and statistics of a work file (its JPEGs stay on disk, at the offsets the header lists)."""
-    with open(path, "rb") as f:
-        f.seek(-_TRAILER.size, os.SEEK_END)
-        end = f.tell()
-        n_jpeg, n_head = _TRAILER.unpack(f.read(_TRAILER.size))[:2]
-        f.seek(n_jpeg)
-        rest = f.read(end - n_jpeg)
-    header = json.loads(rest[:n_head])
-    if "plane_sum" not in header:
-        return header, None
-    dtype, shape = header["plane_sum"]
-    arrays = {"n_images": header["n_images"], "outer_sum": np.array(header["outer_sum"], np.int64),
-              "plane_sum": np.frombuffer(rest, dtype, offset=n_head).reshape(shape)}
-    return header, Moments.from_arrays(arrays)
-
-
-def _unit_file_intact(path: Path) -> bool:
-    """Whether a work file is whole: its trailer and the CRC32 of its contents (what a crash before the
-    page cache reached the disk would break)."""
-    data = path.read_bytes()
-    if len(data) < _TRAILER.size:
-        return False
-    n_jpeg, n_head, crc, magic = _TRAILER.unpack(data[-_TRAILER.size:])
-    return (magic == _MAGIC and n_jpeg + n_head <= len(data) - _TRAILER.size
-            and zlib.crc32(data[:-_TRAILER.size]) == crc)
-
-
-_busy_fd: int | None = None  # a worker's note of what it is preparing, .work/.busy-PID (read when it dies)
-
-
-def _busy_path(work: Path, pid: int) -> Path:
-    return work / f".busy-{pid}"
-
-
-def _note_busy(what: str) -> None:
-    if _busy_fd is not None:  # workers only: the serial path has no pool to lose
-        os.ftruncate(_busy_fd, 0)
-        os.pwrite(_busy_fd, what.encode(), 0)
-
-
-def process_unit(unit: units.Unit, work: Path, size: int, quality: int,
+def process_unit(unit: units.Unit, work: Path, size: int, quality: int, seed: int = 0,
                  max_bytes: int = units.MAX_IMAGE_MIB * 2**20) -> tuple[int, int]:
-    """Prepare every image of `unit` into its work file; returns (usable, skipped)."""
-    _note_busy(unit.name)
-    keys, labels, offsets, sizes, skipped = [], [], [], [], []
+    """Prepare every image of `unit` into its work file, in the split's order; returns (usable, skipped)."""
+    workers.note_busy(unit.name)
+    prepared, skipped = [], []
     moments = Moments(size) if unit.split == "train" else None
-    out = io.BytesIO()  # a unit is at most one class (~1,300 images, ~40 MB of JPEGs)
     try:
         for item in unit.items(max_bytes):
             try:
@@ -234,215 +159,181 @@ def process_unit(unit: units.Unit, work: Path, size: int, quality: int,
             except BadImage as e:
                 skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
             else:
-                offsets.append(out.tell())
-                sizes.append(len(jpeg))
-                out.write(jpeg)
-                keys.append(item.key)
-                labels.append(item.label)
+                order = order_key(item.key, seed) if unit.split == "train" else 0
+                prepared.append((order, item.key, item.label, jpeg))
                 if moments is not None:
                     moments.add_planes(pixels)
-            if _counter is not None:
-                with _counter.get_lock():
-                    _counter.value += 1
+            workers.count()
     except units.ARCHIVE_ERRORS as e:
         # a damaged archive loses the rest of this unit only; what was read so far is kept
         skipped.append({"split": unit.split, "source": unit.where,
-                        "reason": f"archive unreadable after {len(keys) + len(skipped)} files: {e}"})
-    header = {"keys": keys, "labels": labels, "offsets": offsets, "sizes": sizes, "skipped": skipped}
-    _write_unit_file(_unit_path(work, unit), out.getvalue(), header, moments)
-    _note_busy("")
-    return len(keys), len(skipped)
+                        "reason": f"archive unreadable after {len(prepared) + len(skipped)} files: {e}"})
+    prepared.sort(key=lambda p: p[:2])  # the split's order: the shard stage reads the file front to back
+    header = {"keys": [p[1] for p in prepared], "labels": [p[2] for p in prepared], "skipped": skipped}
+    workfiles.write(_unit_path(work, unit), [p[3] for p in prepared], header, moments)
+    workers.hold("units", work)  # (a test hook) with the unit's work file written, before the note is cleared
+    workers.note_busy("")
+    return len(prepared), len(skipped)
 
 
-class _Pool:
-    """The worker processes (fork), with what multiprocessing.Pool lacks: a worker that dies stops the run
-    (ProcessPoolExecutor breaks instead of waiting forever for the lost unit), named with its unit and signal."""
-
-    def __init__(self, workers: int, work: Path):
-        self.work = work
-        self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                                            initargs=(_counter, work))
-        self._processes: dict = {}
-
-    def submit(self, fn, *args):
-        future = self.executor.submit(fn, *args)
-        # the executor forgets its processes once broken: keep them, to name the one that died
-        self._processes.update(getattr(self.executor, "_processes", None) or {})
-        return future
-
-    def died(self) -> WorkerDied:
-        """The error of a broken pool: which worker died, how, and what it was preparing."""
-        dead = []
-        for process in self._processes.values():
-            if process.is_alive():
-                process.terminate()  # the executor stops the others too; this bounds the joins below
-        for pid, process in self._processes.items():
-            process.join(timeout=5)
-            code = process.exitcode
-            if code not in (None, 0):
-                dead.append((code == -signal.SIGTERM, pid, code))  # the others were terminated after it
-        if not dead:
-            return WorkerDied("a worker process died; finished work is kept: run the same command again to resume")
-        _, pid, code = min(dead)
-        how = signal.Signals(-code).name if code < 0 else f"exit status {code}"
-        busy = _busy_path(self.work, pid)
-        what = busy.read_text() if busy.exists() else ""
-        doing = f" while preparing {what}" if what else ""
-        return WorkerDied(f"worker {pid} died ({how}){doing}; finished work is kept: run the same command again "
-                          "to resume")
-
-    def close(self) -> None:
-        for process in self._processes.values():
-            if process.is_alive():
-                process.terminate()  # a signal or an error: stop at once, unfinished units are redone
-        self.executor.shutdown(wait=True, cancel_futures=True)
-        for busy in self.work.glob(".busy-*"):
-            busy.unlink()
+def _intact(path: Path) -> bool:
+    return path.exists() and workfiles.intact(path)
 
 
-def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: _Pool | None, workers: int,
-               resumed: bool) -> int:
-    """Process the units of `split` not yet done (on a resumed run, a work file must also be intact); returns
-    how many images were processed. At most two units per worker are in flight (a unit read from a .tar.gz
-    carries its images' bytes)."""
-    def done(u):
-        path = _unit_path(work, u)
-        return path.exists() and (not resumed or _unit_file_intact(path))
-    todo = [u for u in planned if not done(u)]
+def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: workers.Pool | None,
+               resumed: bool) -> tuple[int, list[Stage]]:
+    """Process the units of `split` not yet done (on a resumed run, a work file must also be intact: checked
+    in the pool); returns (images processed, stages)."""
+    paths = [_unit_path(work, u) for u in planned]
+    found = [p.exists() for p in paths]
+    stages = []
+    if resumed and any(found):
+        check = cfg.progress_for(f"{split} check", sum(found), "files")
+        on_disk = [p for p, f in zip(paths, found, strict=True) if f]
+        ok = dict(zip(on_disk, pool.map(_intact, on_disk, chunksize=16) if pool else map(_intact, on_disk),
+                      strict=True))
+        check.update(len(on_disk))
+        stages.append(check.close())
+        found = [f and ok[p] for p, f in zip(paths, found, strict=True)]
+    todo = [u for u, f in zip(planned, found, strict=True) if not f]
     if not todo:
-        return 0
+        return 0, stages
     (work / split).mkdir(parents=True, exist_ok=True)
     known = [u.expected for u in todo]
-    counter = _counter
+    counter = workers.counter
     counter.value = 0
-    bar = _bar(cfg, None if None in known else sum(known), f"{split} images", "img")
+    bar = cfg.progress_for(f"{split} images", None if None in known else sum(known), "images")
     max_bytes = cfg.max_image_mib * 2**20
-    jobs = units.with_payloads(todo, queue_size=2 * workers, max_bytes=max_bytes)
+    n = len(pool._processes) if pool else 1
+    jobs = units.with_payloads(todo, queue_size=2 * n, max_bytes=max_bytes)
     try:
         if pool is None:
-            with _one_blas_thread():
-                for unit in jobs:
-                    process_unit(unit, work, cfg.image_size, cfg.quality, max_bytes)
-                    bar.update(counter.value - bar.n)
-        else:
-            in_flight: collections.deque = collections.deque()
             for unit in jobs:
-                in_flight.append(pool.submit(process_unit, unit, work, cfg.image_size, cfg.quality, max_bytes))
-                while len(in_flight) >= 2 * workers:
-                    _wait(in_flight.popleft(), pool, lambda: bar.update(counter.value - bar.n))
-            while in_flight:
-                _wait(in_flight.popleft(), pool, lambda: bar.update(counter.value - bar.n))
+                process_unit(unit, work, cfg.image_size, cfg.quality, cfg.seed, max_bytes)
+                bar.to(counter.value)
+        else:
+            # at most two units per worker in flight: a unit read from a .tar.gz carries its images' bytes
+            for _ in pool.imap(_process, ((u, work, cfg.image_size, cfg.quality, cfg.seed, max_bytes) for u in jobs),
+                               2 * n, lambda: bar.to(counter.value)):
+                pass
     finally:
         jobs.close()  # stops the archive readers at once if a unit failed or a signal came
-        bar.close()
-    return counter.value
+        stages.append(bar.close())
+    return counter.value, stages
 
 
-def _wait(future, pool: _Pool, tick=lambda: None):
-    """The result of one task (re-raising its worker's exception, or WorkerDied if a worker died), calling
-    `tick` (a progress bar) while it is in flight."""
-    while True:
-        try:
-            result = future.result(timeout=0.25)
-            break
-        except FutureTimeout:
-            tick()
-        except BrokenProcessPool:
-            raise pool.died() from None
-    tick()
-    return result
+def _process(args) -> tuple[int, int]:
+    return process_unit(*args)
 
 
 # ---- stage 2: work files -> shards --------------------------------------------------------------------
 
-def _collect(planned: list, work: Path):
-    """The Prepared samples of all units, the skipped files, and the merged moments."""
-    samples, skipped, moments = [], [], None
-    seen: dict[str, str] = {}
-    for u in planned:
-        path = _unit_path(work, u)
-        z, part = _unit_contents(path)
-        skipped += z["skipped"]
-        for key, label, off, size in zip(z["keys"], z["labels"], z["offsets"], z["sizes"], strict=True):
-            if key in seen:
-                skipped.append({"split": u.split, "source": f"{u.name}:{key}",
-                                "reason": f"duplicate sample key (kept the one from {seen[key]})"})
-                continue
-            seen[key] = u.name
-            samples.append(Prepared(key, int(label), str(path), int(off), int(size)))
+def _headers(args) -> tuple[list[tuple], list[dict], Moments | None]:
+    """In a worker: the samples (order, key, label, unit index, offset, size), skipped files and merged
+    statistics of a run of work files."""
+    items, seed = args
+    rows, skipped, moments = [], [], None
+    for i, path, train in items:
+        header, part = workfiles.read_header(path)
+        skipped += header["skipped"]
+        for key, label, off, size in zip(header["keys"], header["labels"], header["offsets"], header["sizes"],
+                                         strict=True):
+            rows.append((order_key(key, seed) if train else 0, key, int(label), i, int(off), int(size)))
         if part is not None:
             if moments is None:
                 moments = part
             else:
                 moments.merge(part)
-    return samples, skipped, moments
+    return rows, skipped, moments
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """Where a prepared sample waits for its shard: its JPEG at `offset` in the work file `path`."""
+def _collect(planned: list, work: Path, seed: int, pool: workers.Pool | None):
+    """The split's samples in its order, the work file of each unit, the skipped files and the statistics."""
+    paths = [str(_unit_path(work, u)) for u in planned]
+    chunks = [([(i, paths[i], u.split == "train") for i in range(k, min(k + 64, len(planned)))], seed)
+              for k, u in enumerate(planned) if k % 64 == 0]
+    parts = pool.map(_headers, chunks) if pool else list(map(_headers, chunks))
+    samples: list[tuple] = []
+    skipped: list[dict] = []
+    moments: Moments | None = None
+    seen: dict[str, str] = {}
+    for rows, part_skipped, part in parts:
+        skipped += part_skipped
+        for row in rows:
+            key, unit = row[1], planned[row[3]].name
+            if key in seen:
+                skipped.append({"split": planned[row[3]].split, "source": f"{unit}:{key}",
+                                "reason": f"duplicate sample key (kept the one from {seen[key]})"})
+                continue
+            seen[key] = unit
+            samples.append(row)
+        if part is not None:
+            if moments is None:
+                moments = part
+            else:
+                moments.merge(part)
+    samples.sort()  # (order key, key): the global shuffle for train, key order for val
+    return samples, paths, skipped, moments
 
-    key: str
-    label: int
-    path: str
-    offset: int
-    size: int
+
+def _done_path(work: Path, shard: Path) -> Path:
+    return work / shard.parent.name / f"{shard.name}.done"
 
 
 def _write_shard_task(args) -> shards.ShardInfo:
-    path, members = args
+    """In a worker: one shard from its samples [(key, label, work file, offset, size)], read one work file at a
+    time in ascending offset order. A shard already on disk is described from the note its writer left (or
+    re-hashed, if the note is missing or stale)."""
+    path, members, work = args
+    done = _done_path(work, path)
     if path.exists():  # renamed into place complete by an earlier run
+        try:
+            size, mtime, info = json.loads(done.read_text())
+            st = path.stat()
+            if [st.st_size, st.st_mtime_ns] == [size, mtime]:
+                return shards.ShardInfo(**info)
+        except (OSError, ValueError, TypeError):
+            pass
         return shards.describe_shard(path)
-    _note_busy(path.name)
-    opened: dict[str, BinaryIO] = {}
+    workers.note_busy(path.name)
+    jpegs: list[bytes] = [b""] * len(members)
+    by_file: dict[str, list[int]] = {}
+    for i, m in enumerate(members):
+        by_file.setdefault(m[2], []).append(i)
+    for work_file in sorted(by_file):
+        idx = by_file[work_file]  # ascending offsets: every work file is in the shard order
+        for i, data in zip(idx, workfiles.read_jpegs(work_file, [(members[i][3], members[i][4]) for i in idx]),
+                           strict=True):
+            jpegs[i] = data
+    info = shards.write_shard(path, (shards.Sample(m[0], j, m[1]) for m, j in zip(members, jpegs, strict=True)))
+    st = path.stat()
+    files.atomic_write(done, json.dumps([st.st_size, st.st_mtime_ns, dataclasses.asdict(info)]).encode(),
+                       durable=False)
+    workers.hold("shards", work)
+    workers.note_busy("")
+    return info
 
-    def read(p: Prepared) -> bytes:
-        f = opened.get(p.path) or opened.setdefault(p.path, open(p.path, "rb"))
-        f.seek(p.offset)
-        return f.read(p.size)
 
-    try:
-        return shards.write_shard(path, (shards.Sample(p.key, read(p), p.label) for p in members))
-    finally:
-        for f in opened.values():
-            f.close()
-        _note_busy("")
-
-
-def _write_shards(cfg: PrepConfig, split: str, samples, pool) -> list[shards.ShardInfo]:
-    samples.sort(key=lambda s: s.key)
-    if split == "train":
-        order = np.random.default_rng(cfg.seed).permutation(len(samples))
-        samples = [samples[i] for i in order]
+def _write_shards(cfg: PrepConfig, split: str, samples, paths, work: Path, pool) -> tuple[list, Stage]:
     out = Path(cfg.out) / split
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [(out / f"{split}-{i // cfg.shard_size:06d}.tar", samples[i:i + cfg.shard_size])
-             for i in range(0, len(samples), cfg.shard_size)]
-    bar = _bar(cfg, len(tasks), f"{split} shards", "shard")
+    tasks = ((out / f"{split}-{k // cfg.shard_size:06d}.tar",
+              [(s[1], s[2], paths[s[3]], s[4], s[5]) for s in samples[k:k + cfg.shard_size]], work)
+             for k in range(0, len(samples), cfg.shard_size))
+    bar = cfg.progress_for(f"{split} shards", -(-len(samples) // cfg.shard_size), "shards")
     infos = []
     try:
-        if pool is None:
-            for info in map(_write_shard_task, tasks):
-                infos.append(info)
-                bar.update(1)
-        else:
-            in_flight = collections.deque(pool.submit(_write_shard_task, t) for t in tasks)
-            while in_flight:
-                infos.append(_wait(in_flight.popleft(), pool))
-                bar.update(1)
+        results = pool.imap(_write_shard_task, tasks, 2 * len(pool._processes)) if pool else \
+            map(_write_shard_task, tasks)
+        for info in results:
+            infos.append(info)
+            bar.update(1)
     finally:
-        bar.close()
-    return infos
+        stage = bar.close()
+    return infos, stage
 
 
 # ---- the run --------------------------------------------------------------------------------------------
-
-def _bar(cfg: PrepConfig, total, desc, unit):
-    from tqdm import tqdm
-
-    disable = (not sys.stderr.isatty()) if cfg.progress is None else not cfg.progress
-    return tqdm(total=total, desc=desc, unit=unit, disable=disable, smoothing=0.1, dynamic_ncols=True)
-
 
 def _check_out(cfg: PrepConfig) -> bool:
     """True if `out` already holds this exact run, finished. Raises if it holds a different one."""
@@ -458,7 +349,7 @@ def _check_out(cfg: PrepConfig) -> bool:
                 raise PrepError(f"{marker}: {out} holds a run with other options ({', '.join(diff)} differ); "
                                 "use another --out or delete it")
             return marker.name == shards.MANIFEST
-    if any(p.name != files.LOCK for p in out.iterdir()):
+    if any(p.name not in (files.LOCK, listing.ARCHIVES) for p in out.iterdir()):
         raise PrepError(f"{out}: exists, is not empty and was not written by alexnet-prep")
     return False
 
@@ -469,16 +360,19 @@ DISK_ERRNOS = files.DISK_ERRNOS | {errno.ENOTDIR, errno.ENAMETOOLONG}
 
 def run(cfg: PrepConfig) -> PrepReport:
     """Run (or resume) a prep; returns the report. Raises UserError subclasses (PrepError, LayoutError) for
-    the whole run and Interrupted on SIGTERM/SIGINT (Ctrl-C)."""
+    the whole run, Interrupted on SIGTERM/SIGINT (Ctrl-C), WorkerDied and OutOfFiles."""
     def on_term(signum, frame):
         raise Interrupted(signum)
 
     old_handler = signal.signal(signal.SIGTERM, on_term)
+    files.raise_open_file_limit()
     try:
         return _run(cfg)
     except KeyboardInterrupt:
         raise Interrupted(signal.SIGINT) from None
     except OSError as e:
+        if e.errno in files.OPEN_FILE_ERRNOS:
+            raise OutOfFiles(files.open_files_error(e)) from None
         if e.errno in DISK_ERRNOS:
             raise PrepError(f"{e.filename or 'output'}: {e.strerror}; fix that and run the same command again to "
                             "resume (finished work is kept)") from None
@@ -487,37 +381,43 @@ def run(cfg: PrepConfig) -> PrepReport:
         signal.signal(signal.SIGTERM, old_handler)
 
 
-def _changed(cfg: PrepConfig, old: dict | None, new: dict, what: str) -> bool:
-    """Whether the source differs from `old` (the listing a run was started or finished with). Without
-    --rebuild a difference is refused in one line that says what changed."""
-    changes = shards.source_changes(old, new) if old is not None else "no record of its source"
-    if not changes:
+def _changed(cfg: PrepConfig, digest: str | None, stored: Path, new: listing.Listing, what: str) -> bool:
+    """Whether the source differs from the one a run was started or finished with (its listing's `digest`,
+    the listing itself in `stored`). Without --rebuild a difference is refused in one line that says what
+    changed."""
+    if digest == new.digest():
         return False
+    try:
+        old = listing.read(stored)
+    except listing.ListingError as e:
+        raise PrepError(f"{e}; run again with --rebuild") from None
+    changes = listing.changes(old, new) if old is not None else "no record of its source"
     if not cfg.rebuild:
-        raise PrepError(f"{cfg.imagenet_root}: changed since {cfg.out} was {what} ({changes}); run again with "
-                        f"--rebuild to rebuild {cfg.out} from it, or use another --out")
+        raise PrepError(f"{cfg.imagenet_root}: changed since {cfg.out} was {what} ({changes or 'its listing'}); run "
+                        f"again with --rebuild to rebuild {cfg.out} from it, or use another --out")
     return True
 
 
 def _clear(out: Path) -> None:
-    """Remove a previous run's outputs (for --rebuild), leaving the lock."""
+    """Remove a previous run's outputs (for --rebuild), leaving the lock and the archive cache."""
     for p in out.iterdir():
-        if p.name != files.LOCK:
+        if p.name not in (files.LOCK, listing.ARCHIVES):
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _start(cfg: PrepConfig, listing: dict) -> bool:
+def _start(cfg: PrepConfig, found: listing.Listing) -> bool:
     """Create OUT/.work with its plan and source listing, or check that a resumed run reads the same
     source; True if resumed."""
     out, work = Path(cfg.out), Path(cfg.out) / WORK
     if work.exists():
-        if not _changed(cfg, shards.read_source(work), listing, "started"):
+        plan = json.loads((work / "plan.json").read_text())
+        if not _changed(cfg, plan.get("source"), work, found, "started"):
             files.remove_partials(out)  # files a killed run was writing; their units/shards are redone
             return True
         _clear(out)
     work.mkdir(parents=True)
-    shards.write_source(work, listing)
-    plan = {"fingerprint": cfg.fingerprint(), "source": shards.source_digest(listing)}
+    listing.write(work, found)
+    plan = {"fingerprint": cfg.fingerprint(), "source": found.digest()}
     files.atomic_write(work / "plan.json", json.dumps(plan, indent=1).encode())
     return False
 
@@ -532,68 +432,95 @@ def _run(cfg: PrepConfig) -> PrepReport:
         with files.DirectoryLock(out, "alexnet-prep"):
             return _locked_run(cfg)
     except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()  # a run that failed before writing anything leaves no empty directory behind
+        if created and not any(p.name != listing.ARCHIVES for p in out.iterdir()):
+            shutil.rmtree(out)  # a run that failed before writing anything leaves no directory behind
         raise
 
 
-def _finished_report(cfg: PrepConfig, t0: float) -> PrepReport:
+def _finished_report(cfg: PrepConfig, t0: float, manifest: shards.Manifest, stages: list[Stage]) -> PrepReport:
     out = Path(cfg.out)
     shutil.rmtree(out / WORK, ignore_errors=True)  # a run stopped right after its manifest left its work files
-    manifest = shards.load_manifest(out)
     if not (out / shards.TIMM_INFO).exists():  # written after the manifest
         shards.write_timm_info(out, manifest)
     return PrepReport({s: e.samples for s, e in manifest.splits.items()}, manifest.skipped, 0,
-                      time.perf_counter() - t0, resumed=True)
+                      time.perf_counter() - t0, resumed=True, stages=stages)
+
+
+def _find(cfg: PrepConfig) -> tuple[imagenet.Source, Stage]:
+    """The source, its folders listed by a pool of this machine's cores (the workers proper start later, once
+    the number of units is known)."""
+    out = Path(cfg.out)
+    stage = cfg.progress_for("listing", None, "files")
+    n = min(cfg.n_workers(), len(os.sched_getaffinity(0)))
+    pool = workers.Pool(n, out / WORK, None) if n > 1 else None
+    cache = listing.ArchiveCache(out)
+    try:
+        source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class, cache=cache,
+                               map_=(lambda fn, items: pool.map(fn, list(items), chunksize=8)) if pool else map)
+    finally:
+        if pool is not None:
+            pool.close()
+    cache.save()
+    stage.to(len(source.listing))
+    return source, stage.close()
 
 
 def _locked_run(cfg: PrepConfig) -> PrepReport:
-    global _counter
     t0 = time.perf_counter()
     out, work = Path(cfg.out), Path(cfg.out) / WORK
     finished = _check_out(cfg)
-    source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class)
-    listing = imagenet.source_listing(source)
+    source, listed = _find(cfg)
+    found = source.listing
     if finished:
-        if not _changed(cfg, shards.read_source(out), listing, "written"):
-            return _finished_report(cfg, t0)
+        manifest = shards.load_manifest(out)
+        if not _changed(cfg, manifest.source.get("sha256"), out, found, "written"):
+            return _finished_report(cfg, t0, manifest, [listed])
         _clear(out)
-    report = PrepReport(resumed=_start(cfg, listing), notes=list(source.notes))
+    report = PrepReport(resumed=_start(cfg, found), notes=list(source.notes), stages=[listed])
     n_units = sum(len(u) for u in source.units.values())
-    workers = min(cfg.n_workers(), n_units)
-    if workers < cfg.n_workers():
-        report.notes.append(f"{workers} workers, not {cfg.n_workers()}: there are {n_units} units of work")
+    n = min(cfg.n_workers(), n_units)
+    if n < cfg.n_workers():
+        report.notes.append(f"{n} workers, not {cfg.n_workers()}: there are {n_units} units of work")
     manifest = shards.Manifest(
         format_version=shards.FORMAT_VERSION, image_size=cfg.image_size, jpeg_quality=cfg.quality,
         classes=source.classes,
         class_names={w: source.class_names[w] for w in source.classes if w in source.class_names},
         layout=source.layout, splits={}, skipped=[], fingerprint=cfg.fingerprint(),
-        source={"files": len(listing), "sha256": shards.source_digest(listing)},
-        created_by=f"alexnet-pipeline {__version__}")
-    _counter = mp.get_context("fork").Value("q", 0)
-    pool = _Pool(workers, work) if workers > 1 else None
+        source={"files": len(found), "sha256": found.digest()}, created_by=f"alexnet-pipeline {__version__}")
+    workers.counter = mp.get_context("fork").Value("q", 0)
+    gc.collect()
+    gc.freeze()  # the listing and units stay shared with the workers: the collector never touches their pages
+    pool = workers.Pool(n, work, workers.counter) if n > 1 else None
     try:
         for split in cfg.splits:
-            report.processed += _run_units(cfg, split, source.units[split], work, pool, workers, report.resumed)
-            samples, skipped, moments = _collect(source.units[split], work)
+            processed, stages = _run_units(cfg, split, source.units[split], work, pool, report.resumed)
+            report.processed += processed
+            report.stages += stages
+            t1 = time.perf_counter()
+            samples, paths, skipped, moments = _collect(source.units[split], work, cfg.seed, pool)
+            report.stages.append(Stage(f"{split} work files", len(paths), "files", time.perf_counter() - t1))
             skipped += [s for s in source.skipped if s["split"] == split]
             if not samples:
                 raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
                                 f"({len(skipped)} files skipped; first: {skipped[:1]})")
-            infos = _write_shards(cfg, split, samples, pool)
+            infos, stage = _write_shards(cfg, split, samples, paths, work, pool)
+            report.stages.append(stage)
             manifest.splits[split] = shards.SplitInfo(len(samples), infos)
-            shards.remember_intact(out, split, infos, shards.shard_paths(out, split, manifest))
+            verified.remember_intact(out, split, infos, shards.shard_paths(out, split, manifest))
             manifest.skipped += sorted(skipped, key=lambda s: s["source"])
             report.samples[split] = len(samples)
             if split == "train":
                 shards.save_npz(out / shards.STATS, summarize(moments))
+            del samples
     finally:
         if pool is not None:
             pool.close()
+        gc.unfreeze()
     report.skipped = manifest.skipped
-    shards.write_source(out, listing)  # before the manifest: a finished output has both
+    listing.write(out, found)  # before the manifest: a finished output has both
     shards.write_manifest(out, manifest)
     shards.write_timm_info(out, manifest)
     shutil.rmtree(work)
     report.seconds = time.perf_counter() - t0
     return report
+

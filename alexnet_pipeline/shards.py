@@ -10,7 +10,6 @@ index in the format of DALI's ``wds2idx`` (v1.2) from the offsets we just wrote.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -24,13 +23,12 @@ import numpy as np
 from . import files
 from .config import UserError
 
-FORMAT_VERSION = 3  # 2: class names, the source's digest (and SOURCE beside it); 3: no times in the manifest
+# 2: class names, the source's digest; 3: no times in the manifest; 4: the train order is a seeded keyed hash of
+# each key (prep.order_key: known when an image is prepared, so work files are read front to back), the source
+# listing is SOURCE_LISTING (listing.py) and covers label and name files too
+FORMAT_VERSION = 4
 MANIFEST = "dataset.json"
-# Machine-local (a dot-file, like the lock): {split/shard: [size, mtime_ns, sha256]} of the shards found intact
-# here. A loader start re-hashes only a shard whose size or time differ from it.
-VERIFIED = ".verified.json"
 STATS = "stats.npz"
-SOURCE = "source.json.gz"  # every source file prep read, with its size and modification time
 TIMM_INFO = "_info.json"  # how timm's WebDataset reader (timm.data.readers.reader_wds) finds the shards
 TIMM_SPLITS = {"train": "train", "val": "validation"}  # our split -> timm's name for it
 LABEL_EXT = "lbl"
@@ -125,47 +123,6 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _read_verified(shards: Path) -> dict:
-    try:
-        cache = json.loads((Path(shards) / VERIFIED).read_text())
-    except (OSError, ValueError):
-        return {}  # no cache (or a damaged one): every shard is re-hashed once
-    return cache if isinstance(cache, dict) else {}
-
-
-def _write_verified(shards: Path, cache: dict) -> None:
-    try:
-        files.atomic_write(Path(shards) / VERIFIED, json.dumps(cache, sort_keys=True).encode(), durable=False)
-    except OSError:
-        return  # a read-only copy keeps no cache: its shards are re-hashed at every start, still checked
-
-
-def remember_intact(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> None:
-    """Record in the stat cache that these shards (just written, or just re-hashed) match the manifest."""
-    cache = _read_verified(shards)
-    for path, info in zip(paths, entries, strict=True):
-        st = path.stat()
-        cache[f"{split}/{info.name}"] = [st.st_size, st.st_mtime_ns, info.sha256]
-    _write_verified(shards, cache)
-
-
-def check_digests(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path]) -> None:
-    """Re-hash the shards whose size or modification time differ from the stat cache (a copy that lost its
-    times, an edit in place); ShardError naming the first whose sha256 differs from the manifest. Those found
-    intact are trusted from then on."""
-    cache, fresh = _read_verified(shards), []
-    for path, info in zip(paths, entries, strict=True):
-        st = path.stat()
-        if cache.get(f"{split}/{info.name}") == [st.st_size, st.st_mtime_ns, info.sha256]:
-            continue
-        if file_sha256(path) != info.sha256:
-            raise ShardError(f"{path}: its bytes differ from {MANIFEST} (sha256): damaged or edited in place; copy it "
-                             "again, or run alexnet-prep --rebuild over the source")
-        fresh.append((path, info))
-    if fresh:
-        remember_intact(shards, split, [i for _, i in fresh], [p for p, _ in fresh])
 
 
 def index_extent(idx: Path) -> tuple[int, int]:
@@ -268,44 +225,6 @@ def class_names(manifest: Manifest) -> dict[str, str]:
     return {w: found.get(w) or table.get(w) or w for w in manifest.classes}
 
 
-def write_source(shards: Path, listing: dict[str, tuple[int, int]]) -> None:
-    """SHARDS/source.json.gz: {name: [size, mtime_ns]} of every source file (relative to the root), the same
-    bytes for the same listing. Names that are not valid UTF-8 are kept as their escapes."""
-    body = json.dumps({k: list(v) for k, v in sorted(listing.items())}, separators=(",", ":")).encode()
-    buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0, filename="") as f:
-        f.write(body)
-    files.atomic_write(Path(shards) / SOURCE, buf.getvalue())
-
-
-def read_source(shards: Path) -> dict[str, tuple[int, int]] | None:
-    """The listing write_source wrote, or None when there is none (an output of an older version)."""
-    path = Path(shards) / SOURCE
-    if not path.is_file():
-        return None
-    try:
-        return {k: tuple(v) for k, v in json.loads(gzip.decompress(path.read_bytes())).items()}
-    except (OSError, EOFError, ValueError) as e:
-        raise ShardError(f"{path}: unreadable ({e}); delete it and run alexnet-prep again with --rebuild") from None
-
-
-def source_digest(listing: dict[str, tuple[int, int]]) -> str:
-    h = hashlib.sha256()
-    for name, (size, mtime) in sorted(listing.items()):
-        h.update(name.encode("utf-8", "surrogateescape") + f"\0{size}\0{mtime}\n".encode())
-    return h.hexdigest()
-
-
-def source_changes(old: dict, new: dict) -> str:
-    """'N added, M removed, K changed (first: ...)' between two listings; empty when they are equal."""
-    added, removed = sorted(new.keys() - old.keys()), sorted(old.keys() - new.keys())
-    changed = sorted(k for k in old.keys() & new.keys() if tuple(old[k]) != tuple(new[k]))
-    if not (added or removed or changed):
-        return ""
-    first = [f"+{n}" for n in added[:2]] + [f"-{n}" for n in removed[:2]] + [f"~{n}" for n in changed[:2]]
-    return f"{len(added)} added, {len(removed)} removed, {len(changed)} changed ({', '.join(first)})"
-
-
 def timm_info(manifest: Manifest) -> dict:
     """The contents of SHARDS/_info.json in timm's format: per split its name, sample count, shard file names
     (relative to SHARDS) and samples per shard. Our shards hold `jpg` and `cls` members, which is what timm
@@ -376,14 +295,30 @@ def shard_paths(shards: Path, split: str, manifest: Manifest | None = None) -> l
     return [Path(shards) / split / s.name for s in manifest.splits[split].shards]
 
 
-def readable_split(shards: Path, split: str) -> tuple[list[Path], int, Manifest]:
-    """Shard paths, sample count and manifest of a split, after the checks that turn what would hang or
-    crash a reader (a missing, truncated or replaced shard; a missing or wrong index) into a ShardError."""
+def first_shards(entries: list[ShardInfo], samples: int | None) -> int:
+    """How many of the first shards hold `samples` samples (all of them for None)."""
+    if samples is None:
+        return len(entries)
+    ends = np.cumsum([e.samples for e in entries])
+    return min(len(entries), int(np.searchsorted(ends, samples)) + 1)
+
+
+def readable_split(shards: Path, split: str, *, rank: int = 0, world_size: int = 1, gather=None,
+                   samples: int | None = None) -> tuple[list[Path], int, Manifest]:
+    """Shard paths, sample count and manifest of a split (with `samples`, only its first shards holding that
+    many), after the checks that turn what would hang or crash a reader (a missing, truncated or replaced
+    shard; a missing or wrong index; bytes that differ from the manifest where size or time changed, hashed
+    by this rank for its share: verified.check) into a ShardError."""
+    from . import verified
+
     manifest = load_manifest(shards)
-    paths = shard_paths(shards, split, manifest)
+    paths, entries = shard_paths(shards, split, manifest), manifest.splits[split].shards
     if not paths:
         raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
-    for path, info in zip(paths, manifest.splits[split].shards, strict=True):
+    keep = first_shards(entries, samples)
+    paths, entries = paths[:keep], entries[:keep]
+    n_samples = sum(e.samples for e in entries)
+    for path, info in zip(paths, entries, strict=True):
         if not path.is_file():
             raise ShardError(f"{path}: shard missing")
         st = path.stat()
@@ -394,8 +329,8 @@ def readable_split(shards: Path, split: str) -> tuple[list[Path], int, Manifest]
         if end > info.bytes or count != info.samples:
             raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
                              f"{end}; {MANIFEST} says {info.samples} in {info.bytes} bytes)")
-    check_digests(shards, split, manifest.splits[split].shards, paths)
-    return paths, manifest.splits[split].samples, manifest
+    verified.check(shards, split, entries, paths, rank, world_size, gather)
+    return paths, n_samples, manifest
 
 
 def undecodable(path: Path, most: int = 3) -> str:
@@ -411,14 +346,6 @@ def undecodable(path: Path, most: int = 3) -> str:
         return f", sample {bad[0]} does not decode"
     more = f" and {len(bad) - most} more" if len(bad) > most else ""
     return f", samples {', '.join(bad[:most])}{more} do not decode"
-
-
-def damaged_shards(shards: Path, split: str) -> list[Path]:
-    """The shards of `split` whose bytes no longer match the sha256 in the manifest (reads them all)."""
-    manifest = load_manifest(shards)
-    return [path for path, info in zip(shard_paths(shards, split, manifest), manifest.splits[split].shards,
-                                       strict=True)
-            if not path.is_file() or file_sha256(path) != info.sha256]
 
 
 def iter_tar(data: bytes):
@@ -443,12 +370,13 @@ def iter_samples(data: bytes):
         yield Sample.from_members(key, members)
 
 
-def verify(shards: Path, check_images: bool = True) -> list[str]:
+def verify(shards: Path, check_images: bool = True, workers: int = 1, progress=None) -> list[str]:
     """Re-read a shards directory and return its problems (empty if none), first problem first.
 
     Checks the manifest's shards exist with the recorded size and sha256, that each index equals the one
     the shard's bytes imply, sample counts, labels in range and consistent, that every image decodes to a
-    256x256 RGB baseline JPEG, and that the statistics are finite and consistent (stats_problem).
+    256x256 RGB baseline JPEG, and that the statistics are finite and consistent (stats_problem). The shards
+    are read by `workers` processes (the same verdicts in the same order); `progress.update()` per shard.
     """
     shards = Path(shards)
     try:
@@ -464,15 +392,36 @@ def verify(shards: Path, check_images: bool = True) -> list[str]:
     timm = shards / TIMM_INFO
     if not timm.is_file() or json.loads(timm.read_text()) != timm_info(manifest):
         problems.append(f"{timm}: missing or does not match {MANIFEST}")
+    tasks = [(shards / split / info.name, info, manifest, check_images)
+             for split, entry in manifest.splits.items() for info in entry.shards]
+    pool = None
+    if workers > 1 and len(tasks) > 1:
+        from .workers import Pool
+
+        pool = Pool(min(workers, len(tasks)), None, None)
+    results = []
+    try:
+        for result in pool.imap(_shard_task, tasks, 2 * workers) if pool else map(_shard_task, tasks):
+            results.append(result)
+            if progress is not None:
+                progress.update(1)
+    finally:
+        if pool is not None:
+            pool.close()
+    at = 0
     for split, entry in manifest.splits.items():
         total = 0
-        for info in entry.shards:
-            found, count = _shard_problems(shards / split / info.name, info, manifest, check_images)
+        for found, count in results[at:at + len(entry.shards)]:
             problems += found
             total += count
+        at += len(entry.shards)
         if total != entry.samples:
             problems.append(f"{shards / split}: {total} samples, {MANIFEST} says {entry.samples}")
     return problems
+
+
+def _shard_task(args) -> tuple[list[str], int]:
+    return _shard_problems(*args)
 
 
 def _shard_problems(path: Path, info: ShardInfo, manifest: Manifest, check_images: bool) -> tuple[list[str], int]:
@@ -519,11 +468,3 @@ def _baseline_jpeg(data: bytes, size: int) -> bool:
     im = _decoded(data)
     return (im is not None and im.format == "JPEG" and im.mode == "RGB" and im.size == (size, size)
             and not im.info.get("progressive") and not im.info.get("progression"))
-
-
-def remember_verified(shards: Path) -> None:
-    """After `verify` found every byte intact (say, in a copy that did not keep times): record every shard's
-    size and time in the stat cache, so loader starts trust them without re-hashing."""
-    manifest = load_manifest(shards)
-    for split, entry in manifest.splits.items():
-        remember_intact(shards, split, entry.shards, shard_paths(shards, split, manifest))

@@ -1,6 +1,6 @@
-"""Prep's units of work: a picklable recipe for a few hundred images that a worker turns into `Item`s, one
-class per kind of source: `FolderUnit` (64 files of class folders or of a flat val folder), `TarUnit` (members
-of a flat tar such as ILSVRC2012_img_val.tar), `ClassTarUnit` (one per-class tar inside
+"""Prep's units of work: a picklable recipe for 64 images (or one class archive) that a worker turns into
+`Item`s, one class per kind of source: `FolderUnit` (64 files of class folders or of a flat val folder),
+`TarUnit` (members of a flat tar such as ILSVRC2012_img_val.tar), `ClassTarUnit` (one per-class tar inside
 ILSVRC2012_img_train.tar) and `HfUnit` (consecutive members of a Hugging Face .tar.gz). Archives are read in
 place, nothing is extracted: the outer tar is indexed once (headers only) and each worker seeks to its member
 and streams it; each .tar.gz is streamed once, by its own thread (`with_payloads`).
@@ -100,10 +100,6 @@ class Unit:
         size before anything is read), come with empty bytes and a reason."""
         raise NotImplementedError
 
-    def source_files(self) -> list[str]:
-        """The files this unit reads (for the source listing prep compares on a re-run)."""
-        raise NotImplementedError
-
     @property
     def where(self) -> str:
         """What to name when the unit's source fails."""
@@ -131,8 +127,6 @@ class FolderUnit(Unit):
             except OSError as e:  # a broken or looping symbolic link, a directory, no permission
                 yield Item(sample_key(f.path), f.label, f.path, b"", error=f"unreadable ({e.strerror})")
 
-    def source_files(self) -> list[str]:
-        return [f.path for f in self.files]
 
 
 @dataclass(frozen=True)
@@ -152,8 +146,6 @@ class TarUnit(Unit):
                 f.seek(m.offset)
                 yield Item(sample_key(m.name), m.label, source, f.read(m.size))
 
-    def source_files(self) -> list[str]:
-        return [self.archive]
 
     @property
     def where(self) -> str:
@@ -188,8 +180,6 @@ class ClassTarUnit(Unit):
                     else:
                         yield Item(sample_key(name), self.label, source, data)
 
-    def source_files(self) -> list[str]:
-        return [self.archive]
 
     @property
     def where(self) -> str:
@@ -211,8 +201,6 @@ class HfUnit(Unit):
             else:
                 yield Item(hf_key(m.name)[0], m.label, f"{self.archive}:{m.name}", data)
 
-    def source_files(self) -> list[str]:
-        return [self.archive]
 
     @property
     def where(self) -> str:
@@ -277,11 +265,12 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
         owner = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
         parts: list[list[bytes | int | None] | None] = [[None] * len(u.members) for u in archive_units]
         left = [len(u.members) for u in archive_units]
+        units_left = sum(1 for n in left if n)  # a count, not any(left): that scan per member is quadratic
         try:
             with tarfile.open(archive, "r|gz") as tf:
                 files = (m for m in tf if m.isfile())
                 for i, member in enumerate(files):
-                    if stop.is_set() or not any(left):
+                    if stop.is_set() or not units_left:
                         break
                     if i in owner:
                         n, j = owner[i]
@@ -292,7 +281,8 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
                         if not left[n]:
                             put(dataclasses.replace(archive_units[n], payload=tuple(got)))
                             parts[n] = None
-            if any(left):
+                            units_left -= 1
+            if units_left:
                 raise EOFError("fewer members than when it was first read")
             put(done)
         except ARCHIVE_ERRORS as e:

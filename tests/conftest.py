@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,29 @@ def read_samples(shards_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:
 
     return {s.key: (s.label, s.jpeg) for path in shards.shard_paths(shards_dir, split)
             for s in shards.iter_samples(path.read_bytes())}
+
+
+PREP = [sys.executable, "-m", "alexnet_pipeline", "prep"]
+
+
+class HeldPrep(subprocess.Popen):
+    def kill(self) -> None:
+        """SIGKILL, and wait until it is gone (its lock with it)."""
+        super().kill()
+        self.wait()
+
+
+def held_prep(args: list[str], out: Path, stage: str, holders: int = 1, **popen) -> HeldPrep:
+    """alexnet-prep started with the test hook (ALEXNET_PREP_HOLD=stage): returns once `holders` processes have
+    finished their first unit (or shard) and wait to be killed. A run that never gets there fails the test."""
+    from alexnet_pipeline import prep, workers
+
+    env = {**os.environ, workers.HOLD: stage}
+    proc = HeldPrep(PREP + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, **popen)
+    deadline = time.monotonic() + 60
+    while len(workers.held(out / prep.WORK)) < holders:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"prep never held {holders} process(es) in its {stage} stage: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.01)
+    return proc

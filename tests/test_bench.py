@@ -65,3 +65,11 @@ def test_loader_bench_varies_one_axis_at_a_time_and_times_every_row(prepped):
     result = bench.loader_rates(cfg)
     assert len(result["rows"]) == len(rows) and all(r["images_per_s"] > 0 for r in result["rows"])
     assert [r["dali_batch"] for r in result["rows"] if r["what"] == "decode"][:4] == [4, 8, 16, 32]
+
+
+def test_prep_bench_times_prep_and_verify_with_one_and_all_workers(sample):
+    result = bench.prep_rates(bench.PrepBench(imagenet_root=sample[0] / "extracted", workers=2, repeats=1))
+    assert set(result["images_per_s"]) == {"naive", "prep_1_worker", "prep_2_workers"}
+    assert set(result["verify_images_per_s"]) == {"verify_1_worker", "verify_2_workers"}
+    assert result["verify_all_to_1_worker"] == pytest.approx(result["verify_images_per_s"]["verify_2_workers"] /
+                                                             result["verify_images_per_s"]["verify_1_worker"])

@@ -14,7 +14,7 @@ import pytest
 from conftest import read_samples, sample_maker
 from PIL import Image
 
-from alexnet_pipeline import files, shards
+from alexnet_pipeline import files, listing, shards, verified
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.image import BadImage, decode_rgb
 from alexnet_pipeline.prep import PrepConfig, PrepError, run
@@ -76,7 +76,7 @@ def test_a_resume_over_a_changed_source_says_what_changed(sample, tmp_path):
     run(cfg)
     (out / shards.MANIFEST).unlink()  # as if killed before the end: the work files and plan remain...
     (out / ".work").mkdir()
-    shards.write_source(out / ".work", {"train/gone.JPEG": (1, 1)})
+    listing.write(out / ".work", listing.Listing([listing.Folder("train", 1, b"gone.JPEG\0" + b"1\0" + b"1\0")]))
     (out / ".work" / "plan.json").write_text(json.dumps({"fingerprint": cfg.fingerprint(), "source": "x"}))
     with pytest.raises(PrepError, match=r"changed since .* was started \(\d+ added, 1 removed"):
         run(cfg)
@@ -92,15 +92,18 @@ def test_a_same_size_edit_is_named_at_loader_start_and_a_copy_without_times_is_r
     shutil.copytree(prepped, copy)  # times kept: the stat cache (a dot-file, copied too) trusts every shard
     shard = shards.shard_paths(copy, "train")[0]
     data = bytearray(shard.read_bytes())
-    at = data.index(b".cls") + 508  # the first label's digit, same size
-    data[at:at + 1] = b"3" if data[at:at + 1] != b"3" else b"2"
+    first = shard.with_suffix(".idx").read_text().splitlines()[1].split()
+    at = int(first[first.index("cls") + 1])  # the first label's digit (its offset from the index), same size
+    digit = data[at:at + 1]
+    assert digit.isdigit() and int(digit) == next(shards.iter_samples(bytes(data))).label
+    data[at:at + 1] = b"3" if digit != b"3" else b"2"
     shard.write_bytes(bytes(data))
     with pytest.raises(shards.ShardError, match=f"{shard}: its bytes differ from dataset.json"):
         train_loader(copy, batch_size=4, num_threads=1)
     assert any("sha256 differs" in p for p in shards.verify(copy))
 
-    hashed, real = [], shards.file_sha256
-    monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(path) or real(path))
+    hashed, real = [], verified.file_sha256
+    monkeypatch.setattr(verified, "file_sha256", lambda path: hashed.append(path) or real(path))
     faithful = tmp_path / "t"
     shutil.copytree(prepped, faithful, copy_function=shutil.copyfile)  # a copy that did not keep times
     n_shards = len(shards.shard_paths(faithful, "train"))

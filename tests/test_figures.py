@@ -104,3 +104,43 @@ def test_eval_figures_go_under_figures_out_and_leave_the_runs_filters_png_alone(
                           "--threads", "1", "--figures", "--neighbour-pool", "8"]) == 0
     assert (run / train.FILTERS).read_bytes() == before  # training is its one writer
     assert {p.name for p in (run / "figures").iterdir()} == {"filters.png", "predictions.png", "neighbours.png"}
+
+
+def test_the_neighbour_search_streams_its_bank_in_memory_that_does_not_grow_with_it():
+    """The nearest rows of a bank given in chunks equal the brute-force search over the whole bank, and no more
+    than two chunks are alive at once, however many there are (the paper's pool: the whole training set)."""
+    import weakref
+
+    g = torch.Generator().manual_seed(1)
+    queries = torch.randn(5, 64, generator=g)
+    alive, most = weakref.WeakSet(), [0]
+
+    def chunks(n):
+        gen = torch.Generator().manual_seed(2)
+        for _ in range(n):
+            chunk = torch.randn(100, 64, generator=gen)
+            alive.add(chunk)
+            most[0] = max(most[0], len(alive))
+            yield chunk
+            del chunk
+
+    whole = torch.cat(list(chunks(30)))
+    assert figures.nearest(queries, chunks(30), 6).tolist() == figures.nearest(queries, whole, 6).tolist()
+    del whole
+    most[0] = 0
+    figures.nearest(queries, chunks(200), 6)
+    assert most[0] <= 2, most
+
+
+def test_the_figures_read_only_the_shards_they_use(prepped, trained, tmp_path, monkeypatch):
+    """A pool of 4 training images reads the first train shard (5 samples), not the split."""
+    from alexnet_pipeline import verified
+
+    checked = []
+    real = verified.check
+    monkeypatch.setattr(verified, "check", lambda shards_dir, split, entries, paths, *a: checked.append(
+        (split, [p.name for p in paths])) or real(shards_dir, split, entries, paths, *a))
+    ckpt = Checkpoint.load(trained / train.BEST)
+    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "f", torch.device("cpu"), 4, progress=False)
+    assert drawn["pool"] == 4
+    assert ("train", ["train-000000.tar"]) in checked and all(len(p) == 1 for s, p in checked if s == "train")

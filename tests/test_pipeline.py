@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -367,3 +368,97 @@ def test_each_of_two_ranks_on_one_machine_gets_half_the_cores(prepped, tmp_path)
     assert rows == [[str(rank), *[str(half)] * 3] for rank in (0, 1)], r.stdout
     alone = train_loader(prepped, batch_size=4, device="cpu")
     assert alone.pipe.num_threads == len(os.sched_getaffinity(0))  # one process: every core
+
+
+# ---- ranks, epochs and the shards each rank reads ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def labelled_by_shard(prepped, tmp_path_factory):
+    """A copy of the prepped shards whose train shards have unequal sizes and whose labels are shard
+    indices: a batch's labels say which shards a rank read."""
+    import dataclasses
+
+    out = tmp_path_factory.mktemp("by_shard") / "s"
+    shutil.copytree(prepped, out)
+    samples = [s for p in shards.shard_paths(out, "train") for s in shards.iter_samples(p.read_bytes())]
+    for p in (out / "train").iterdir():
+        p.unlink()
+    sizes, infos, at = [3, 5, 1, 4, 2, 6], [], 0
+    for i, n in enumerate(sizes):
+        infos.append(shards.write_shard(out / "train" / f"train-{i:06d}.tar",
+                                        [dataclasses.replace(s, label=i) for s in samples[at:at + n]]))
+        at += n
+    manifest = shards.load_manifest(out)
+    manifest.splits["train"] = shards.SplitInfo(at, infos)
+    manifest.classes = sorted(manifest.classes + [f"n9{i:07d}" for i in range(len(sizes))])[:max(len(sizes), 4)]
+    shards.write_manifest(out, manifest)
+    return out, sizes
+
+
+@pytest.mark.parametrize("world,shuffled", [(2, True), (3, True), (2, False)])
+def test_every_epoch_each_sample_counts_once_over_the_ranks_and_each_rank_reads_its_predicted_shards(
+        labelled_by_shard, world, shuffled):
+    """Padding marks stay right as the ranks' parts change between epochs (DALI keeps a rank's part with
+    shuffle_after_epoch and rotates it without), and read_order names the shards each rank reads."""
+    from collections import Counter
+
+    from alexnet_pipeline.pipeline import read_order
+
+    out, sizes = labelled_by_shard
+    loaders = [train_loader(out, batch_size=2, rank=r, world_size=world, shard_shuffle=shuffled, num_threads=1,
+                            lighting_sigma=0) for r in range(world)]
+    for epoch in range(3):
+        counted = Counter()
+        for loader in loaders:
+            labels = torch.cat([y for _, y in loader])
+            real = labels[labels != PAD_LABEL].tolist()
+            counted.update(real)
+            assert set(real) == set(read_order(loader.cfg, sizes, epoch, shuffled)), (epoch, loader.cfg.rank)
+        assert counted == dict(enumerate(sizes)), epoch
+
+
+def test_the_background_digest_hashes_this_ranks_shards_in_the_order_it_reads_them(labelled_by_shard, monkeypatch):
+    import threading
+
+    from alexnet_pipeline import pipeline
+
+    out, sizes = labelled_by_shard
+    hashed, real = [], shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: (hashed.append(Path(p).name)
+                                                          if threading.current_thread().name == "shard-digest"
+                                                          else None) or real(p))
+    loader = train_loader(out, batch_size=2, rank=1, world_size=2, num_threads=1).verified()
+    want = pipeline.read_order(loader.cfg, sizes, 0, True)
+    assert hashed == [f"train-{i:06d}.tar" for i in want] and len(want) < len(sizes)
+
+
+def test_a_dali_failure_hashes_only_this_ranks_shards_to_name_the_damaged_one(prepped, tmp_path, monkeypatch):
+    """Rank 0 of 2 reads val shards 0-1 in epoch 0 and 1-2 in epoch 1; shard 2 is damaged with its size and
+    time kept. In epoch 1 DALI fails; the loader hashes shard 2 (0 and 1 were found intact by the digest) and
+    names it; the other rank's shards are not read. With no time to search, DALI's own error stands."""
+    from alexnet_pipeline import pipeline
+
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy)
+    shard = shards.shard_paths(copy, "val")[2]
+    data, kept = bytearray(shard.read_bytes()), shard.stat()
+    start = data.index(b"\xff\xd8\xff")
+    data[start:start + 3] = b"\0\0\0"  # no decoder reads past a missing start-of-image marker
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    loader = eval_loader(copy, batch_size=4, rank=0, world_size=2, num_threads=1)
+    assert len(list(loader)) == 2  # epoch 0: shards 0 and 1
+    loader.verified()
+    hashed, real = [], shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    with pytest.raises(ShardError, match=f"{shard}: its bytes differ"):
+        list(loader)
+    assert hashed == [shard.name]
+    monkeypatch.setattr(pipeline, "DAMAGE_SEARCH_SECONDS", 0)
+    again = eval_loader(copy, batch_size=4, rank=0, world_size=2, num_threads=1)
+    list(again)
+    again.verified()
+    hashed.clear()
+    with pytest.raises(RuntimeError) as e:
+        list(again)
+    assert not isinstance(e.value, ShardError) and hashed == []

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, read_samples, sample_maker
+from conftest import CLASSES, PREP, held_prep, read_samples, sample_maker
 
-from alexnet_pipeline import files, shards
-from alexnet_pipeline.prep import PrepConfig, PrepError, run
+from alexnet_pipeline import files, shards, workers
+from alexnet_pipeline.prep import WORK, PrepConfig, PrepError, run
 
-CLI = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())"]
+CLI = PREP
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -58,26 +59,19 @@ def test_archives_give_the_same_shards_as_folders(prepped, sample, tmp_path):
            {k: v for k, v in theirs.items() if k.endswith((".tar", ".idx", ".npz"))}
 
 
-@pytest.mark.parametrize("kill_when", ["units", "shards", "random"])
-def test_killed_and_resumed_run_gives_identical_bytes(prepped, sample, tmp_path, kill_when):
+@pytest.mark.parametrize("stage,workers", [("units", "1"), ("shards", "1"), ("units", "2")])
+def test_killed_and_resumed_run_gives_identical_bytes(prepped, sample, tmp_path, stage, workers):
+    """SIGKILL (as the OOM killer sends it) when a unit, or a shard, has just been written: by the parent itself
+    (one worker) or by a worker (two; the parent is killed and takes its workers with it)."""
     out = tmp_path / "k"
-    args = CLI + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--shard-size", "5",
-                  "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline:
-        if kill_when == "units" and len(list((out / ".work").glob("*/*.unit"))) >= 1:
-            break
-        if kill_when == "shards" and len(list(out.glob("*/*.tar"))) >= 2:
-            break
-        if kill_when == "random" and time.time() > deadline - 59.4:
-            break
-        time.sleep(0.005)
+    args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--shard-size", "5",
+            "--workers", workers, "--no-progress"]
+    proc = held_prep(args, out, stage)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if (out / "dataset.json").exists():
-        pytest.skip("the run finished before it could be killed")  # machine much faster than expected
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert not (out / "dataset.json").exists()
+    r = subprocess.run(PREP + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     assert _files(out) == _files(prepped)
 
 
@@ -171,26 +165,15 @@ def test_a_truncated_devkit_is_one_line_naming_it(sample, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
-def _kill_during_units(args, out):
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while proc.poll() is None and time.time() < deadline and not list((out / ".work").glob("*/*.npz")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if (out / "dataset.json").exists():
-        pytest.skip("the run finished before it could be killed")
-
-
 def test_a_resume_over_a_changed_source_is_refused(sample, tmp_path):
     root = tmp_path / "r"
     shutil.copytree(sample[0] / "extracted", root)
     out = tmp_path / "o"
-    args = CLI + ["--imagenet-root", str(root), "--out", str(out), "--workers", "1", "--shard-size", "5"]
-    _kill_during_units(args, out)
+    args = ["--imagenet-root", str(root), "--out", str(out), "--workers", "1", "--shard-size", "5"]
+    held_prep(args, out, "units").kill()
     extra = sorted((root / "train/n01443537").iterdir())[0]
     (root / "train/n01443537/n01443537_new.JPEG").write_bytes(extra.read_bytes())
-    r = subprocess.run(args, capture_output=True, text=True)
+    r = subprocess.run(PREP + args, capture_output=True, text=True)
     assert r.returncode == 2 and "changed since" in r.stderr and str(root) in r.stderr
 
 
@@ -236,24 +219,17 @@ def test_out_that_is_a_file_is_one_line(sample, tmp_path):
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_an_interrupted_prep_says_one_line_and_leaves_no_workers(sample, tmp_path, sig, status):
     out = tmp_path / "o"
-    args = CLI + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2",
-                  "--shard-size", "5"]
+    args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2", "--shard-size", "5"]
     # its own process group, as in a terminal: Ctrl-C (SIGINT) reaches every process of it
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((out / ".work").glob("*/*.npz")):
-        time.sleep(0.005)
+    proc = held_prep(args, out, "units", start_new_session=True)
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)  # the parent alone, as `kill PID` does
-    err = proc.communicate(timeout=60)[1].decode()
-    if (out / "dataset.json").exists():
-        pytest.skip("the run finished before the signal")
+    err = proc.communicate(timeout=60)[1]
     assert proc.returncode == status, err
     assert err.strip().splitlines() == [f"alexnet-prep: interrupted by {sig.name}; run the same command again to "
                                         "resume"]
-    time.sleep(0.5)
     with pytest.raises(ProcessLookupError):  # no worker of the group is left
         os.killpg(proc.pid, 0)
 
@@ -295,9 +271,9 @@ def test_a_truncated_hugging_face_archive_is_named(sample, tmp_path):
 
 def test_a_killed_hugging_face_run_resumes_to_the_same_bytes(sample, tmp_path):
     out = tmp_path / "k"
-    args = CLI + ["--imagenet-root", str(sample[0] / "hf"), "--out", str(out), "--shard-size", "5", "--workers", "1"]
-    _kill_during_units(args, out)
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    args = ["--imagenet-root", str(sample[0] / "hf"), "--out", str(out), "--shard-size", "5", "--workers", "1"]
+    held_prep(args, out, "units").kill()
+    assert subprocess.run(PREP + args, capture_output=True).returncode == 0
     whole = tmp_path / "whole"
     run(PrepConfig(sample[0] / "hf", whole, shard_size=5, workers=1, progress=False))
     assert _files(out) == _files(whole)
@@ -332,35 +308,26 @@ def larger(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", ["units", "shards"])
 def test_a_killed_worker_stops_prep_with_one_line_and_the_rerun_gives_a_clean_runs_bytes(larger, tmp_path, stage):
+    """Both workers held after their first unit (or shard); one is SIGKILLed (as the OOM killer would), the
+    other then SIGTERMed from outside: the report names the first, by its signal and what it was doing."""
     source, clean = larger
     out = tmp_path / "o"
-    args = CLI + ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "2",
-                  "--no-progress"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim, deadline = None, time.time() + 120
-    while victim is None and proc.poll() is None and time.time() < deadline:
-        for busy in (out / ".work").glob(".busy-*"):
-            try:
-                doing = busy.read_text()
-            except FileNotFoundError:
-                continue
-            if doing and doing.endswith(".tar") == (stage == "shards"):
-                victim = int(busy.name.split("-")[1])
-                os.kill(victim, signal.SIGKILL)  # as the OOM killer would
-                break
-    if victim is None:
-        proc.kill()
-        pytest.skip(f"no worker was caught in the {stage} stage")
+    args = ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "2", "--no-progress"]
+    proc = held_prep(args, out, stage, holders=2)
+    victim, other = workers.held(out / WORK)
+    busy = (out / WORK / f".busy-{victim}").read_text()
+    os.kill(victim, signal.SIGKILL)
+    os.kill(other, signal.SIGTERM)
     t0 = time.time()
     err = proc.communicate(timeout=60)[1]
     assert time.time() - t0 < 10 and proc.returncode == 1, err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and f"worker {victim} died (SIGKILL) while preparing " in lines[0], err
-    assert "run the same command again to resume" in lines[0]
-    assert (".tar" in lines[0]) == (stage == "shards")
-    assert subprocess.run(args, capture_output=True).returncode == 0
+    assert lines == [f"alexnet-prep: worker {victim} died (SIGKILL) while preparing {busy}; finished work is kept: "
+                     "run the same command again to resume"], err
+    assert busy.endswith(".tar") == (stage == "shards") and busy
+    assert subprocess.run(PREP + args, capture_output=True).returncode == 0
     assert _files(out) == _files(clean)
-    rerun = subprocess.run(args + ["--rebuild"], capture_output=True, text=True)  # nothing changed: same bytes
+    rerun = subprocess.run(PREP + args + ["--rebuild"], capture_output=True, text=True)  # nothing changed: same bytes
     assert rerun.returncode == 0 and _files(out) == _files(clean)
 
 
@@ -402,3 +369,101 @@ def test_the_fingerprint_is_every_option_declared_to_shape_the_output(sample, tm
         assert dataclasses.replace(base, **{name: value}).fingerprint() != base.fingerprint(), name
     for name, value in {"workers": 2, "progress": True, "rebuild": True, "out": tmp_path / "other"}.items():
         assert dataclasses.replace(base, **{name: value}).fingerprint() == base.fingerprint(), name
+
+
+# ---- at ImageNet's size: open files, reading order, memory, progress -------------------------------------
+
+def _prep_code(setup: str) -> list[str]:
+    """The prep command in a fresh interpreter, after `setup` (a line of Python)."""
+    return [sys.executable, "-c", f"import sys; {setup}; from alexnet_pipeline.cli import prep_main; "
+            "sys.exit(prep_main(sys.argv[1:]))"]
+
+
+def test_a_shard_drawing_on_many_work_files_needs_few_open_files(prepped, sample, tmp_path):
+    """Units of one image (as ImageNet's global shuffle makes a 1,000-sample shard draw on ~976 work files)
+    into one shard, under a limit of 16 open files, soft and hard: the shard stage holds one work file at a
+    time, so it finishes, with the bytes of any other run but for the unit size."""
+    setup = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16)); "
+             "from alexnet_pipeline import imagenet; imagenet.FILES_PER_UNIT = 1")
+    out = tmp_path / "o"
+    r = subprocess.run(_prep_code(setup) + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out),
+                                            "--workers", "1", "--shard-size", "100", "--splits", "train"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage train images: 34 images" in r.stdout  # 34 units of one image each
+    whole = tmp_path / "whole"
+    run(PrepConfig(sample[0] / "extracted", whole, splits=("train",), shard_size=100, workers=1, progress=False))
+    assert _files(out) == _files(whole)
+
+
+def test_out_of_open_files_is_one_line_exit_1_and_the_same_command_resumes(sample, tmp_path):
+    setup = ("import errno; from alexnet_pipeline import workfiles; "
+             "workfiles.read_jpegs = lambda path, spans: (_ for _ in ()).throw("
+             "OSError(errno.EMFILE, 'Too many open files', path))")
+    out = tmp_path / "o"
+    args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "1", "--shard-size", "5"]
+    r = subprocess.run(_prep_code(setup) + args, capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert ".unit: too many open files" in lines[0] and "ulimit -n" in lines[0] and "resume" in lines[0]
+    assert subprocess.run(PREP + args, capture_output=True).returncode == 0
+    whole = tmp_path / "whole"
+    run(PrepConfig(sample[0] / "extracted", whole, shard_size=5, workers=1, progress=False))
+    assert _files(out) == _files(whole)
+
+
+def test_the_shard_stage_reads_every_work_file_front_to_back(sample, tmp_path, monkeypatch):
+    """Every read of a work file, over the whole shard stage, is at a larger offset than the last read of that
+    file: a disk or NFS server serves each file as one forward stream."""
+    from alexnet_pipeline import imagenet, workfiles
+
+    monkeypatch.setattr(imagenet, "FILES_PER_UNIT", 5)  # several work files per shard and shards per file
+    reads, real = [], workfiles.read_jpegs
+    monkeypatch.setattr(workfiles, "read_jpegs", lambda path, spans: reads.append((path, spans)) or real(path, spans))
+    run(PrepConfig(sample[0] / "extracted", tmp_path / "o", shard_size=4, workers=1, progress=False))
+    last: dict[str, int] = {}
+    for path, spans in reads:
+        for offset, _ in spans:
+            assert offset > last.get(path, -1), (path, offset, last.get(path))
+            last[path] = offset
+    n_shards = sum(len(e.shards) for e in shards.load_manifest(tmp_path / "o").splits.values())
+    assert len(reads) > n_shards and len({p for p, _ in reads}) < len(reads)  # files shared by several shards
+
+
+_checks: list = []  # [where to note the checking process, the real check]
+
+
+def _noting_check(path):
+    """prep._intact, noting which process runs it (by name, so that the pool can send it to its workers)."""
+    with open(_checks[0], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _checks[1](path)
+
+
+def test_a_resume_checks_the_work_files_in_the_workers(larger, tmp_path, monkeypatch):
+    from alexnet_pipeline import prep
+
+    source, clean = larger
+    out = tmp_path / "o"
+    args = ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "2", "--no-progress"]
+    held_prep(args, out, "shards").kill()  # killed in the shard stage: every train work file is there
+    checked = tmp_path / "checked"
+    monkeypatch.setattr(sys.modules[__name__], "_checks", [checked, prep._intact])
+    monkeypatch.setattr(prep, "_intact", _noting_check)
+    run(PrepConfig(source, out, shard_size=4, workers=2, progress=False))
+    pids = checked.read_text().split()
+    assert len(pids) == 4  # 240 train images: 4 units of 64
+    assert str(os.getpid()) not in pids
+    assert _files(out) == _files(clean)
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(sample, tmp_path):
+    r = subprocess.run(PREP + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(tmp_path / "o"),
+                               "--workers", "1", "--progress-every", "0.01"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("train images: ")]
+    assert lines and all(re.fullmatch(r"train images: [\d,]+/34 images \(\d+%\), [\d,]+ images/s(, \S+ left)?", line)
+                         for line in lines), r.stderr
+    quiet = subprocess.run(PREP + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(tmp_path / "q"),
+                                   "--workers", "1", "--no-progress"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == ""

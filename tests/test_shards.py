@@ -64,7 +64,21 @@ def test_verify_passes_then_names_a_flipped_byte_and_a_deleted_shard(prepped, tm
     assert problems and tar.name in problems[0] and "sha256" in problems[0]
     victim = shards.shard_paths(copy, "val")[0]
     victim.unlink()
-    assert any(victim.name in p and "missing" in p for p in shards.verify(copy))
+    problems = shards.verify(copy)
+    assert any(victim.name in p and "missing" in p for p in problems)
+    assert shards.verify(copy, workers=2) == problems  # the shards read by two processes: the same verdicts
+
+
+def test_verify_reads_the_shards_in_its_workers(prepped, monkeypatch):
+    import os
+
+    pids = set()
+    real = shards._shard_problems
+    monkeypatch.setattr(shards, "_shard_problems", lambda *a: pids.add(os.getpid()) or real(*a))
+    progress = type("P", (), {"n": 0, "update": lambda self, k=1: setattr(self, "n", self.n + k)})()
+    assert shards.verify(prepped, workers=2, progress=progress) == []
+    assert pids == set() and progress.n == sum(len(e.shards) for e in shards.load_manifest(prepped).splits.values())
+    assert shards.verify(prepped, workers=1) == [] and pids == {os.getpid()}
 
 
 def test_verify_names_a_bad_index_and_a_missing_manifest(prepped, tmp_path):

@@ -163,3 +163,25 @@ def test_the_sample_makers_photos_prepare_to_imagenets_bytes_and_shapes():
     assert short.min() < 120 and long.max() > 1200 and 0 < grey < len(sizes) * 0.1
     again = maker.source_jpeg(np.random.default_rng([0, 3]), 3, 10)
     assert again == maker.source_jpeg(np.random.default_rng([0, 3]), 3, 10)  # deterministic from the seed
+
+
+def test_the_scale_check_builds_a_tree_of_links_and_reports_a_watched_run(tmp_path):
+    tool = [sys.executable, str(ROOT / "tools" / "scale_check.py")]
+    made = subprocess.run(tool + ["make", str(tmp_path / "tree"), "--classes", "3", "--train-per-class", "70",
+                                  "--val-per-class", "2", "--distinct", "4"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    jpegs = sorted((tmp_path / "tree" / "train").rglob("*.JPEG"))
+    assert len(jpegs) == 210 and len({os.stat(p).st_ino for p in jpegs}) <= 4  # links to 4 distinct files
+    record = tmp_path / "scale.json"
+    r = subprocess.run(tool + ["run", str(tmp_path / "tree"), str(tmp_path / "out"), "--workers", "2", "--nofile",
+                               "64", "--repeats", "1", "--verify", "--record", str(record), "--every", "0.02"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    result = json.loads(record.read_text())
+    stages = result["prep"]["stages"]
+    assert stages["listing"]["count"] == 216 and stages["train images"]["count"] == 210
+    assert stages["train shards"]["count"] == 1 and stages["train images"]["per_second"] > 0
+    peaks = result["prep"]["peaks"]
+    assert peaks["workers_seen"] >= 2 and 0 < peaks["worker_pss_mib"] <= peaks["worker_rss_mib"]
+    assert 0 < peaks["worker_open_files"] < 64 and peaks["parent_pss_mib"] > 0
+    assert result["nothing_to_do"]["ratio"] > 0 and result["verify"]["exit"] == 0

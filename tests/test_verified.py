@@ -1,0 +1,93 @@
+"""The stat cache: a read-only copy is hashed once (its cache kept per user), and ranks share the hashing."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from alexnet_pipeline import shards, verified
+
+
+def test_a_read_only_copy_is_hashed_once_and_keeps_its_cache_per_user(prepped, tmp_path, monkeypatch):
+    copy = tmp_path / "ro"
+    shutil.copytree(prepped, copy, copy_function=shutil.copyfile)  # no times kept: every shard misses once
+    (copy / verified.VERIFIED).unlink(missing_ok=True)
+    home = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK and str(p).startswith(str(copy))
+                        else real_access(p, mode))  # tests run as root, for whom every directory is writable
+    hashed, real = [], verified.file_sha256
+    monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
+    before = sorted(p.name for p in copy.iterdir())
+    shards.readable_split(copy, "train")
+    assert len(hashed) == len(shards.shard_paths(copy, "train"))
+    hashed.clear()
+    shards.readable_split(copy, "train")
+    assert hashed == []  # trusted from the per-user cache
+    assert sorted(p.name for p in copy.iterdir()) == before  # nothing written into the read-only copy
+    cached = list((home / "alexnet-pipeline").glob("verified-*.json"))
+    assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == len(shards.shard_paths(copy, "train"))
+
+
+TWO_RANKS = """
+import json, os, sys, threading
+import torch.distributed as dist
+from alexnet_pipeline import shards, verified
+from alexnet_pipeline.pipeline import train_loader
+dist.init_process_group("gloo")
+rank, copy = dist.get_rank(), sys.argv[1]
+hashed, real = [], verified.file_sha256
+verified.file_sha256 = lambda p: hashed.append(os.path.basename(p)) or real(p)
+report = {}
+train_loader(copy, batch_size=4, num_threads=1, rank=rank, world_size=2).verified()
+report["first"] = list(hashed)
+hashed.clear()
+train_loader(copy, batch_size=4, num_threads=1, rank=rank, world_size=2).verified()
+report["second"] = list(hashed)
+dist.barrier()
+if rank == 0:  # the other rank's share: shard 1 of the train split (every second shard is rank 1's)
+    path = shards.shard_paths(copy, "train")[1]
+    data = bytearray(open(path, "rb").read()); data[-2000] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+dist.barrier()
+try:
+    train_loader(copy, batch_size=4, num_threads=1, rank=rank, world_size=2)
+    report["damage"] = None
+except shards.ShardError as e:
+    report["damage"] = str(e)
+json.dump(report, open(f"{sys.argv[2]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_two_ranks_share_the_hashing_and_both_name_a_shard_only_one_of_them_hashed(prepped, tmp_path):
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy, copy_function=shutil.copyfile)
+    (copy / verified.VERIFIED).unlink(missing_ok=True)
+    (tmp_path / "two.py").write_text(TWO_RANKS)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(tmp_path / "two.py"), str(copy), str(tmp_path)], capture_output=True, text=True,
+                       timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    names = [p.name for p in shards.shard_paths(copy, "train")]
+    for k, report in enumerate(ranks):  # each rank hashed its share (every second shard), then nothing
+        assert report["first"] == names[k::2] and report["second"] == [], (k, report)
+    assert len(json.loads((copy / verified.VERIFIED).read_text())) == len(names)  # rank 0 wrote all of them
+    for report in ranks:
+        assert report["damage"] and report["damage"].startswith(f"{copy / 'train' / names[1]}: its bytes differ")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_without_a_process_group_each_rank_hashes_its_share_and_merges_it(prepped, tmp_path, rank, monkeypatch):
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy, copy_function=shutil.copyfile)
+    (copy / verified.VERIFIED).unlink(missing_ok=True)
+    paths, entries = shards.shard_paths(copy, "train"), shards.load_manifest(copy).splits["train"].shards
+    assert verified.check(copy, "train", entries, paths, rank, 2) == len(paths[rank::2])
+    assert verified.check(copy, "train", entries, paths, 1 - rank, 2) == len(paths[1 - rank::2])
+    assert verified.check(copy, "train", entries, paths, 0, 1) == 0  # both shares merged into the cache

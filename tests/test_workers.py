@@ -1,0 +1,58 @@
+"""Prep's workers never outlive their parent, nor keep its lock."""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import PREP, held_prep
+
+from alexnet_pipeline import files, workers
+from alexnet_pipeline.prep import WORK
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie (its parent died; init reaps it in its own time)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_parent_killed_by_any_signal_takes_its_workers_and_its_lock(sample, tmp_path):
+    out = tmp_path / "o"
+    args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2", "--no-progress",
+            "--shard-size", "5"]
+    proc = held_prep(args, out, "units")
+    held = workers.held(out / WORK)
+    proc.kill()  # SIGKILL: no handler of the parent runs
+    deadline = time.monotonic() + 5
+    while not all(_gone(pid) for pid in held) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert all(_gone(pid) for pid in held), "a worker outlived its parent"
+    files.DirectoryLock(out, "test").acquire().release()  # the lock went with the parent
+    r = subprocess.run(PREP + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_worker_that_outlived_its_parent_would_not_hold_the_lock(tmp_path):
+    """The lock's descriptor is closed in every forked worker (an flock belongs to the open file, which fork
+    shares): even a worker that lived on could not block the next prep."""
+    lock = files.DirectoryLock(tmp_path, "alexnet-prep").acquire()
+    ready, done = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker: closes its copy, then lives on while the "parent" lets go of its own
+        files.close_inherited_locks()
+        os.write(done, b"x")
+        time.sleep(5)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"x"
+        os.close(lock._fd)  # the parent's descriptor, as a dead parent's is closed by the kernel
+        files._held.discard(lock._fd)
+        lock._fd = None
+        files.DirectoryLock(tmp_path, "next").acquire().release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
