@@ -297,13 +297,14 @@ def _print_pipeline(bench: PipelineBench, result: dict) -> None:
 # hw_threads pairs them: the hardware decoder's share and the hybrid (CPU Huffman) share's threads interact.
 LOADER_AXES: dict[str, list[dict]] = {
     "batches_per_run": [{"batches_per_run": k} for k in (1, 2, 4, 8)],
-    "hw_threads": [{"hw_decoder_load": h, "num_threads": t} for h in (0.65, 0.9) for t in (8, 16)],
+    "hw_threads": [{"hw_decoder_load": h, "num_threads": t} for h in (0.65, 0.9) for t in (8, 14, 16)],
     "hw_decoder_load": [{"hw_decoder_load": h} for h in (0.0, 0.65, 0.9, 1.0)],
     "num_threads": [{"num_threads": t} for t in (6, 8, 14, 16)],
     "decoder": [{"decoder": "cpu"}],
     "prefetch": [{"prefetch": k} for k in (2, 4, 6)],
     "preallocate": [{"preallocate": True}],
     "stream_ordered": [{"stream_ordered": True}],
+    "crop_decode": [{"crop_decode": True}, {"decoder": "cpu", "crop_decode": True}],
 }
 GPU_ONLY = {"hw_threads", "hw_decoder_load", "decoder", "preallocate", "stream_ordered"}
 
@@ -316,6 +317,8 @@ class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output, Record
     draws, host and DALI)."""
 
     axes: tuple[str, ...] = option(tuple(LOADER_AXES), "axes to vary", choices=tuple(LOADER_AXES))
+    what: tuple[str, ...] = option(("train", "decode", "read"), "rows to time: train (the whole graph), decode "
+                                   "(decoding alone), read (the graph's CPU side)", choices=("train", "decode", "read"))
 
     def __post_init__(self):
         check(self)
@@ -335,7 +338,9 @@ def loader_rows(bench: LoaderBench) -> list[dict]:
     """The settings to time: the defaults, then one change at a time (GPU-only axes on GPUs only); a change
     that equals the defaults (16 threads on 16 cores) or asks for more threads than cores is left out."""
     base = _base_loader(bench)
-    resolved = {**dataclasses.asdict(base), "num_threads": base.threads}
+    # what the defaults resolve to here: a change equal to them (16 threads on 16 cores, decoder=cpu on the CPU)
+    resolved = {**dataclasses.asdict(base), "num_threads": base.threads, "decoder": "mixed" if base.gpu_decoding
+                else "cpu"}
     settings: list[dict] = [{}]
     seen: set[tuple] = {()}
     for axis in bench.axes:
@@ -348,13 +353,15 @@ def loader_rows(bench: LoaderBench) -> list[dict]:
             if key not in seen:
                 seen.add(key)
                 settings.append(dict(key))
-    rows = [{"what": what, **s} for what in ("decode", "train") for s in settings]
-    return rows + [{"what": "read", "draws": d} for d in ("host", "dali")]
+    # the rows that decide defaults first (a round cut short keeps them), then decoding alone, then the CPU side
+    rows = [{"what": what, **s} for what in ("train", "decode") if what in bench.what for s in settings]
+    return rows + [{"what": "read", "draws": d} for d in ("host", "dali") if "read" in bench.what]
 
 
 def loader_rates(bench: LoaderBench) -> dict:
     """images/s of every row of loader_rows, each on a pipeline built for it and kept while it is timed; the
-    result so far goes to bench.record after each row."""
+    result so far goes to bench.record after each row. The shards' background digest runs once, for the first
+    row's loader (the rows read the same shards)."""
     import torch
 
     from .pipeline import Loader
@@ -363,10 +370,14 @@ def loader_rates(bench: LoaderBench) -> dict:
     sync = _sync_for(torch.device(base.device))
     result = {**to_json(bench), "device": base.device, "dtype": base.dtype, "channels_last": base.channels_last,
               "rows": []}
+    digest = True
     for row in loader_rows(bench):
         cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})
         if row["what"] == "train":
-            rate = _stream_rate(Loader(cfg, True).verified().endless(), bench.steps, bench.repeats, sync)
+            loader = Loader(cfg, True, digest=digest).verified()
+            digest = False
+            rate = _stream_rate(loader.endless(), bench.steps, bench.repeats, sync)
+            del loader
         else:
             rate = _run_rate(bench, cfg, True, sync, row["what"])
         result["rows"].append({**row, "dali_batch": cfg.run_size, "threads": cfg.threads, "images_per_s": rate})
@@ -487,7 +498,7 @@ def train_rates(bench: TrainBench) -> dict:
     dev = resolve_device(bench.device)
     sync, world = _sync_for(dev), World(0, 1, 0, dev)
     cfg = bench_run_config(bench)
-    parts = build.training(cfg, len(load_manifest(cfg.shards).classes), world)
+    parts = build.build_parts(cfg, len(load_manifest(cfg.shards).classes), world)
     held, kernels, on_row = None, None, _recorder(bench)
     rates: dict[str, float] = {}
     flops = flops_per_image(parts.net.cfg)["train_flops"]

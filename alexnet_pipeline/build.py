@@ -48,7 +48,7 @@ def loader_config(cfg, world: World, split: str, **extra) -> LoaderConfig:
                         **batch_format(world.device, cfg.precision), **extra)
 
 
-def train_loader(cfg, world: World, state: dict | None = None, first_epoch: int = 0):
+def training_loader(cfg, world: World, state: dict | None = None, first_epoch: int = 0):
     """The run's train loader, built once for every epoch: fresh, or at a saved data position (`state`), or
     at the start of `first_epoch` drawn afresh."""
     from .pipeline import Loader  # DALI: only where a loader is built (the step alone needs none)
@@ -71,7 +71,7 @@ def evaluation_loader(shards: Path, world: World, *, mean: str, precision: str, 
     return Loader(cfg, train=False, samples=samples)
 
 
-def eval_loader(cfg, world: World, tencrop: bool = False) -> Loader:
+def validation_loader(cfg, world: World, tencrop: bool = False) -> Loader:
     """A training run's validation loader: its share of the global batch, its mean, precision and decoding."""
     return evaluation_loader(cfg.shards, world, mean=cfg.mean, precision=cfg.precision,
                              batch_size=per_rank_batch(cfg.global_batch, world), tencrop=tencrop,
@@ -100,7 +100,7 @@ def network(cfg, num_classes: int, world: World, weights: dict | None = None):
 
 
 @dataclass
-class Training:
+class Parts:
     """`net` is the network itself (AlexNet, or its two columns), whose weights and momentum are saved;
     `model` is what the step calls: `net`, or `net` inside DDP and/or torch.compile."""
 
@@ -116,7 +116,7 @@ class Training:
         return {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
 
 
-def training(cfg, num_classes: int, world: World, weights: dict | None = None, adapt=None) -> Training:
+def build_parts(cfg, num_classes: int, world: World, weights: dict | None = None, adapt=None) -> Parts:
     """Network (fresh, or with `weights`), optimizer and step, as alexnet-train runs them: DDP over several
     ranks, torch.compile and a CUDA graph on one GPU unless turned off. `adapt(net)`, if given, may change
     the placed network before the rest is built (tools/step_profile.py's earlier forms of the step)."""
@@ -131,14 +131,14 @@ def training(cfg, num_classes: int, world: World, weights: dict | None = None, a
     if cfg.compile and gpu:
         model = typing.cast(nn.Module, torch.compile(model))  # an OptimizedModule: a Module that compiles
     graph = cfg.cuda_graph and gpu and world.size == 1 and not cfg.model_parallel
-    return Training(net, model, optimizer, TrainStep(model, optimizer, world.device, cfg.precision, graph=graph))
+    return Parts(net, model, optimizer, TrainStep(model, optimizer, world.device, cfg.precision, graph=graph))
 
 
 @dataclass
 class Run:
-    """A training run's parts and where it stands: what `resume` gives the trainer."""
+    """A training run's parts and where it stands: what `start_run` gives the trainer."""
 
-    parts: Training
+    parts: Parts
     train_loader: Loader
     epoch: int = 0
     step: int = 0
@@ -146,21 +146,21 @@ class Run:
     note: str | None = None  # said once when the run starts (data restarting at an epoch's start)
 
 
-def resume(cfg, num_classes: int, world: World, schedule, ckpt: Checkpoint | None = None) -> Run:
+def start_run(cfg, num_classes: int, world: World, schedule, ckpt: Checkpoint | None = None) -> Run:
     """The run's network, optimizer, step and train loader: fresh, or continued from `ckpt`. The one place
     a checkpoint is restored, in the order that matters: the weights into the network before it is placed
     (as the paper's two columns, say), the optimizer's momentum, the `schedule` (lr, drops, plateau count),
     this rank's data position, and last this rank's random generators, since building the network drew its
     initial weights from them. A checkpoint saved by another number of ranks restarts the data at its
     epoch's start, drawn afresh."""
-    parts = training(cfg, num_classes, world, ckpt.weights if ckpt else None)
+    parts = build_parts(cfg, num_classes, world, ckpt.weights if ckpt else None)
     if ckpt is None:
-        return Run(parts, train_loader(cfg, world))
+        return Run(parts, training_loader(cfg, world))
     state = ckpt.training_state()
     parts.optimizer.load_state_dict(state.optimizer)
     schedule.load_state_dict(state.schedule)
     rank = ckpt.rank_state(world.rank, world.size)
-    loader = train_loader(cfg, world, rank.loader if rank else None, ckpt.epoch if rank is None else 0)
+    loader = training_loader(cfg, world, rank.loader if rank else None, ckpt.epoch if rank is None else 0)
     note = None
     if rank is None:
         note = f"checkpoint from {len(state.ranks)} ranks, now {world.size}: data restarts at the epoch start"

@@ -1,4 +1,7 @@
-"""Command-line parsing only: each command builds its typed config and calls its module."""
+"""Command-line parsing only: each command builds its typed config and calls its module, through one skeleton
+(`_command`): file names that are not valid UTF-8 print as escapes, the parser is made from the config's
+declarations, and a problem the user can fix (config.UserError) is one line and exit status 2. Heavy modules
+are imported inside the commands that need them: `alexnet-prep` imports neither torch nor DALI."""
 
 from __future__ import annotations
 
@@ -20,39 +23,60 @@ def _print_table(rows: dict) -> None:
         print(f"{k:<{width}}  {v}")
 
 
-def prep_main(argv=None) -> int:
-    """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
-    from .config import UserError, add_arguments, from_arguments
-    from .prep import Interrupted, OutOfFiles, PrepConfig, WorkerDied, run
+def _command(main, argv, act, *, config=None, arguments=lambda p: None, require: bool = True, **parser) -> int:
+    """The skeleton of every command: a parser named by `main`'s docstring with the flags of `config`'s
+    declarations (`require`: its options without a default are required) and what `arguments` adds, then
+    act(parsed arguments, parser); a UserError is one line and status 2."""
+    from .config import UserError, add_arguments
 
     _printable_output()
-    p = _parser(prep_main, usage="%(prog)s --imagenet-root ROOT --out SHARDS [options] | --verify SHARDS | --version")
-    p.add_argument("--verify", type=Path, metavar="SHARDS", help="re-read a prepared directory and check it")
-    p.add_argument("--version", action="store_true", help="print versions, PIL flavour and GPUs, then exit")
-    add_arguments(p, PrepConfig, require=False)
+    prog, description = main.__doc__.split(": ", 1)
+    p = argparse.ArgumentParser(prog=prog, description=description, **parser)
+    arguments(p)
+    if config is not None:
+        add_arguments(p, config, require=require)
     a = p.parse_args(argv)
-    if a.version:
-        from .environment import report as versions
-
-        _print_table(versions())
-        return 0
-    if a.verify:
-        return _verify(a.verify, a.workers, a.progress, a.progress_every)
-    if a.imagenet_root is None or a.out is None:
-        p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
     try:
-        cfg = from_arguments(PrepConfig, a)
-        report = run(cfg)
+        return act(a, p)
     except UserError as e:
-        return _fail("alexnet-prep", e)
-    except Interrupted as e:  # one line; the workers are gone; the same command resumes
-        print(f"alexnet-prep: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except (WorkerDied, OutOfFiles) as e:  # not the input's fault (memory, a crash, a limit): status 1, resumable
-        print(f"alexnet-prep: {e}", file=sys.stderr)
-        return 1
-    _print_prep_summary(cfg, report)
-    return 0
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def prep_main(argv=None) -> int:
+    """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
+    from .config import from_arguments
+    from .prep import Interrupted, OutOfFiles, PrepConfig, WorkerDied, run
+
+    def arguments(p):
+        p.add_argument("--verify", type=Path, metavar="SHARDS", help="re-read a prepared directory and check it "
+                       "(with --workers processes)")
+        p.add_argument("--version", action="store_true", help="print versions, PIL flavour and GPUs, then exit")
+
+    def act(a, p) -> int:
+        if a.version:
+            from .environment import report as versions
+
+            _print_table(versions())
+            return 0
+        if a.verify:
+            return _verify(a.verify, a.workers, a.progress, a.progress_every)
+        if a.imagenet_root is None or a.out is None:
+            p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
+        cfg = from_arguments(PrepConfig, a)
+        try:
+            report = run(cfg)
+        except Interrupted as e:  # one line; the workers are gone; the same command resumes
+            print(f"alexnet-prep: {e}", file=sys.stderr)
+            return 128 + e.signum
+        except (WorkerDied, OutOfFiles) as e:  # not the input's fault (memory, a crash, a limit): 1, resumable
+            print(f"alexnet-prep: {e}", file=sys.stderr)
+            return 1
+        _print_prep_summary(cfg, report)
+        return 0
+
+    return _command(prep_main, argv, act, config=PrepConfig, arguments=arguments, require=False,  # or --verify
+                    usage="%(prog)s --imagenet-root ROOT --out SHARDS [options] | --verify SHARDS | --version")
 
 
 def _print_prep_summary(cfg, report) -> None:
@@ -106,58 +130,45 @@ def _verify(path: Path, workers: int, progress: bool | None, every: float) -> in
     return 0
 
 
-def _fail(prog: str, e: Exception) -> int:
-    """A problem the user can fix (config.UserError): one line naming it, status 2, no traceback."""
-    print(f"{prog}: error: {e}", file=sys.stderr)
-    return 2
-
-
-def _parser(main, **kwargs) -> argparse.ArgumentParser:
-    prog, description = main.__doc__.split(": ", 1)
-    return argparse.ArgumentParser(prog=prog, description=description, **kwargs)
-
-
 def train_main(argv=None) -> int:
     """alexnet-train: the paper's AlexNet and recipe on prepared shards (one process, or many with torchrun)."""
-    from .config import UserError, add_arguments, from_arguments
+    from .config import from_arguments
     from .train import Diverged, TrainConfig, run
 
-    _printable_output()
-    p = _parser(train_main, usage="%(prog)s --shards SHARDS --out RUN [options]",
-                epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
-    add_arguments(p, TrainConfig)
-    a = p.parse_args(argv)
-    try:
-        result = run(from_arguments(TrainConfig, a))
-    except UserError as e:
-        return _fail("alexnet-train", e)
-    except Diverged as e:
-        print(f"alexnet-train: {e}", file=sys.stderr)
-        return 1
-    return 128 + result["stopped"] if result.get("stopped") else 0
+    def act(a, p) -> int:
+        try:
+            result = run(from_arguments(TrainConfig, a))
+        except Diverged as e:
+            print(f"alexnet-train: {e}", file=sys.stderr)
+            return 1
+        return 128 + result["stopped"] if result.get("stopped") else 0
+
+    return _command(train_main, argv, act, config=TrainConfig, usage="%(prog)s --shards SHARDS --out RUN [options]",
+                    epilog="Two GPUs: torchrun --nproc-per-node 2 $(which alexnet-train) --shards ...")
 
 
 def eval_main(argv=None) -> int:
     """alexnet-eval: top-1/top-5 error of a checkpoint with center crops and (--tencrop) the paper's ten crops."""
-    import json
-
     from . import evaluate
-    from .config import UserError, add_arguments, from_arguments
+    from .config import from_arguments
 
-    _printable_output()
-    p = _parser(eval_main, usage="%(prog)s --shards SHARDS --checkpoint RUN/checkpoint.pt [options]")
-    add_arguments(p, evaluate.EvalConfig)
-    a = p.parse_args(argv)
-    try:
+    def act(a, p) -> int:
         cfg = from_arguments(evaluate.EvalConfig, a)
         result = evaluate.run(cfg)
-    except UserError as e:
-        return _fail("alexnet-eval", e)
-    if not result:  # not rank 0
+        if result:  # rank 0 only
+            _print_eval(cfg, result)
         return 0
+
+    return _command(eval_main, argv, act, config=evaluate.EvalConfig,
+                    usage="%(prog)s --shards SHARDS --checkpoint RUN/checkpoint.pt [options]")
+
+
+def _print_eval(cfg, result: dict) -> None:
+    import json
+
     if cfg.json:
         print(json.dumps(result, indent=1))
-        return 0
+        return
     print(f"{cfg.checkpoint} (epoch {result['epoch']}) on {result['ranks']} x {result['device']}, "
           f"{result['mean']} mean, {result['precision']}")
     print(f"{'':<10}{'images':>8}{'top-1 err':>11}{'top-5 err':>11}")
@@ -171,59 +182,48 @@ def eval_main(argv=None) -> int:
         f = result["figures"]
         print(f"figures: {f['filters']}, {f['predictions']}, {f['neighbours']} (neighbours among "
               f"{f['neighbour_pool']} training images)")
-    return 0
 
 
 def predict_main(argv=None) -> int:
     """alexnet-predict: the top classes of image files, with names and probabilities, from a trained network."""
     from . import inference
-    from .config import UserError, add_arguments, from_arguments
+    from .config import from_arguments
 
-    _printable_output()
-    p = _parser(predict_main, usage="%(prog)s IMAGE... --checkpoint RUN/best.pt [--tencrop] [--top 5] [--json]")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
-    add_arguments(p, inference.PredictConfig)
-    a = p.parse_args(argv)
-    try:
-        return inference.run(from_arguments(inference.PredictConfig, a))
-    except UserError as e:
-        return _fail("alexnet-predict", e)
+    return _command(predict_main, argv, lambda a, p: inference.run(from_arguments(inference.PredictConfig, a)),
+                    config=inference.PredictConfig,
+                    arguments=lambda p: p.add_argument("images", nargs="+", metavar="IMAGE",
+                                                       help="image files (any format PIL reads)"),
+                    usage="%(prog)s IMAGE... --checkpoint RUN/best.pt [--tencrop] [--top 5] [--json]")
 
 
 def export_main(argv=None) -> int:
     """alexnet-export: a trained network as ONNX, or as a torchvision state_dict where the layouts agree."""
     from . import export
-    from .config import UserError, add_arguments, from_arguments
+    from .config import from_arguments
 
-    _printable_output()
-    p = _parser(export_main, usage="%(prog)s --checkpoint RUN/best.pt --out model.onnx|model.pt [--input uint8]",
-                epilog=export.__doc__.split("\n\n", 1)[1])
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    add_arguments(p, export.ExportConfig)
-    a = p.parse_args(argv)
-    try:
+    def act(a, p) -> int:
         path = export.run(from_arguments(export.ExportConfig, a))
-    except UserError as e:
-        return _fail("alexnet-export", e)
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return 0
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        return 0
+
+    return _command(export_main, argv, act, config=export.ExportConfig,
+                    usage="%(prog)s --checkpoint RUN/best.pt --out model.onnx|model.pt [--input uint8]",
+                    epilog=export.__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def bench_main(argv=None) -> int:
     """alexnet-bench: throughput of each stage against the baseline a user would otherwise pick, as ratios."""
     from . import bench
-    from .config import UserError, add_arguments, from_arguments
+    from .config import add_arguments, from_arguments
 
-    p = _parser(bench_main)
-    sub = p.add_subparsers(dest="stage", required=True)
     stages = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "loader": bench.LoaderBench,
               "train": bench.TrainBench}
-    for name, cls in stages.items():
-        doc = cls.__doc__ or name
-        add_arguments(sub.add_parser(name, help=doc.split(":")[0].split(".")[0], description=doc), cls)
-    a = p.parse_args(argv)
-    cls = stages[a.stage]
-    try:
-        return bench.main(from_arguments(cls, a))
-    except UserError as e:
-        return _fail("alexnet-bench", e)
+
+    def arguments(p):
+        sub = p.add_subparsers(dest="stage", required=True)
+        for name, cls in stages.items():
+            doc = cls.__doc__ or name
+            add_arguments(sub.add_parser(name, help=doc.split(":")[0].split(".")[0], description=doc), cls)
+
+    return _command(bench_main, argv, lambda a, p: bench.main(from_arguments(stages[a.stage], a)),
+                    arguments=arguments)

@@ -108,8 +108,8 @@ class AlexNet(nn.Module):
                 ones = name in ("conv2", "conv4", "conv5", "fc6", "fc7")
                 nn.init.constant_(m.bias, (0.1 if caffe else 1.0) if ones else 0.0)
 
-    # Two ways to compute the same function with the same weights, set by place() on GPUs (README, "Where a
-    # step's time goes"): grouped layers as one dense convolution per column (cuDNN's weight gradient of a
+    # Two ways to compute the same function with the same weights, set by place() on GPUs (docs/results.md,
+    # "Where a step's time goes"): grouped layers as one dense convolution per column (cuDNN's weight gradient of a
     # grouped convolution in channels_last falls back to a slow kernel), and conv1 over space-to-depth blocks
     # (3 input channels leave the matrix units idle; 48 do not).
     split_groups = False

@@ -167,8 +167,9 @@ class Decoding:
                           "hw_decoder_load of each batch); cpu = libjpeg-turbo on the DALI threads, the "
                           "augmentation then runs on the GPU; auto = mixed on a GPU, cpu on the CPU",
                           choices=("auto", "mixed", "cpu"))
-    # Fastest feed of the full-width training step on an H100 (alexnet-bench train, batch 128, one run, 2,007
-    # images): 12,392 images/s at 0.9, against 11,540 at 1.0, 11,292 at 0.5, 10,557 at 0 (README).
+    # 0.9 was the fastest share in the one H100 measurement, on a 2,007-image set whose loader was rebuilt every
+    # epoch (docs/results.md calls those rows superseded); DALI's own default is 0.65. The GPU round's loader
+    # table (hw_decoder_load x threads) decides it on ImageNet-sized data; until then 0.9 stays, unmeasured.
     hw_decoder_load: float = option(0.9, "share of each batch for the hardware JPEG decoder of A100/H100 GPUs "
                                     "(mixed decoding; the rest is CUDA decoding)", minimum=0.0, maximum=1.0)
     batches_per_run: int = option(1, "batches DALI makes per run: one run of batch_size x this many samples, "
@@ -178,6 +179,12 @@ class Decoding:
                                "(every prepared image is)")
     stream_ordered: bool = option(False, "GPU: order DALI's outputs on torch's current CUDA stream "
                                   "(pipe.run(cuda_stream=...)) instead of waiting for them on the host")
+    # Off until measured faster: on 2 CPU cores the train loader with it ran 0.90-1.10x, decoding alone 0.91-0.95x
+    # (three runs; docs/results.md, "Decoding only the crop"); the GPU round's loader table times it.
+    crop_decode: bool = option(False, "train: decode only the random 224x224 window (libjpeg-turbo's ROI "
+                               "decoding) where JPEGs are decoded on CPU threads (decoder cpu, the CPU loader); "
+                               "mixed decoding decodes whole images (DALI's hardware decoder cannot decode a "
+                               "window)", scope="train")
 
 
 @dataclass(kw_only=True)
@@ -274,6 +281,11 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
     @property
     def gpu_decoding(self) -> bool:
         return self.on_gpu and self.decoder in ("auto", "mixed")
+
+    @property
+    def crop_decoding(self) -> bool:
+        """Whether the train graph decodes only its crop: CPU decoding, unless crop_decode is off."""
+        return self.crop_decode and not self.gpu_decoding
 
     @property
     def run_size(self) -> int:

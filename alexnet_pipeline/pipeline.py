@@ -122,9 +122,16 @@ def _normalize(cfg: LoaderConfig, image, x, y, mirror, mean, patch):
     return fn.cast(out - patch, dtype=types.FLOAT16) if half else out - patch
 
 
-def _decode(cfg: LoaderConfig, jpg):
+def _decode(cfg: LoaderConfig, jpg, window=None):
+    """The decoded images: whole, or (CPU decoding) only the 224x224 `window` = (x, y) anchors, as fractions
+    of the span (libjpeg-turbo's ROI decoding; its rounding of the anchor is crop_mirror_normalize's)."""
     if not cfg.gpu_decoding:
-        image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        if window is None:
+            image = fn.decoders.image(jpg, device="cpu", output_type=types.RGB)
+        else:
+            image = fn.decoders.image_crop(jpg, device="cpu", output_type=types.RGB,
+                                           crop=(augment.CROP, augment.CROP), crop_pos_x=window[0],
+                                           crop_pos_y=window[1])
         return image.gpu() if cfg.on_gpu else image  # CPU decoding feeding the GPU augmentation
     hints: dict = {"preallocate_width_hint": 256, "preallocate_height_hint": 256} if cfg.preallocate else {}
     return fn.decoders.image(jpg, device="mixed", output_type=types.RGB, hw_decoder_load=cfg.hw_decoder_load,
@@ -139,8 +146,8 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
     """The DALI pipeline, built, making cfg.run_size samples per run. Outputs (images, labels); with
     `expose`, also the decoded 256x256 image and the random draws, sorted by name (alpha0..2, mirror, x, y;
     with host draws alpha as one [3] vector; x and y as fractions of the 32-pixel span), so tests can replay
-    them through the reference. `upto` stops early, for the benchmarks: "decode" after decoding (the
-    decoder's ceiling), "read" after reading and the random draws (the graph's CPU side, no image work).
+    them through the reference. `upto` stops early, for the benchmarks: "decode" after decoding, as the graph
+    decodes (the decoder's ceiling), "read" after reading and the random draws (the graph's CPU side, no image work).
     `first_epoch`: the epoch a fresh (not restored) pipeline starts in, which keys the host draws. `samples`:
     read only the split's first shards holding that many samples (the figures use the first 10,000)."""
     if upto not in STAGES:
@@ -167,16 +174,19 @@ def build_pipeline(cfg: LoaderConfig, train: bool, expose: bool = False, upto: s
             ext=["jpg", shards.LABEL_EXT], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
             shard_id=cfg.rank, num_shards=cfg.world_size, pad_last_batch=True, random_shuffle=train,
             initial_fill=max(1, min(cfg.shuffle_buffer, n_samples)), name="reader", **shard_order)
-        if upto == "decode":
-            return _decode(cfg, jpg), label
         drawn, patch = {}, _mean_patch(cfg, stats)
         mean = _draws(cfg, stats, n_samples, span, first_epoch, expose, drawn) if train else \
             _base_mean(cfg, stats).tolist()
         if upto == "read":
             return (jpg, label, mean, drawn["x"], drawn["y"], drawn["mirror"]) if train else (jpg, label)
-        image = _decode(cfg, jpg)
+        # the train graph may decode only its crop; the fused pass then mirrors and normalizes it whole
+        window = (drawn["x"], drawn["y"]) if train and cfg.crop_decoding else None
+        image = _decode(cfg, jpg, window)
+        if upto == "decode":
+            return image, label
         if train:
-            out = _normalize(cfg, image, drawn["x"], drawn["y"], drawn["mirror"], mean, patch)
+            x, y = (0.0, 0.0) if window else (drawn["x"], drawn["y"])
+            out = _normalize(cfg, image, x, y, drawn["mirror"], mean, patch)
         elif cfg.tencrop:
             views = [_normalize(cfg, image, cx / span, cy / span, int(flip), mean, patch)
                      for cx, cy, flip in augment.TEN_CROPS]
@@ -311,13 +321,16 @@ class Loader:
     """Iterable of (images, labels) torch tensors on the loader's device; len() is batches per epoch.
 
     One Loader serves every epoch (its DALI pipeline, threads and decoder state are built once). Every rank
-    yields the same number of batches. Positions past the end of this rank's part of the epoch (DALI's
+    yields the same number of batches. `state`: a state_dict() to continue from; `first_epoch`: the epoch a
+    fresh loader starts in; `samples`: read only the split's first shards holding that many samples;
+    `digest`: check this rank's shards in the background (off for a benchmark's further loaders over the
+    same shards). Positions past the end of this rank's part of the epoch (DALI's
     padding) carry label PAD_LABEL, so losses with ignore_index=-100 and metrics that skip negative labels
     count each sample exactly once.
     """
 
     def __init__(self, cfg: LoaderConfig, train: bool, state: dict | None = None, first_epoch: int = 0,
-                 samples: int | None = None):
+                 samples: int | None = None, digest: bool = True):
         if train and cfg.tencrop:
             raise OptionError("option tencrop: ten crops are for evaluation (eval_loader), not training")
         self.cfg, self.train = cfg, train
@@ -332,7 +345,7 @@ class Loader:
         keep = shards.first_shards(entries, samples)  # the shards build_pipeline read
         self._paths, self._entries = shards.shard_paths(cfg.shards, cfg.split_name, manifest)[:keep], entries[:keep]
         # bit rot is named during the first epoch: each batch looks, and the epoch's end waits for the check
-        self._digest = _Digest(self._paths, self._entries, self._read_order(self.epoch))
+        self._digest = _Digest(self._paths, self._entries, self._read_order(self.epoch) if digest else [])
         self.classes = manifest.classes
         self.batches = batches_per_epoch(cfg, self.n_samples)
         self.runs = runs_per_epoch(cfg, self.n_samples)

@@ -1,7 +1,9 @@
 """The run's log: console lines, RUN/log.jsonl records and TensorBoard scalars, all from rank 0.
 
-An interval's line says where the run is (epoch i/N, step), how it goes (loss, lr), how fast (images/s, the
-share of time spent waiting for data) and how long the rest will take.
+An interval's line says where the run is (epoch i/N, step), how it goes (loss, lr), how fast (the interval's
+images/s, and the data wait: on a GPU the share of GPU time idle between steps, with the host's own time in the
+loader beside it; clock.py) and how long the rest will take. The epoch's line and record carry the whole
+epoch's images/s (its images over its wall time, logging included) and data wait.
 """
 
 from __future__ import annotations
@@ -42,16 +44,18 @@ class RunLog:
                     self.writer.add_scalar(f"{kind}/{k}", v, step)
 
     def interval(self, *, epoch: int, epochs: int, step: int, done: int, per_epoch: int, losses: list[float],
-                 lr: float, rate: float, wait: float, step_time: float) -> None:
+                 lr: float, rate: float, wait: float, host_wait: float, step_time: float) -> None:
         """The line and record of one log interval; `done` batches of this epoch's `per_epoch` are taken and
         a step takes `step_time` seconds (this epoch's mean so far)."""
         epoch_eta = (per_epoch - done) * step_time
         run_eta = epoch_eta + (epochs - epoch) * per_epoch * step_time
         mean = sum(losses) / len(losses)
-        self.record("train", step, epoch=epoch, loss=mean, losses=losses, lr=lr, images_per_s=rate, data_wait=wait,
-                    eta_epoch_s=epoch_eta, eta_run_s=run_eta)
+        self.record("train", step, epoch=epoch, loss=mean, losses=losses, lr=lr, interval_images_per_s=rate,
+                    data_wait=wait, host_wait=host_wait, eta_epoch_s=epoch_eta, eta_run_s=run_eta)
+        host = f" (host {host_wait:.0%})" if abs(host_wait - wait) > 0.005 else ""
         self.line(f"epoch {epoch}/{epochs} step {done}/{per_epoch} ({step} total)  loss {mean:.4f}  lr {lr:.2g}  "
-                  f"{rate:,.0f} img/s  data wait {wait:.0%}  ETA epoch {duration(epoch_eta)}, run {duration(run_eta)}")
+                  f"{rate:,.0f} img/s  data wait {wait:.0%}{host}  ETA epoch {duration(epoch_eta)}, "
+                  f"run {duration(run_eta)}")
 
     def close(self) -> None:
         if self.writer is not None:

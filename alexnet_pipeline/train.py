@@ -25,6 +25,7 @@ import torch
 
 from . import build, distributed, evaluate
 from .checkpoint import Checkpoint, RankState, TrainingState, preprocessing
+from .clock import StepClock
 from .config import UserError, check, option, recipe_fields, to_json
 from .optim import MOMENTUM_RULES
 from .options import Augmentation, Decoding, Network, Order, Placement, Shards, Stepping
@@ -153,9 +154,9 @@ class Trainer:
         self.log = RunLog(self.run, self.world.main)
         if ckpt is not None:
             self.log.line(f"resuming {ckpt.path}: epoch {ckpt.epoch}, step {ckpt.step}")
-        self.val_loader = build.eval_loader(cfg, self.world)
+        self.val_loader = build.validation_loader(cfg, self.world)
         self.schedule = Schedule(cfg)
-        run = build.resume(cfg, len(self.classes), self.world, self.schedule, ckpt)
+        run = build.start_run(cfg, len(self.classes), self.world, self.schedule, ckpt)
         self.parts, self.train_loader = run.parts, run.train_loader
         self.epoch, self.step, self.history, self.stopping = run.epoch, run.step, run.history, False
         if run.note:
@@ -210,17 +211,18 @@ class Trainer:
         parts.model.train()
         # per step [loss, top-1 hits, real samples] stay on the device until the interval's one host sync
         pending, interval_start, epoch_start, totals = [], self.step, self.step, [0.0, 0.0, 0.0]
-        t0, wait, t_epoch = time.perf_counter(), 0.0, time.perf_counter()
+        clock = StepClock(self.world.device)
+        t0 = t_epoch = time.perf_counter()
         batches = iter(self.train_loader)
         while True:
-            t_wait = time.perf_counter()
-            batch = next(batches, None)
-            wait += time.perf_counter() - t_wait
+            with clock.waiting():
+                batch = next(batches, None)
             if batch is None:
                 break
             if self.on_batch is not None:
                 self.on_batch(*batch)
-            pending.append(parts.step(*batch))
+            with clock.stepping():
+                pending.append(parts.step(*batch))
             self.step += 1
             last = self.train_loader.position == len(self.train_loader)
             if len(pending) == cfg.log_every or last:
@@ -231,19 +233,24 @@ class Trainer:
                     raise Diverged(f"the loss is not finite at step {bad} (epoch {self.epoch + 1}); stopping. "
                                    f"The last good state is {self.run.file(CHECKPOINT)}; a lower --lr may help")
                 totals = [t + sum(col) for t, col in zip(totals, zip(*rows, strict=True), strict=True)]
-                dt = time.perf_counter() - t0
+                wait, host_wait = clock.interval()
                 self.log.interval(epoch=self.epoch + 1, epochs=cfg.epochs, step=self.step,
                                   done=self.train_loader.position, per_epoch=len(self.train_loader), losses=losses,
-                                  lr=self.schedule.lr, rate=len(rows) * cfg.global_batch / dt, wait=wait / dt,
+                                  lr=self.schedule.lr, rate=len(rows) * cfg.global_batch / (time.perf_counter() - t0),
+                                  wait=wait, host_wait=host_wait,
                                   step_time=(time.perf_counter() - t_epoch) / max(1, self.step - epoch_start))
-                pending, interval_start, t0, wait = [], self.step, time.perf_counter(), 0.0
+                pending, interval_start, t0 = [], self.step, time.perf_counter()
                 if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
                     stop.signum, self.stopping = signum, True
                     if not last:
                         return None
         loss_sum, hits, seen = totals
-        return {"train_loss": loss_sum / max(1, self.step - epoch_start),
-                "train_top1_error": 1 - hits / max(1, seen), "seconds": time.perf_counter() - t_epoch}
+        seconds = time.perf_counter() - t_epoch  # the whole epoch's training, logging included
+        wait, host_wait = clock.epoch()
+        steps = self.step - epoch_start
+        return {"train_loss": loss_sum / max(1, steps), "train_top1_error": 1 - hits / max(1, seen),
+                "seconds": seconds, "images_per_s": steps * cfg.global_batch / seconds, "data_wait": wait,
+                "host_wait": host_wait}
 
     def _stopped(self, signum: int, where: str) -> dict:
         self.log.line(f"stopped by signal {signum} {where}; saved {self.run.file(CHECKPOINT)} (continue with --resume)")
@@ -283,7 +290,8 @@ class Trainer:
         self.history.append({"step": self.step, **entry})
         self.log.record("epoch", self.step, **entry)
         self.log.line(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {train['train_loss']:.4f}, val top-1/top-5 "
-                      f"error {val['top1_error']:.2%}/{val['top5_error']:.2%} ({train['seconds']:.1f} s)")
+                      f"error {val['top1_error']:.2%}/{val['top5_error']:.2%} ({train['seconds']:.1f} s, "
+                      f"{train['images_per_s']:,.0f} img/s, data wait {train['data_wait']:.0%})")
         self.save(CHECKPOINT)
         if val["top1_error"] <= min(h["val_top1_error"] for h in self.history):
             self.save(BEST, full=False)
@@ -292,7 +300,7 @@ class Trainer:
         """Ten-crop validation of the final weights, the summary and the plots."""
         summary = {"epochs": self.epoch, "steps": self.step, "center": self.history[-1] if self.history else None}
         if self.cfg.final_tencrop:
-            loader = build.eval_loader(self.cfg, self.world, tencrop=True)
+            loader = build.validation_loader(self.cfg, self.world, tencrop=True)
             counts = evaluate.error_counts(self.parts.model, loader, tencrop=True, precision=self.cfg.precision)
             summary["tencrop"] = t = evaluate.errors(counts)
             self.log.record("tencrop", self.step, **t)

@@ -24,6 +24,8 @@ def test_ten_crops_are_corners_center_and_mirrors():
     views = augment.ten_crop(image, np.zeros(3))
     assert views.shape == (10, 3, 224, 224)
     np.testing.assert_array_equal(views[0], image[:224, :224].transpose(2, 0, 1))
+    np.testing.assert_array_equal(views[1], image[:224, 32:].transpose(2, 0, 1))
+    np.testing.assert_array_equal(views[2], image[32:, :224].transpose(2, 0, 1))
     np.testing.assert_array_equal(views[3], image[32:, 32:].transpose(2, 0, 1))
     np.testing.assert_array_equal(views[4], image[16:240, 16:240].transpose(2, 0, 1))
     np.testing.assert_array_equal(views[6], views[1][:, :, ::-1])
@@ -47,8 +49,8 @@ def test_counter_draws_do_not_depend_on_how_samples_are_cut_into_batches():
     parts = [augment.counter_draws((3, 1, 2), start, count, 0.1) for start, count in ((0, 7), (7, 25), (32, 8))]
     for a, b in zip(whole, zip(*parts, strict=True), strict=True):
         np.testing.assert_array_equal(a, np.concatenate(b))
-    other_epoch = augment.counter_draws((3, 1, 3), 0, 40, 0.1)
-    assert not np.array_equal(whole[3], other_epoch[3])  # each epoch (and rank, and seed) draws afresh
+    for other in ((3, 1, 3), (3, 0, 2), (4, 1, 2)):  # each epoch, rank and seed draws afresh
+        assert not np.array_equal(whole[3], augment.counter_draws(other, 0, 40, 0.1)[3]), other
 
 
 def test_counter_draws_have_the_papers_distributions():

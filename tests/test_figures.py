@@ -24,6 +24,9 @@ def test_figure_3_has_one_tile_per_kernel_each_normalised_in_two_blocks(tmp_path
         tile = image[top:top + side, left:left + side]
         assert np.array_equal(tile[::figures.SCALE, ::figures.SCALE], np.round(kernel * 255).astype(np.uint8))
     assert len(set(origins)) == 96 and kernels.min() == 0 and kernels.max() == 1
+    w = weight.detach().numpy().transpose(0, 2, 3, 1)  # each kernel from its own minimum to its own maximum
+    lo, hi = w.min(axis=(1, 2, 3), keepdims=True), w.max(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(kernels, (w - lo) / (hi - lo), atol=1e-6)
     first, second = {t for t, _ in origins[:48]}, {t for t, _ in origins[48:]}
     assert max(first) + side + figures.BLOCK_GAP <= min(second)  # column 1's kernels above column 2's
     mask = np.ones(image.shape[:2], bool)  # outside the tiles only background

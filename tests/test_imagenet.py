@@ -84,3 +84,24 @@ def test_hugging_face_names_give_the_original_keys_and_labels(sample):
     assert {k: v for k, v in labels.items() if k in want} == want
     assert not any(k.startswith("ILSVRC2012_test") for k in labels)  # test images carry no class: not read
     assert units.hf_key("ILSVRC2012_val_00000001_n01751748.JPEG") == ("ILSVRC2012_val_00000001", "n01751748")
+
+
+def test_a_hugging_face_archive_complete_but_short_of_its_listed_members_is_named(sample, tmp_path):
+    """An archive replaced by a whole, readable one with fewer members than were listed (the cache and the
+    stream disagree): the stream reaches its end with units unfilled, and the archive is named."""
+    import io
+    import shutil
+    import tarfile
+
+    root = tmp_path / "hf"
+    shutil.copytree(sample[0] / "hf", root)
+    val_units = imagenet.find(root, splits=("val",)).units["val"]  # listed with every member
+    archive = root / "data" / "val_images.tar.gz"
+    with tarfile.open(archive, "r:gz") as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf if m.isfile()]
+    with tarfile.open(archive, "w:gz") as tf:  # the same archive, whole, without its last member
+        for m, data in members[:-1]:
+            tf.addfile(m, io.BytesIO(data))
+    with pytest.raises(units.ArchiveError, match=f"{archive}: unreadable or truncated \\(fewer members"):
+        for _ in units.with_payloads(val_units):
+            pass

@@ -6,6 +6,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from conftest import CLASSES
+
 from alexnet_pipeline import imagenet, listing
 from alexnet_pipeline.prep import PrepConfig, run
 
@@ -60,12 +62,13 @@ def test_a_rerun_over_a_finished_output_stats_each_source_file_once(prepped, sam
             return real(path, *args, **kwargs)
         monkeypatch.setattr(owner, name, counting)
     real_scan = listing.scan
-    monkeypatch.setattr(listing, "scan", lambda r, rel: scans.append(rel) or real_scan(r, rel))
+    monkeypatch.setattr(imagenet, "scan", lambda r, rel: scans.append(rel) or real_scan(r, rel))
     report = run(PrepConfig(sample[0] / "extracted", prepped, shard_size=5, workers=1, progress=False))
     assert report.resumed and not report.processed
     assert sum(stats.values()) == 0, stats
     n_images = sum(len(files) for _, _, files in os.walk(root))
-    assert len(scans) == len(set(scans)) and report.stages[0].count == n_images
+    assert len(scans) == len(set(scans)) == 2 * CLASSES  # each class folder of train and val, once
+    assert report.stages[0].count == n_images
 
 
 def test_archives_are_listed_once_then_from_the_cache_while_they_keep_size_and_time(sample, tmp_path, monkeypatch):

@@ -55,9 +55,11 @@ def test_lrn_follows_relu_on_conv1_and_conv2_only():
     m = AlexNet(AlexNetConfig(width=0.25))
     seen = []
     for name in ("lrn1", "lrn2"):
-        getattr(m, name).register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].min())))
+        getattr(m, name).register_forward_hook(lambda mod, inp, out, name=name: seen.append(
+            (name, inp[0].min(), inp[0].shape[-1])))
     m.features(torch.randn(1, 3, 224, 224))
-    assert [n for n, _ in seen] == ["lrn1", "lrn2"] and all(v >= 0 for _, v in seen)  # inputs are post-ReLU
+    assert [n for n, _, _ in seen] == ["lrn1", "lrn2"] and all(v >= 0 for _, v, _ in seen)  # inputs are post-ReLU
+    assert [side for _, _, side in seen] == [55, 27]  # before each max-pool (after it they would be 27 and 13)
     assert isinstance(AlexNet(AlexNetConfig(variant="torchvision", width=0.25)).lrn1, nn.Identity)
 
 

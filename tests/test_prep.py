@@ -390,7 +390,7 @@ def test_a_shard_drawing_on_many_work_files_needs_few_open_files(prepped, sample
                                             "--workers", "1", "--shard-size", "100", "--splits", "train"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "stage train images: 34 images" in r.stdout  # 34 units of one image each
+    assert "stage train work files: 34 files" in r.stdout  # 34 units of one image each
     whole = tmp_path / "whole"
     run(PrepConfig(sample[0] / "extracted", whole, splits=("train",), shard_size=100, workers=1, progress=False))
     assert _files(out) == _files(whole)
@@ -467,3 +467,30 @@ def test_progress_lines_when_stderr_is_not_a_terminal(sample, tmp_path):
     quiet = subprocess.run(PREP + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(tmp_path / "q"),
                                    "--workers", "1", "--no-progress"], capture_output=True, text=True)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("damage", ["short", "flipped"])
+def test_a_resume_redoes_a_work_file_a_crash_left_short_or_damaged_and_leaves_no_temporary_file(
+        larger, tmp_path, damage):
+    """Work files are not fsynced: after a crash one may be short, or hold wrong bytes under an intact
+    trailer. The resumed run redoes it (its CRC) and ends with a clean run's bytes, and no temporary file of
+    the killed run is left anywhere in OUT, dot-files included."""
+    source, clean = larger
+    out = tmp_path / "o"
+    args = ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "1", "--no-progress"]
+    held_prep(args, out, "shards").kill()  # every train work file is on disk, a shard too
+    victim = sorted((out / WORK / "train").glob("*.unit"))[1]
+    data = bytearray(victim.read_bytes())
+    if damage == "short":
+        victim.write_bytes(bytes(data[:len(data) // 2]))
+    else:
+        data[100] ^= 0xFF  # inside the first JPEG; the trailer (and its CRC) untouched
+        victim.write_bytes(bytes(data))
+    for stray in (out / ".dataset.json.tmp4242", out / WORK / "train" / f".{victim.name}.tmp4242",
+                  out / "train" / ".train-000003.tar.tmp4242"):
+        stray.write_bytes(b"half-written")
+    r = subprocess.run(PREP + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "stage train images: 64 images" in r.stdout  # that unit, and only it, was prepared again
+    assert _files(out) == _files(clean)
+    assert [p for p in out.rglob("*") if ".tmp" in p.name] == []

@@ -174,8 +174,8 @@ def test_the_scale_check_builds_a_tree_of_links_and_reports_a_watched_run(tmp_pa
     assert len(jpegs) == 210 and len({os.stat(p).st_ino for p in jpegs}) <= 4  # links to 4 distinct files
     record = tmp_path / "scale.json"
     r = subprocess.run(tool + ["run", str(tmp_path / "tree"), str(tmp_path / "out"), "--workers", "2", "--nofile",
-                               "64", "--repeats", "1", "--verify", "--record", str(record), "--every", "0.02"], capture_output=True,
-                       text=True, timeout=300)
+                               "64", "--repeats", "1", "--verify", "--record", str(record), "--every", "0.02"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     result = json.loads(record.read_text())
     stages = result["prep"]["stages"]

@@ -149,3 +149,35 @@ def test_two_columns_on_two_gpus_equal_the_grouped_model():
     x = torch.randn(4, 3, 224, 224) * 50
     with torch.no_grad():
         torch.testing.assert_close(split(x.cuda()).cpu(), grouped(x), rtol=1e-3, atol=1e-3)
+
+
+def test_the_data_wait_is_the_gpus_idle_time_between_steps_not_the_hosts_time_in_next():
+    """A host that waits while the GPU is still busy (an asynchronous step far longer than the wait) shows a
+    high host wait and almost no data wait; a GPU that finishes each step before the host brings the next
+    shows a high data wait."""
+    import time
+
+    from alexnet_pipeline.clock import StepClock
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10**7)  # a kernel that spins for a number of cycles: calibrate it in ms
+    end.record()
+    end.synchronize()
+    ms_per_cycle = start.elapsed_time(end) / 10**7
+
+    def interval(gpu_ms: float, host_ms: float):
+        clock = StepClock(torch.device("cuda"))
+        cycles = int(gpu_ms / ms_per_cycle)
+        for _ in range(10):
+            with clock.waiting():
+                time.sleep(host_ms / 1e3)
+            with clock.stepping():
+                torch.cuda._sleep(cycles)
+        torch.cuda.synchronize()  # the trainer's interval sync
+        return clock.interval()
+
+    wait, host = interval(gpu_ms=30, host_ms=5)  # the host runs ahead: the GPU never waits
+    assert wait < 0.1 and host > 0.05, (wait, host)
+    wait, host = interval(gpu_ms=1, host_ms=20)  # the GPU waits for every batch
+    assert wait > 0.8 and host > 0.8, (wait, host)

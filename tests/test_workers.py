@@ -25,7 +25,9 @@ def test_a_parent_killed_by_any_signal_takes_its_workers_and_its_lock(sample, tm
     args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2", "--no-progress",
             "--shard-size", "5"]
     proc = held_prep(args, out, "units")
-    held = workers.held(out / WORK)
+    held = [int(pid) for t in os.listdir(f"/proc/{proc.pid}/task")
+            for pid in Path(f"/proc/{proc.pid}/task/{t}/children").read_text().split()]
+    assert len(held) == 2 and set(workers.held(out / WORK)) <= set(held)  # both workers, the held one among them
     proc.kill()  # SIGKILL: no handler of the parent runs
     deadline = time.monotonic() + 5
     while not all(_gone(pid) for pid in held) and time.monotonic() < deadline:

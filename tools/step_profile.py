@@ -57,7 +57,7 @@ VARIANTS = ["before", "+cudnn", "+band LRN", "+fused SGD", "+graph", "+split", "
 
 
 def step_for(variant: str, device: torch.device, batch_size: int, width: float = 1.0):
-    """The training step as alexnet-train builds it (build.training), taken back to `variant`'s form."""
+    """The training step as alexnet-train builds it (build.build_parts), taken back to `variant`'s form."""
     level = VARIANTS.index(variant)
     cfg = TrainConfig(shards=Path("unused"), out=Path("unused"), global_batch=batch_size, compile=level >= 7,
                       cuda_graph=level >= 4, width=width)
@@ -68,7 +68,7 @@ def step_for(variant: str, device: torch.device, batch_size: int, width: float =
         net.split_groups = level >= 5
         net.space_to_depth = level >= 6
 
-    parts = build.training(cfg, 1000, World(0, 1, 0, device), adapt=earlier_form)
+    parts = build.build_parts(cfg, 1000, World(0, 1, 0, device), adapt=earlier_form)
     torch.backends.cudnn.benchmark = level >= 1  # place() turned cuDNN autotuning on
     if level < 3:  # torch's own SGD (foreach), before the fused kernel; the eager step only needs step()
         parts.step.optimizer = torch.optim.SGD(parts.net.parameters(), lr=cfg.lr or 0.01, momentum=cfg.momentum,
