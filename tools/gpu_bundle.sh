@@ -2,7 +2,7 @@
 # Pack DALI and what it needs for the lent GPU machine (no network; Python 3.12, x86-64, CUDA 13 driver and
 # torch 2.11+cu130) into pieces small enough to carry one per call (the device tool carries 64 MiB at a time):
 #
-#   bash tools/gpu_bundle.sh DIR        # -> DIR/site.tar.xz.0, .1, .2 (about 141 MiB in all)
+#   bash tools/gpu_bundle.sh DIR        # -> DIR/site.tar.xz.0, .1, .2 (about 141 MiB in all) and DIR/SHA256SUMS
 #
 # Pieces of 56 MiB: with the working tree (under 1 MiB), each call stays under the 64 MiB the tool carries.
 #
@@ -24,5 +24,8 @@ for w in "$TMP"/wheels/*.whl; do unzip -q -o "$w" -d "$TMP/site"; done
 # headers, and the extension modules of Pythons other than 3.12, are not needed to run
 rm -rf "$TMP/site/nvidia/dali/include"
 find "$TMP/site/nvidia/dali" -name '*.cpython-3*' ! -name '*cpython-312-*' -delete
+rm -f "$DIR"/site.tar.xz.* "$DIR/SHA256SUMS"
 tar -cf - -C "$TMP" site | xz -9 -T0 | split -b 56M -d -a 1 - "$DIR/site.tar.xz."
+# what the round checks before it installs: every piece there, each whole (tools/gpu_check.sh check)
+(cd "$DIR" && sha256sum site.tar.xz.* > SHA256SUMS)
 ls -la "$DIR"

@@ -131,6 +131,18 @@ def _layer_row(device, batch: int, cin: int, cout: int, k: int, stride: int, pad
     return row
 
 
+def evaluation(step, images) -> None:
+    """The step's network (compiled, if the variant compiles) once in evaluation mode, as alexnet-train's
+    validation runs it: in inference mode, under the step's autocast, dropout off."""
+    from alexnet_pipeline.step import autocast
+
+    model = step.model
+    model.eval()
+    with torch.inference_mode(), autocast(images.device, step.precision):
+        model(images)
+    model.train()
+
+
 @dataclass(kw_only=True)
 class ProfileConfig(Device, Batch, Timing, Steps, Record):
     """The step profile's options: the shared groups (device, batch, repeats, steps, record), and its own."""
@@ -138,6 +150,8 @@ class ProfileConfig(Device, Batch, Timing, Steps, Record):
     variants: tuple[str, ...] = option(tuple(VARIANTS), "rows to time, in order", choices=tuple(VARIANTS))
     width: float = option(1.0, "channel multiplier (the CPU dry run of the GPU round)", minimum=1e-3)
     layers: bool = option(True, "also the per-layer table (GPU)")
+    eval_graph: bool = option(False, "also run the last variant's network once in evaluation mode, so that its "
+                              "graph joins torch.compile's cache too (for alexnet-train's validation)")
 
     def __post_init__(self):
         check(self)
@@ -169,6 +183,8 @@ def main(argv=None) -> int:
         print(f"{variant:<12}{rows[variant]:>10.0f} images/s", flush=True)
         if gpu and (variant == "before" or rows[variant] == max(rows.values())):
             tables[variant] = bench.kernel_table(run, a.steps)
+        if a.eval_graph and variant == a.variants[-1]:
+            evaluation(step, images)
         del step
         if gpu:
             torch.cuda.empty_cache()
