@@ -493,11 +493,12 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
     pool = workers.Pool(n, work, workers.counter) if n > 1 else None
     try:
         for split in cfg.splits:
-            processed, stages = _run_units(cfg, split, source.units[split], work, pool, report.resumed)
+            planned = source.units.pop(split)  # gone with this split: ImageNet's train units are 1.28M entries
+            processed, stages = _run_units(cfg, split, planned, work, pool, report.resumed)
             report.processed += processed
             report.stages += stages
             t1 = time.perf_counter()
-            samples, paths, skipped, moments = _collect(source.units[split], work, cfg.seed, pool)
+            samples, paths, skipped, moments = _collect(planned, work, cfg.seed, pool)
             report.stages.append(Stage(f"{split} work files", len(paths), "files", time.perf_counter() - t1))
             skipped += [s for s in source.skipped if s["split"] == split]
             if not samples:
@@ -511,7 +512,7 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
             report.samples[split] = len(samples)
             if split == "train":
                 shards.save_npz(out / shards.STATS, summarize(moments))
-            del samples
+            del samples, planned
     finally:
         if pool is not None:
             pool.close()

@@ -61,13 +61,13 @@ class Item:
     error: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image: no __dict__ each
 class FileEntry:
     path: str
     label: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image: no __dict__ each
 class TarMember:
     """A member of a flat tar (ILSVRC2012_img_val.tar): where its bytes are."""
 
@@ -77,7 +77,7 @@ class TarMember:
     label: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per image: no __dict__ each
 class GzMember:
     """A member of a .tar.gz (Hugging Face): its index among the archive's files."""
 

@@ -45,6 +45,17 @@ def prepped(sample, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained(prepped, tmp_path_factory):
+    """A run of two epochs of a quarter-width paper AlexNet on the prepped sample (RUN/ with its checkpoints)."""
+    from alexnet_pipeline import train
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, width=0.25, global_batch=8, num_threads=1,
+                                final_tencrop=False, device="cpu", log_every=8))
+    return out
+
+
 def read_samples(shards_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:
     """{key: (label, jpeg bytes)} of a split, read back through the manifest."""
     from alexnet_pipeline import shards

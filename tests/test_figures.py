@@ -3,7 +3,6 @@
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -42,14 +41,6 @@ def test_nearest_is_the_brute_force_nearest():
     for q, row in zip(queries, found, strict=True):
         distances = ((bank - q) ** 2).sum(1)
         assert row.tolist() == distances.argsort()[:6].tolist()
-
-
-@pytest.fixture(scope="module")
-def trained(prepped, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fig") / "run"
-    train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, width=0.25, global_batch=8, num_threads=1,
-                                final_tencrop=False, device="cpu", log_every=8))
-    return out
 
 
 def test_training_ends_with_figure_3(trained):

@@ -232,7 +232,7 @@ def test_the_sample_makers_photos_prepare_to_imagenets_bytes_and_shapes():
     sizes, shapes, grey = [], [], 0
     for label in range(10):
         rng = np.random.default_rng([0, label])
-        for _ in range(30):
+        for _ in range(15):
             source = maker.source_jpeg(rng, label, 10)
             with Image.open(io.BytesIO(source)) as im:
                 shapes.append(im.size)
