@@ -119,6 +119,9 @@ class PrepBench(ImageNetRoot, Workers, Timing, Output):
     """alexnet-prep with 1 worker and with all workers against a naive one-process Pillow loop; then
     alexnet-prep --verify of its output with 1 worker and with all."""
 
+    shard_size: int = option(1000, "samples per shard of the prep timed (--verify reads one shard per task: on a "
+                             "small set, smaller shards give its workers a share each)", minimum=1)
+
     def __post_init__(self):
         check(self)
 
@@ -155,7 +158,8 @@ def prep_rates(cfg: PrepBench) -> dict:
     def ours(n):
         def go():
             shutil.rmtree(tmp / "shards", ignore_errors=True)
-            run(PrepConfig(cfg.imagenet_root, tmp / "shards", ("train",), workers=n, progress=False))
+            run(PrepConfig(cfg.imagenet_root, tmp / "shards", ("train",), workers=n, progress=False,
+                           shard_size=cfg.shard_size))
         return go
 
     def naive():

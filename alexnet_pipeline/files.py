@@ -1,5 +1,6 @@
 """Files that are never half-written and directories with one writer: atomic writes, the sweep of what a
-killed write left, and an exclusive lock on an output directory. Imports only config (for UserError)."""
+killed write left, an exclusive lock on an output directory (closed in forked workers), and the open-file
+limit (raised to the hard limit; EMFILE said in one line). Imports only config (for UserError)."""
 
 from __future__ import annotations
 

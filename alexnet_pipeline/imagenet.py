@@ -3,9 +3,10 @@
 The result of `find` is a `Source`: the sorted class list, the class names found beside the images, the
 listing of every file read (listing.py: folders are listed one stat per file, in parallel when prep passes its
 pool's `map`) and, per split, a list of units of work (units.py: one class per kind of source, each a
-picklable recipe for 64 images that a worker reads), made when first asked for: a re-run that finds nothing
-to do needs the listing only. Nothing is extracted; what is read out of archives to list them (Hugging Face
-member names, the official tars' offsets) is cached beside the output, keyed on the archive's size and time.
+picklable recipe for 64 images, or one class archive, that a worker reads), made when first asked for: a
+re-run that finds nothing to do needs the listing only. Nothing is extracted; what is read out of archives to
+list them (Hugging Face member names, the official tars' offsets) is cached beside the output, keyed on the
+archive's size and time.
 
 Labels are indices into the sorted wnid list. The devkit's ground truth holds ILSVRC2012_IDs, which are *not*
 sorted indices; they are mapped through meta.mat's WNID column.

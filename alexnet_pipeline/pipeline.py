@@ -292,8 +292,8 @@ def _damage(path: Path, info: shards.ShardInfo, kept: bool) -> str | None:
 class _Digest:
     """A background check of the shards this rank reads in its first epoch against the manifest's sha256,
     once per loader (once per run), in the order it reads them: bit rot keeps a shard's size and time, which
-    is all a loader start compares (the stat cache). Each shard is hashed right after DALI has read it, so
-    mostly from the page cache; sha256 runs outside the GIL at about 1.7 GB/s per core here."""
+    is all a loader start compares (the stat cache). The shards are hashed in the order DALI reads them, so
+    mostly while they are in the page cache; sha256 runs outside the GIL at about 1.7 GB/s per core here."""
 
     def __init__(self, paths: list[Path], entries: list[shards.ShardInfo], order: list[int]):
         self.paths, self.entries = paths, entries

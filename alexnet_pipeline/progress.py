@@ -1,6 +1,7 @@
 """Progress of a long stage (prep's images and shards, --verify): a bar on a terminal; where stderr is not a
-terminal (nohup, Slurm, CI logs) a line every few seconds with the stage, done/total, the rate and the time
-left; and, at the end, the stage's count and time for the summary. Imports nothing from the package."""
+terminal (nohup, Slurm, CI logs) a line every `every` seconds (prep's --progress-every) with the stage,
+done/total, the rate and the time left; and, at the end, the stage's count and time for the summary. Imports
+nothing from the package."""
 
 from __future__ import annotations
 

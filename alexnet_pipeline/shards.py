@@ -25,7 +25,7 @@ from .config import UserError
 
 # 2: class names, the source's digest; 3: no times in the manifest; 4: the train order is a seeded keyed hash of
 # each key (prep.order_key: known when an image is prepared, so work files are read front to back), the source
-# listing is SOURCE_LISTING (listing.py) and covers label and name files too
+# listing is listing.SOURCE and covers label and name files too
 FORMAT_VERSION = 4
 MANIFEST = "dataset.json"
 STATS = "stats.npz"
@@ -392,7 +392,8 @@ def verify(shards: Path, check_images: bool = True, workers: int = 1, progress=N
     timm = shards / TIMM_INFO
     if not timm.is_file() or json.loads(timm.read_text()) != timm_info(manifest):
         problems.append(f"{timm}: missing or does not match {MANIFEST}")
-    tasks = [(shards / split / info.name, info, manifest, check_images)
+    # each task names its shard and what to check it against (not the whole manifest: a task is pickled)
+    tasks = [(shards / split / info.name, info, manifest.image_size, len(manifest.classes), check_images)
              for split, entry in manifest.splits.items() for info in entry.shards]
     pool = None
     if workers > 1 and len(tasks) > 1:
@@ -424,8 +425,9 @@ def _shard_task(args) -> tuple[list[str], int]:
     return _shard_problems(*args)
 
 
-def _shard_problems(path: Path, info: ShardInfo, manifest: Manifest, check_images: bool) -> tuple[list[str], int]:
-    """(problems, samples read) of one shard and its index."""
+def _shard_problems(path: Path, info: ShardInfo, size: int, n_classes: int,
+                    check_images: bool) -> tuple[list[str], int]:
+    """(problems, samples read) of one shard and its index (images of `size`, labels below `n_classes`)."""
     if not path.exists():
         return [f"{path}: missing"], 0
     data = path.read_bytes()
@@ -443,9 +445,8 @@ def _shard_problems(path: Path, info: ShardInfo, manifest: Manifest, check_image
         problems.append(f"{idx}: missing or does not match its shard")
     if len(samples) != info.samples:
         problems.append(f"{path}: {len(samples)} samples, {MANIFEST} says {info.samples}")
-    size = manifest.image_size
     for s in samples:
-        if not 0 <= s.label < len(manifest.classes):
+        if not 0 <= s.label < n_classes:
             problems.append(f"{path}: {s.key}: label {s.label} out of range")
         if check_images and not _baseline_jpeg(s.jpeg, size):
             problems.append(f"{path}: {s.key}.jpg: not a {size}x{size} baseline RGB JPEG")

@@ -112,8 +112,8 @@ def hold(stage: str, work: Path) -> None:
 
 class Pool:
     """The worker processes, with what multiprocessing.Pool lacks: a worker that dies stops the run, named
-    with its unit and signal. Workers start at once (before the parent lists the source, so they do not
-    share its pages)."""
+    with its unit and signal. Workers start at once, all of them (the executor would start them one task at a
+    time)."""
 
     def __init__(self, workers: int, work: Path | None, shared_counter):
         self.work = work

@@ -283,3 +283,13 @@ def test_a_file_where_a_class_folder_belongs_is_reported(sample, tmp_path):
     listed = [s for s in report.skipped if s["source"].endswith("README.txt")]
     assert listed and "a file where a class folder belongs" in listed[0]["reason"]
     assert listed == [s for s in shards.load_manifest(tmp_path / "o").skipped if s["source"].endswith("README.txt")]
+
+
+def test_a_skipped_file_whose_name_is_not_utf8_prints_escaped(sample, tmp_path):
+    """Its name is printed in the summary; in a strict UTF-8 output that must not stop prep with a traceback."""
+    root = _tree(tmp_path / "r", sample)
+    (sorted((root / "train").iterdir())[0] / os.fsdecode(b"caf\xe9.JPEG")).write_bytes(b"")
+    r = subprocess.run(PREP + ["--imagenet-root", str(root), "--out", str(tmp_path / "o"), "--workers", "1"],
+                       capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert b"caf\\udce9.JPEG: empty file" in r.stdout

@@ -19,7 +19,6 @@ from alexnet_pipeline.inference import image_256, views
 from alexnet_pipeline.prep import PrepConfig, run
 
 
-
 @pytest.fixture(scope="module")
 def lively(prepped, trained, tmp_path_factory):
     """A checkpoint whose (He-initialised) network tells images apart, so errors are not trivial: fc8's biases

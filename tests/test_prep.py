@@ -494,3 +494,28 @@ def test_a_resume_redoes_a_work_file_a_crash_left_short_or_damaged_and_leaves_no
     assert "stage train images: 64 images" in r.stdout  # that unit, and only it, was prepared again
     assert _files(out) == _files(clean)
     assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
+
+
+def test_prep_raises_its_soft_open_file_limit_to_the_hard_one(sample, tmp_path):
+    setup = ("import resource; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)); import atexit; "
+             "atexit.register(lambda: print('soft', resource.getrlimit(resource.RLIMIT_NOFILE)[0]))")
+    r = subprocess.run(_prep_code(setup) + ["--imagenet-root", str(sample[0] / "extracted"), "--out",
+                                            str(tmp_path / "o"), "--workers", "1", "--splits", "val"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    import resource
+
+    assert int(r.stdout.split("soft ")[1]) == resource.getrlimit(resource.RLIMIT_NOFILE)[1] > 64
+
+
+def test_a_flat_val_image_missing_from_the_labels_is_skipped_never_labelled(sample, tmp_path):
+    root = tmp_path / "k"
+    shutil.copytree(sample[0] / "kaggle", root)
+    val = root / "ILSVRC/Data/CLS-LOC/val"
+    extra = val / "ILSVRC2012_val_99999999.JPEG"
+    extra.write_bytes(sorted(val.glob("*.JPEG"))[0].read_bytes())
+    report = run(PrepConfig(root, tmp_path / "o", splits=("val",), workers=1, progress=False))
+    assert {Path(s["source"]).name: s["reason"] for s in report.skipped}[extra.name] == "no label for this image"
+    assert "ILSVRC2012_val_99999999" not in read_samples(tmp_path / "o", "val")
+    assert min(label for label, _ in read_samples(tmp_path / "o", "val").values()) >= 0

@@ -119,3 +119,33 @@ def test_timm_reads_the_shards_when_installed(prepped):
     reader_wds = pytest.importorskip("timm.data.readers.reader_wds")
     reader = reader_wds.ReaderWds(str(prepped), split="validation")
     assert reader.num_samples == shards.load_manifest(prepped).splits["val"].samples
+
+
+def test_shards_of_format_3_still_load(prepped, tmp_path):
+    """Format 4 changed how prep orders and lists, not what a reader reads: format 3's shards still load."""
+    import json
+
+    from alexnet_pipeline.pipeline import train_loader
+
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy)
+    manifest = json.loads((copy / "dataset.json").read_text())
+    manifest["format_version"] = 3
+    (copy / "dataset.json").write_text(json.dumps(manifest))
+    (copy / "source.listing.gz").rename(copy / "source.json.gz")  # format 3's name for its listing
+    assert shards.verify(copy) == []
+    assert next(iter(train_loader(copy, batch_size=4, num_threads=1)))[0].shape[0] == 4
+
+
+def test_verify_records_every_shard_so_the_next_loader_start_hashes_none(prepped, tmp_path, monkeypatch):
+    from alexnet_pipeline import cli, verified
+
+    copy = tmp_path / "c"
+    shutil.copytree(prepped, copy, copy_function=shutil.copyfile)  # times not kept: every shard would miss
+    (copy / verified.VERIFIED).unlink(missing_ok=True)
+    assert cli.prep_main(["--verify", str(copy), "--workers", "1", "--no-progress"]) == 0
+    hashed, real = [], verified.file_sha256
+    monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
+    for split in ("train", "val"):
+        shards.readable_split(copy, split)
+    assert hashed == []

@@ -265,3 +265,38 @@ def test_the_data_wait_is_high_for_a_slow_loader_and_low_for_a_fast_one(prepped,
     waits = [r["data_wait"] for r in intervals] + [epoch["data_wait"]]
     assert all(w > 0.5 for w in waits) if delay else all(w < 0.2 for w in waits), waits
     assert [r["host_wait"] for r in intervals] == [r["data_wait"] for r in intervals]  # the CPU: the same
+
+
+def test_best_pt_holds_the_epoch_with_the_lowest_validation_error(prepped, tmp_path, monkeypatch):
+    from alexnet_pipeline import evaluate
+    from alexnet_pipeline.checkpoint import Checkpoint
+
+    scripted = iter([0.5, 0.2, 0.4])  # epoch 2 is the best
+    real = evaluate.errors
+    monkeypatch.setattr(evaluate, "errors", lambda counts: {**real(counts), "top1_error": next(scripted)})
+    out = tmp_path / "run"
+    train.run(train.TrainConfig(shards=prepped, out=out, epochs=3, device="cpu", **TINY))
+    best, last = Checkpoint.load(out / train.BEST), Checkpoint.load(out / train.CHECKPOINT)
+    assert (best.epoch, last.epoch) == (2, 3)
+    assert not torch.equal(best.weights["fc8.weight"], last.weights["fc8.weight"])
+
+
+def test_training_ends_with_its_summary(trained):
+    from alexnet_pipeline.checkpoint import Checkpoint
+
+    summary = json.loads((trained / train.SUMMARY).read_text())
+    ckpt = Checkpoint.load(trained / train.CHECKPOINT)
+    assert summary["epochs"] == ckpt.epoch == 2 and summary["steps"] == ckpt.step
+    assert summary["center"]["val_top1_error"] == ckpt.history[-1]["val_top1_error"]
+
+
+def test_the_train_command_exits_1_on_a_non_finite_loss_and_128_plus_a_signal(prepped, tmp_path, monkeypatch, capsys):
+    from alexnet_pipeline import cli
+
+    args = ["--shards", str(prepped), "--epochs", "1", "--width", "0.0625", "--global-batch", "8", "--threads", "1",
+            "--device", "cpu", "--no-final-tencrop"]
+    assert cli.train_main(args + ["--out", str(tmp_path / "a"), "--lr", "1e9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not finite at step" in err[0]
+    monkeypatch.setattr(train, "run", lambda cfg, on_batch=None: {"stopped": signal.SIGTERM, "step": 3})
+    assert cli.train_main(args + ["--out", str(tmp_path / "b")]) == 128 + signal.SIGTERM

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Draw the README's charts from the raw measurements kept in docs/measurements/ (outputs of
+"""Draw docs/results.md's charts from the raw measurements kept in docs/measurements/ (outputs of
 tools/gpu_check.sh on a lent H100):
 
     python tools/plot_results.py            # -> docs/learning_curves.png, docs/step_profile.png
