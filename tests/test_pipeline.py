@@ -443,32 +443,40 @@ def test_the_background_digest_hashes_this_ranks_shards_in_the_order_it_reads_th
     assert hashed == [f"train-{i:06d}.tar" for i in want] and len(want) < len(sizes)
 
 
-def test_a_dali_failure_hashes_only_this_ranks_shards_to_name_the_damaged_one(prepped, tmp_path, monkeypatch):
-    """Rank 0 of 2 reads val shards 0-1 in epoch 0 and 1-2 in epoch 1; shard 2 is damaged with its size and
-    time kept. In epoch 1 DALI fails; the loader hashes shard 2 (0 and 1 were found intact by the digest) and
-    names it; the other rank's shards are not read. With no time to search, DALI's own error stands."""
+def test_a_dali_failure_hashes_only_this_ranks_shards_to_name_the_damaged_one(labelled_by_shard, tmp_path,
+                                                                              monkeypatch):
+    """Rank 1 of 2 over six shuffled shards reads shards 1, 3 and 0 in epoch 0 (its digest finds them intact)
+    and 5, 0 and 4 in epoch 1. Shard 5 is damaged with its size and time kept: in epoch 1 DALI fails, and the
+    loader hashes shard 5 first, as this rank reads it, and names it; shard 2, the other rank's alone and the
+    lowest not yet checked, is never read. With no time to search, DALI's own error stands."""
     from alexnet_pipeline import pipeline
 
+    out, sizes = labelled_by_shard
     copy = tmp_path / "s"
-    shutil.copytree(prepped, copy)
-    shard = shards.shard_paths(copy, "val")[2]
+    shutil.copytree(out, copy)
+    options = dict(batch_size=2, rank=1, world_size=2, num_threads=1, lighting_sigma=0)
+    probe = train_loader(copy, **options).cfg
+    assert [pipeline.read_order(probe, sizes, e, True) for e in (0, 1)] == [[1, 3, 0], [5, 0, 4]]
+    shard = shards.shard_paths(copy, "train")[5]
     data, kept = bytearray(shard.read_bytes()), shard.stat()
     start = data.index(b"\xff\xd8\xff")
     data[start:start + 3] = b"\0\0\0"  # no decoder reads past a missing start-of-image marker
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))
-    loader = eval_loader(copy, batch_size=4, rank=0, world_size=2, num_threads=1)
-    assert len(list(loader)) == 2  # epoch 0: shards 0 and 1
-    loader.verified()
+
+    def damaged_loader():
+        loader = train_loader(copy, **options)
+        list(loader)  # epoch 0: shards 1, 3 and 0
+        return loader.verified()
+
+    loader = damaged_loader()
     hashed, real = [], shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
     with pytest.raises(ShardError, match=f"{shard}: its bytes differ"):
         list(loader)
     assert hashed == [shard.name]
     monkeypatch.setattr(pipeline, "DAMAGE_SEARCH_SECONDS", 0)
-    again = eval_loader(copy, batch_size=4, rank=0, world_size=2, num_threads=1)
-    list(again)
-    again.verified()
+    again = damaged_loader()
     hashed.clear()
     with pytest.raises(RuntimeError) as e:
         list(again)
@@ -484,8 +492,10 @@ def test_a_state_saved_at_an_epochs_last_batch_resumes_at_the_next_epochs_first_
     list(whole)
     second_epoch_first = fingerprint(next(iter(whole)))
     cut = train_loader(prepped, **options)
-    list(cut)  # the whole first epoch: position == len, the state points at the next epoch
-    state = cut.state_dict()
+    for taken, _ in enumerate(cut, 1):  # the state taken at the epoch's last batch, before the loop ends
+        if taken == len(cut):
+            state = cut.state_dict()
+            break
     assert (int(state["epoch"]), int(state["position"])) == (1, 0)
     resumed = Loader(cut.cfg, True, state)
     assert fingerprint(next(iter(resumed))) == second_epoch_first
