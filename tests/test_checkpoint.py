@@ -47,7 +47,7 @@ def test_best_pt_given_to_resume_is_one_line_naming_what_it_lacks(prepped, run_d
     assert len(err) == 1 and "holds the weights only (it lacks optimizer, schedule, ranks" in err[0]
     # the same file evaluates
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(out / train.CHECKPOINT), "--device", "cpu",
-                          "--threads", "1", "--json"]) == 0
+                          "--threads", "1", "--batch-size", "4", "--json"]) == 0
 
 
 def test_a_checkpoint_from_a_newer_version_is_refused_naming_it(run_dir, tmp_path):

@@ -79,7 +79,7 @@ def test_train_then_eval_prints_table_and_json(prepped, tmp_path, capsys):
     assert cli.train_main(["--shards", str(prepped), "--out", str(run), "--epochs", "1", "--width", "0.0625",
                            "--global-batch", "8", "--threads", "1", "--no-final-tencrop", "--device", "cpu"]) == 0
     assert "epoch 1/1:" in capsys.readouterr().out
-    ckpt = ["--shards", str(prepped), "--checkpoint", str(run / "checkpoint.pt"), "--threads", "1"]
+    ckpt = ["--shards", str(prepped), "--checkpoint", str(run / "checkpoint.pt"), "--threads", "1", "--batch-size", "4"]
     assert cli.eval_main(ckpt + ["--tencrop"]) == 0
     table = capsys.readouterr().out
     assert "center" in table and "tencrop" in table and "top-1 err" in table

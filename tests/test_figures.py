@@ -52,10 +52,12 @@ def test_training_ends_with_figure_3(trained):
 def test_figure_4_shows_the_predictions_and_the_nearest_training_images_in_fc7(prepped, trained, tmp_path, capsys):
     out = tmp_path / "figs"
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(trained / train.BEST), "--device", "cpu",
-                          "--threads", "1", "--figures", "--figures-out", str(out), "--neighbour-pool", "20"]) == 0
+                          "--threads", "1", "--batch-size", "4", "--figures", "--figures-out", str(out),
+                          "--neighbour-pool", "20"]) == 0
     assert "neighbours among 20 training images" in capsys.readouterr().out
     ckpt = Checkpoint.load(trained / train.BEST)
-    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "again", torch.device("cpu"), 20, progress=False)
+    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "again", torch.device("cpu"), 20, batch_size=4,
+                                  progress=False)
     for name in ("filters.png", "predictions.png", "neighbours.png"):  # the command draws what the library does
         assert np.array_equal(np.asarray(Image.open(out / name)), np.asarray(Image.open(tmp_path / "again" / name)))
     assert np.array_equal(np.asarray(Image.open(out / "filters.png")),
@@ -95,7 +97,7 @@ def test_eval_figures_go_under_figures_out_and_leave_the_runs_filters_png_alone(
     shutil.copytree(trained, run)
     before = (run / train.FILTERS).read_bytes()
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(run / train.BEST), "--device", "cpu",
-                          "--threads", "1", "--figures", "--neighbour-pool", "8"]) == 0
+                          "--threads", "1", "--batch-size", "4", "--figures", "--neighbour-pool", "8"]) == 0
     assert (run / train.FILTERS).read_bytes() == before  # training is its one writer
     assert {p.name for p in (run / "figures").iterdir()} == {"filters.png", "predictions.png", "neighbours.png"}
 
@@ -135,6 +137,6 @@ def test_the_figures_read_only_the_shards_they_use(prepped, trained, tmp_path, m
     monkeypatch.setattr(verified, "check", lambda shards_dir, split, entries, paths, *a: checked.append(
         (split, [p.name for p in paths])) or real(shards_dir, split, entries, paths, *a))
     ckpt = Checkpoint.load(trained / train.BEST)
-    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "f", torch.device("cpu"), 4, progress=False)
+    drawn = figures.paper_figures(ckpt, prepped, tmp_path / "f", torch.device("cpu"), 4, batch_size=4, progress=False)
     assert drawn["pool"] == 4
     assert ("train", ["train-000000.tar"]) in checked and all(len(p) == 1 for s, p in checked if s == "train")

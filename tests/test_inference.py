@@ -51,7 +51,7 @@ def test_predict_on_the_val_images_gives_alexnet_evals_errors(prepped, lively, c
     assert not model.net.training and model.classes == shards.load_manifest(prepped).classes
     val = list(read_samples(prepped, "val").values())
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(lively), "--device", "cpu", "--threads", "1",
-                          "--json", "--tencrop"]) == 0
+                          "--batch-size", "4", "--json", "--tencrop"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     for tencrop in (False, True):
         tops = ap.predict(model, [jpeg for _, jpeg in val], tencrop=tencrop, top=5)

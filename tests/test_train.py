@@ -196,7 +196,7 @@ def test_eval_uses_the_mean_the_network_was_trained_with(prepped, tmp_path, caps
     train.run(train.TrainConfig(shards=prepped, out=out, epochs=1, device="cpu", **{**TINY, "mean": "channel"}))
     capsys.readouterr()
     assert cli.eval_main(["--shards", str(prepped), "--checkpoint", str(out / train.CHECKPOINT), "--threads", "1",
-                          "--json"]) == 0
+                          "--batch-size", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["mean"] == "channel"
 
 
