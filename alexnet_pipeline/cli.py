@@ -104,6 +104,7 @@ def _verify(path: Path, workers: int, progress: bool | None, every: float) -> in
 
     from . import files, shards, verified
     from .progress import Progress, mode
+    from .workers import WorkerDied
 
     files.raise_open_file_limit()
     try:
@@ -111,7 +112,19 @@ def _verify(path: Path, workers: int, progress: bool | None, every: float) -> in
     except shards.ShardError:
         n = 0  # verify names the problem
     bar = Progress("verify", n, "shards", mode(progress), every)
-    problems = shards.verify(path, workers=workers or len(os.sched_getaffinity(0)), progress=bar)
+    try:
+        problems = shards.verify(path, workers=workers or len(os.sched_getaffinity(0)), progress=bar)
+    except WorkerDied as e:  # as for prep: not the data's fault, one line, status 1
+        print(f"alexnet-prep: verify: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alexnet-prep: verify interrupted by SIGINT", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if e.errno not in files.OPEN_FILE_ERRNOS:
+            raise
+        print(f"alexnet-prep: verify: {files.open_files_error(e)}", file=sys.stderr)
+        return 1
     print(bar.close().line())
     if problems:
         print(f"alexnet-prep: verify failed: {problems[0]}", file=sys.stderr)

@@ -24,7 +24,6 @@ class StepClock:
 
     def __init__(self, device: torch.device):
         self.gpu = device.type == "cuda"
-        self._last_end = None  # the previous interval's last step end: the gap after it is this interval's
         self._epoch = [0.0, 0.0, 0.0, 0.0]  # idle, span, host wait, wall
         self._start_interval()
 
@@ -58,12 +57,11 @@ class StepClock:
         wall = time.perf_counter() - self._t0
         host = self._host
         if self.gpu and self._events:
-            ends = [self._last_end] + [e for _, e in self._events[:-1]]
-            idle = sum(prev.elapsed_time(start) for prev, (start, _) in zip(ends, self._events, strict=True)
-                       if prev is not None) / 1e3
-            first = self._last_end or self._events[0][0]
-            span = first.elapsed_time(self._events[-1][1]) / 1e3
-            self._last_end = self._events[-1][1]
+            # the gaps inside the interval; the one before its first step holds the trainer's own sync and log
+            # line, which are no wait for data
+            gaps = zip(self._events[:-1], self._events[1:], strict=True)  # each step and the next
+            idle = sum(end.elapsed_time(start) for (_, end), (start, _) in gaps) / 1e3
+            span = self._events[0][0].elapsed_time(self._events[-1][1]) / 1e3
         else:
             idle, span = host, wall
         for k, v in enumerate((idle, span, host, wall)):
@@ -75,5 +73,4 @@ class StepClock:
         """(data wait, host wait) over the epoch's intervals so far; starts a new epoch."""
         idle, span, host, wall = self._epoch
         self._epoch = [0.0, 0.0, 0.0, 0.0]
-        self._last_end = None  # validation runs between epochs: not a gap of training
         return idle / max(span, 1e-9), host / max(wall, 1e-9)

@@ -262,7 +262,9 @@ def _dali_shard_order(n_shards: int, seed: int, epoch: int) -> tuple[int, ...]:
         pipe.build()
         for _ in range(epoch + 1):
             labels = pipe.run()[0]
-        return tuple(int(np.array(labels[i])[0]) for i in range(n_shards))
+        order = tuple(int(np.array(labels[i])[0]) for i in range(n_shards))
+        del labels, pipe  # before its files go
+        return order
 
 
 def read_order(cfg: LoaderConfig, counts: list[int], epoch: int, shard_shuffled: bool) -> list[int]:
@@ -361,7 +363,9 @@ class Loader:
         return self.batches
 
     def _read_order(self, epoch: int) -> list[int]:
-        return read_order(self.cfg, [e.samples for e in self._entries], epoch, self.shard_shuffled)
+        """The shards this rank reads in `epoch` (DALI counts epochs from its pipeline's first)."""
+        return read_order(self.cfg, [e.samples for e in self._entries], epoch - self.first_epoch,
+                          self.shard_shuffled)
 
     def _find_damage(self) -> str | None:
         """After a DALI failure: a damaged shard among those this rank reads this epoch and the next, in that
@@ -441,7 +445,7 @@ class Loader:
         # a resumed loader continues its epoch, inside a run of several batches if it stopped in one
         held = self._next_run() if self._resuming and self._position % per_run else None
         self._resuming = False
-        valid = rank_samples(self.cfg, self.n_samples, self.epoch, self.shard_shuffled)
+        valid = rank_samples(self.cfg, self.n_samples, self.epoch - self.first_epoch, self.shard_shuffled)
         for b in range(self._position, self.batches):
             if b % per_run == 0:
                 held = self._next_run()

@@ -180,6 +180,10 @@ def _intact(path: Path) -> bool:
     return path.exists() and workfiles.intact(path)
 
 
+def _intact_all(paths: list[Path]) -> list[bool]:
+    return [_intact(p) for p in paths]
+
+
 def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: workers.Pool | None,
                resumed: bool) -> tuple[int, list[Stage]]:
     """Process the units of `split` not yet done (on a resumed run, a work file must also be intact: checked
@@ -190,9 +194,12 @@ def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: wor
     if resumed and any(found):
         check = cfg.progress_for(f"{split} check", sum(found), "files")
         on_disk = [p for p, f in zip(paths, found, strict=True) if f]
-        ok = dict(zip(on_disk, pool.map(_intact, on_disk, chunksize=16) if pool else map(_intact, on_disk),
-                      strict=True))
-        check.update(len(on_disk))
+        chunks = [on_disk[k:k + 16] for k in range(0, len(on_disk), 16)]
+        checked = pool.imap(_intact_all, chunks, 4 * pool.size) if pool else map(_intact_all, chunks)
+        ok: dict[Path, bool] = {}
+        for chunk, verdicts in zip(chunks, checked, strict=True):
+            ok.update(zip(chunk, verdicts, strict=True))
+            check.update(len(chunk))
         stages.append(check.close())
         found = [f and ok[p] for p, f in zip(paths, found, strict=True)]
     todo = [u for u, f in zip(planned, found, strict=True) if not f]
@@ -204,7 +211,7 @@ def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: wor
     counter.value = 0
     bar = cfg.progress_for(f"{split} images", None if None in known else sum(known), "images")
     max_bytes = cfg.max_image_mib * 2**20
-    n = len(pool._processes) if pool else 1
+    n = pool.size if pool else 1
     jobs = units.with_payloads(todo, queue_size=2 * n, max_bytes=max_bytes)
     try:
         if pool is None:
@@ -239,12 +246,15 @@ def _headers(args) -> tuple[list[tuple], list[dict], Moments | None]:
         for key, label, off, size in zip(header["keys"], header["labels"], header["offsets"], header["sizes"],
                                          strict=True):
             rows.append((order_key(key, seed) if train else 0, key, int(label), i, int(off), int(size)))
-        if part is not None:
-            if moments is None:
-                moments = part
-            else:
-                moments.merge(part)
+        moments = _merged(moments, part)
     return rows, skipped, moments
+
+
+def _merged(moments: Moments | None, part: Moments | None) -> Moments | None:
+    if moments is None or part is None:
+        return moments or part
+    moments.merge(part)
+    return moments
 
 
 def _collect(planned: list, work: Path, seed: int, pool: workers.Pool | None):
@@ -267,11 +277,7 @@ def _collect(planned: list, work: Path, seed: int, pool: workers.Pool | None):
                 continue
             seen[key] = unit
             samples.append(row)
-        if part is not None:
-            if moments is None:
-                moments = part
-            else:
-                moments.merge(part)
+        moments = _merged(moments, part)
     samples.sort()  # (order key, key): the global shuffle for train, key order for val
     return samples, paths, skipped, moments
 
@@ -323,7 +329,7 @@ def _write_shards(cfg: PrepConfig, split: str, samples, paths, work: Path, pool)
     bar = cfg.progress_for(f"{split} shards", -(-len(samples) // cfg.shard_size), "shards")
     infos = []
     try:
-        results = pool.imap(_write_shard_task, tasks, 2 * len(pool._processes)) if pool else \
+        results = pool.imap(_write_shard_task, tasks, 2 * pool.size) if pool else \
             map(_write_shard_task, tasks)
         for info in results:
             infos.append(info)
@@ -432,8 +438,9 @@ def _run(cfg: PrepConfig) -> PrepReport:
         with files.DirectoryLock(out, "alexnet-prep"):
             return _locked_run(cfg)
     except BaseException:
-        if created and not any(p.name != listing.ARCHIVES for p in out.iterdir()):
-            shutil.rmtree(out)  # a run that failed before writing anything leaves no directory behind
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before writing anything leaves no directory behind (the archive
+            # cache, if it listed archives, stays: the next run need not decompress them again)
         raise
 
 
@@ -460,7 +467,7 @@ def _find(cfg: PrepConfig) -> tuple[imagenet.Source, Stage]:
     finally:
         if pool is not None:
             pool.close()
-    cache.save()
+        cache.save()  # also what was listed before a failure: entries are keyed on each archive's size and time
     stage.to(len(source.listing))
     return source, stage.close()
 
@@ -488,10 +495,11 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
         layout=source.layout, splits={}, skipped=[], fingerprint=cfg.fingerprint(),
         source={"files": len(found), "sha256": found.digest()}, created_by=f"alexnet-pipeline {__version__}")
     workers.counter = mp.get_context("fork").Value("q", 0)
-    gc.collect()
-    gc.freeze()  # the listing and units stay shared with the workers: the collector never touches their pages
-    pool = workers.Pool(n, work, workers.counter) if n > 1 else None
+    pool = None
     try:
+        gc.collect()
+        gc.freeze()  # the listing and units stay shared with the workers: the collector never touches their pages
+        pool = workers.Pool(n, work, workers.counter) if n > 1 else None
         for split in cfg.splits:
             planned = source.units.pop(split)  # gone with this split: ImageNet's train units are 1.28M entries
             processed, stages = _run_units(cfg, split, planned, work, pool, report.resumed)

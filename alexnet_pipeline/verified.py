@@ -81,9 +81,12 @@ def remember_intact(shards: Path, split: str, entries: list[ShardInfo], paths: l
 
 
 def damage(path: Path, info: ShardInfo) -> str | None:
-    """The message for a shard whose bytes differ from the manifest's sha256, or None."""
-    if file_sha256(path) == info.sha256:
-        return None
+    """The message for a shard whose bytes differ from the manifest's sha256 (or cannot be read), or None."""
+    try:
+        if file_sha256(path) == info.sha256:
+            return None
+    except OSError as e:  # a message, not an exception: every rank must still reach the gather
+        return f"{path}: unreadable ({e.strerror}); alexnet-prep --verify checks everything"
     return (f"{path}: its bytes differ from {MANIFEST} (sha256): damaged or edited in place; copy it again, or run "
             "alexnet-prep --rebuild over the source")
 

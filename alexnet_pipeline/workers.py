@@ -112,19 +112,26 @@ def hold(stage: str, work: Path) -> None:
 
 class Pool:
     """The worker processes, with what multiprocessing.Pool lacks: a worker that dies stops the run, named
-    with its unit and signal. Workers start at once, all of them (the executor would start them one task at a
-    time)."""
+    with its unit and signal. `size` workers, started at once (a first task each), so that a worker that
+    cannot start stops the run here."""
 
     def __init__(self, workers: int, work: Path | None, shared_counter):
-        self.work = work
+        self.work, self.size = work, workers
         self.executor = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init,
                                             initargs=(shared_counter, work, os.getpid()))
         self._processes: dict = {}
-        for f in [self.submit(os.getpid) for _ in range(workers)]:  # spawned on demand: start them all now
-            self.wait(f)
+        try:
+            for f in [self.submit(os.getpid) for _ in range(workers)]:
+                self.wait(f)
+        except BaseException:
+            self.close()
+            raise
 
     def submit(self, fn, *args):
-        future = self.executor.submit(fn, *args)
+        try:
+            future = self.executor.submit(fn, *args)
+        except BrokenProcessPool:  # a worker died while the parent was busy elsewhere (reading an archive)
+            raise self.died() from None
         # the executor forgets its processes once broken: keep them, to name the one that died
         self._processes.update(getattr(self.executor, "_processes", None) or {})
         return future
@@ -157,7 +164,7 @@ class Pool:
     def map(self, fn, items, chunksize: int = 1) -> list:
         """[fn(item) for item in items], in chunks of `chunksize` items per task."""
         chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
-        return [r for rs in self.imap(_apply, ((fn, c) for c in chunks), 4 * len(self._processes) or 4) for r in rs]
+        return [r for rs in self.imap(_apply, ((fn, c) for c in chunks), 4 * self.size) for r in rs]
 
     def died(self) -> WorkerDied:
         """The error of a broken pool: which worker died, how, and what it was preparing."""

@@ -364,14 +364,15 @@ def test_each_of_two_ranks_on_one_machine_gets_half_the_cores(prepped, tmp_path)
         "world = setup('cpu', 'gloo')\n"
         f"t = train_loader({str(prepped)!r}, batch_size=4, device='cpu', rank=world.rank, world_size=world.size)\n"
         f"e = eval_loader({str(prepped)!r}, batch_size=4, device='cpu', rank=world.rank, world_size=world.size)\n"
-        "print('threads', world.rank, t.pipe.num_threads, e.pipe.num_threads, torch.get_num_threads(), flush=True)\n"
+        f"open(f'{tmp_path}/threads{{world.rank}}.txt', 'w').write("  # a file each: the ranks' prints can interleave
+        "f'{world.rank} {t.pipe.num_threads} {e.pipe.num_threads} {torch.get_num_threads()}')\n"
         "world.close()\n")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        "29541", str(script)], capture_output=True, text=True, timeout=240)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     half = max(1, len(os.sched_getaffinity(0)) // 2)
-    rows = sorted(line.split()[1:] for line in r.stdout.splitlines() if line.startswith("threads"))
-    assert rows == [[str(rank), *[str(half)] * 3] for rank in (0, 1)], r.stdout
+    rows = [(tmp_path / f"threads{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert rows == [[str(rank), *[str(half)] * 3] for rank in (0, 1)], rows
     alone = train_loader(prepped, batch_size=4, device="cpu")
     assert alone.pipe.num_threads == len(os.sched_getaffinity(0))  # one process: every core
 

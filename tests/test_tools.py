@@ -110,7 +110,7 @@ def test_the_feed_rounds_boxes_fit_its_call_and_the_round_its_budget():
     parts = re.search(r"round: start (\d+) \+ calls 1-2 (\d+) \+ call 3 (\d+) \+ back (\d+) = (\d+) s of 780 s",
                       r.stdout).groups()
     assert sum(map(int, parts[:4])) == int(parts[4]) <= 13 * 60 and int(parts[2]) == used
-    over = (ROOT / "tools" / "gpu_check.sh").read_text().replace("[loader]=55", "[loader]=155")
+    over = (ROOT / "tools" / "gpu_check.sh").read_text().replace("[loader]=50", "[loader]=150")
     (script := ROOT / "build" / "gpu_check_over.sh").parent.mkdir(exist_ok=True)
     script.write_text(over)
     r = subprocess.run(["bash", str(script), "--plan"], capture_output=True, text=True)

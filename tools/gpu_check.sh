@@ -35,19 +35,23 @@ START=120        # a cold machine's start ("a minute or more"), counted as two
 CARRY=30         # calls 1 and 2, each: sending the tree and a 56 MiB piece, copying it
 BACK=30          # call 3's files coming back, and give_back
 BUDGET=780       # 13 minutes of the 15 a session may hold a machine
-declare -A BOX=([check]=5 [install]=40 [data]=150 [step]=150 [train]=80 [bench]=55 [loader]=55 [ceiling]=15
-                [two-ranks]=60 [gpu-test]=35)
+PUBLISH=2        # after each command from the feed set on: the record (tools/feed_record.py) and the log archive
+declare -A BOX=([check]=5 [install]=40 [data]=145 [step]=145 [train]=80 [bench]=55 [loader]=50 [ceiling]=15
+                [two-ranks]=55 [gpu-test]=35)
 # two-ranks: three torchrun launches of two ranks (train, resume, ten-crop eval); the same three on the CPU
-# (--device cpu, the 407-image demo sample) took 22 s here; 60 s leaves each rank's CUDA start-up room.
+# (--device cpu, the 407-image demo sample) took 22 s here; 55 s leaves each rank's CUDA start-up room.
 PHASES=("check" "install" "data|step" "train" "bench" "loader" "ceiling" "two-ranks" "gpu-test")  # a|b: beside
 plan() {
-  local phase cmd longest used=0 status=0
+  local phase cmd longest used=0 status=0 publishes=0
   for phase in "${PHASES[@]}"; do
     longest=0
     for cmd in ${phase//|/ }; do ((BOX[$cmd] > longest)) && longest=${BOX[$cmd]}; done
     used=$((used + longest + GRACE))
     printf '  %-12s %3d s (+%d s to kill)\n' "$phase" "$longest" "$GRACE"
+    [[ $phase == check || $phase == install ]] || publishes=$((publishes + 1))
   done
+  used=$((used + publishes * PUBLISH))
+  echo "  publish      $((publishes * PUBLISH)) s ($publishes records and log archives)"
   local allowed=$((LIMIT * 9 / 10)) round=$((START + 2 * CARRY + used + BACK))
   echo "call 3: $used s of boxes and grace, at most $allowed s (90% of its $LIMIT s limit)"
   echo "round: start $START + calls 1-2 $((2 * CARRY)) + call 3 $used + back $BACK = $round s of $BUDGET s"
@@ -134,7 +138,8 @@ publish() {  # the record and the logs into $OUT, each written whole (a copy, th
   local n; n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
   ((n <= 8)) || echo "publish: $n files under \$OUT; the device returns 8" >&2
 }
-round() {
+round() {  # exits 3 (pieces) or 4 (install) at once; else runs every box, then 1 if any failed
+  local failed=0
   if [[ -f $WHEELS/SHA256SUMS ]]; then  # this call's piece is the last; the earlier ones must be here already
     carry "$(($(pieces | wc -l) - 1))" > /dev/null || return 3
   fi
@@ -145,24 +150,26 @@ round() {
   # into torch.compile's cache for alexnet-train and the bench)
   boxed data bash "$0" _fn feed_data & local data=$!
   boxed step $PY tools/step_profile.py --device "$DEVICE" --variants +compile --batch-size "$BATCH" --width "$WIDTH" \
-    --steps "$STEPS" --repeats "$REPEATS" --no-layers --eval-graph --record "$WORK/raw/step.json"
-  wait "$data"; publish
+    --steps "$STEPS" --repeats "$REPEATS" --no-layers --eval-graph --record "$WORK/raw/step.json" || failed=1
+  wait "$data" || failed=1; publish
   [[ -f $FEED/dataset.json ]] || { echo "round: no feed set (see logs/data.txt); the rest needs it" >&2; return 1; }
   rm -rf "$WORK/feed_run"
   boxed train $PY -m alexnet_pipeline train --shards "$FEED" --out "$WORK/feed_run" --device "$DEVICE" \
-    --width "$WIDTH" --global-batch "$BATCH" --epochs "$EPOCHS" --log-every 25 --no-final-tencrop; publish
+    --width "$WIDTH" --global-batch "$BATCH" --epochs "$EPOCHS" --log-every 25 --no-final-tencrop || failed=1; publish
   boxed bench $bench train --shards "$FEED" --device "$DEVICE" --width "$WIDTH" --batch-size "$BATCH" \
-    --steps "$STEPS" --repeats "$REPEATS" --feeds synthetic,dali --record "$WORK/raw/bench.json"; publish
+    --steps "$STEPS" --repeats "$REPEATS" --feeds synthetic,dali --record "$WORK/raw/bench.json" || failed=1; publish
   boxed loader $bench loader --shards "$FEED" --device "$DEVICE" --batch-size "$BATCH" --steps "$((STEPS / 2))" \
     --repeats "$REPEATS" --what train --axes hw_threads,batches_per_run,decoder,crop_decode,preallocate,stream_ordered \
-    --record "$WORK/raw/loader.json"; publish
+    --record "$WORK/raw/loader.json" || failed=1; publish
   boxed ceiling $bench loader --shards "$FEED" --device "$DEVICE" --batch-size "$BATCH" --steps "$((STEPS / 2))" \
-    --repeats "$REPEATS" --what decode,read --axes "" --record "$WORK/raw/ceiling.json"; publish
-  boxed two-ranks $PY -m pytest -q -p no:cacheprovider tests/test_train_gpu.py -k two_ranks; publish
+    --repeats "$REPEATS" --what decode,read --axes "" --record "$WORK/raw/ceiling.json" || failed=1; publish
+  boxed two-ranks $PY -m pytest -q -p no:cacheprovider tests/test_train_gpu.py -k two_ranks || failed=1; publish
   boxed gpu-test $PY -m pytest -q -p no:cacheprovider tests/test_pipeline_gpu.py \
-    "tests/test_train_gpu.py::test_the_data_wait_is_the_gpus_idle_time_between_steps_not_the_hosts_time_in_next"
+    "tests/test_train_gpu.py::test_the_data_wait_is_the_gpus_idle_time_between_steps_not_the_hosts_time_in_next" \
+    || failed=1
   publish
   cat "$OUT/h200_feed.json"
+  return $failed
 }
 # ---- the other checks (not part of the feed round) ------------------------------------------------------------
 run() {  # run STAGE SECONDS COMMAND...: time-boxed, output to $OUT/STAGE.txt, last lines printed
