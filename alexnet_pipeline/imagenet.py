@@ -72,6 +72,7 @@ class Source:
     listing: Listing = field(default_factory=Listing)
     makers: dict[str, Callable[[], list[Unit]]] = field(default_factory=dict)
     _units: dict[str, list[Unit]] | None = None
+    _devkit: tuple | None = None  # (meta.mat bytes, ground truth bytes, where), read once: see _devkit_files
 
     @property
     def units(self) -> dict[str, list[Unit]]:
@@ -390,7 +391,14 @@ def _val_labels(source: Source, data: Path, index) -> tuple[dict[str, int], str]
 
 
 def _devkit_files(source: Source, data: Path):
-    """(meta.mat bytes, ground-truth bytes, where) from an extracted devkit or its .tar.gz, or None."""
+    """(meta.mat bytes, ground-truth bytes, where) from an extracted devkit or its .tar.gz, or None; read once
+    per Source (class names, classes and val labels all ask for it)."""
+    if source._devkit is None:
+        source._devkit = (_read_devkit(source, data),)
+    return source._devkit[0]
+
+
+def _read_devkit(source: Source, data: Path):
     for d in (source.root, data):
         folder = d / DEVKIT
         if (folder / "data" / "meta.mat").is_file() and (folder / GROUND_TRUTH).is_file():

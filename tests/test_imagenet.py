@@ -105,3 +105,11 @@ def test_a_hugging_face_archive_complete_but_short_of_its_listed_members_is_name
     with pytest.raises(units.ArchiveError, match=f"{archive}: unreadable or truncated \\(fewer members"):
         for _ in units.with_payloads(val_units):
             pass
+
+
+def test_the_devkit_is_read_once_per_find(sample, monkeypatch):
+    """Class names, the class list and the val labels all come from the devkit: one decompression serves them."""
+    reads, real = [], imagenet._read_devkit
+    monkeypatch.setattr(imagenet, "_read_devkit", lambda source, data: reads.append(1) or real(source, data))
+    source = imagenet.find(sample[0] / "archives")
+    assert source.units["val"] and source.class_names and len(reads) == 1
