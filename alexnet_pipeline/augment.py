@@ -75,17 +75,15 @@ def random_params(rng: np.random.Generator, sigma: float, size: int = 256):
 WORDS_PER_SAMPLE = 8  # two Philox4x64 counters: x, y, flip and two Box-Muller pairs for the alphas
 
 
-def counter_draws(key: tuple[int, int, int], start: int, count: int, sigma: float, size: int = 256):
-    """The training draws of samples start .. start+count-1 of one epoch: (x, y, flip, alpha), arrays of
-    `count` offsets in 0..size-224, flips (bool) and [count, 3] alphas ~ N(0, sigma).
+def counter_draws(key: tuple[int, int], start: int, count: int, sigma: float, size: int = 256):
+    """The training draws of positions start .. start+count-1 of one epoch's order: (x, y, flip, alpha),
+    arrays of `count` offsets in 0..size-224, flips (bool) and [count, 3] alphas ~ N(0, sigma).
 
-    A counter-based generator (Philox, keyed on `key` = (seed, rank, epoch)): sample i's draws are a pure
-    function of (key, i), so they do not depend on how the samples are cut into batches, and a resumed run
-    needs no generator state, only its position."""
-    import numpy as np
-
-    seed, rank, epoch = (int(v) for v in key)
-    bits = np.random.Philox(key=[seed, (rank << 32) | epoch], counter=[2 * start, 0, 0, 0])
+    A counter-based generator (Philox, keyed on `key` = (seed, epoch)): position i's draws are a pure function
+    of (key, i), so they do not depend on how the positions are cut into batches or shared among ranks, and a
+    resumed run needs no generator state, only its position."""
+    seed, epoch = (int(v) for v in key)
+    bits = np.random.Philox(key=[seed, epoch], counter=[2 * start, 0, 0, 0])
     words = bits.random_raw(WORDS_PER_SAMPLE * count).reshape(count, WORDS_PER_SAMPLE)
     span = size - CROP + 1
     x, y = (words[:, k] % np.uint64(span) for k in (0, 1))

@@ -13,8 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import augment, shards
+from . import augment, shards, storage
+from .config import OptionError
 from .options import LoaderConfig
+
+SHUFFLE_BUFFER = 4096  # samples, as users pass to webdataset's .shuffle(n)
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
@@ -22,11 +25,13 @@ class ShardDataset(torch.utils.data.IterableDataset):
     (train) or the center / ten crops (eval), as `cfg` (the DALI loaders' options) says."""
 
     def __init__(self, cfg: LoaderConfig, train: bool = True):
+        if storage.is_url(cfg.shards):
+            raise OptionError(f"{cfg.shards}: the DataLoader baseline reads a local shards directory")
         self.paths = shards.shard_paths(cfg.shards, cfg.split_name)
         self.stats = shards.load_stats(cfg.shards)
         self.mean = augment.mean_to_subtract(self.stats, cfg.mean).astype(np.float32)
         self.train, self.sigma, self.form, self.tencrop = train, cfg.lighting_sigma, cfg.lighting_form, cfg.tencrop
-        self.seed, self.buffer, self.epoch = cfg.seed, cfg.shuffle_buffer, 0
+        self.seed, self.buffer, self.epoch = cfg.seed, SHUFFLE_BUFFER, 0
 
     def _samples(self, paths):
         for path in paths:

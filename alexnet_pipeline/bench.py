@@ -8,12 +8,15 @@ timed as training uses them: one loader kept across epochs, `steps` batches per 
     pipeline  the DALI loaders against the DataLoader baseline and against decoding alone
     loader    where the loader's ceiling is: decoding alone and the whole train graph (and its CPU side)
               over DALI batch, hardware-decoder share, threads, CPU decoding and prefetch depth
+    storage   the sample reader against DALI's own reader, and shards in a store (through the node cache)
+              against the same shards on the local disk
     train     the training step fed by a batch held on the device, by DALI and by the DataLoader baseline
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import io
 import itertools
@@ -37,6 +40,7 @@ from .options import (
     Device,
     ImageNetRoot,
     Network,
+    Order,
     Output,
     Record,
     Shards,
@@ -220,15 +224,15 @@ def _loader_rate(bench, cfg, train: bool, sync) -> float:
     """images/s of one DALI loader, kept across epochs; its pipeline (and DALI's threads) go when this returns."""
     from .pipeline import Loader
 
-    return _stream_rate(Loader(cfg, train).verified().endless(), bench.steps, bench.repeats, sync)
+    return _stream_rate(Loader(cfg, train).wait_for_digest().endless(), bench.steps, bench.repeats, sync)
 
 
 def _run_rate(bench, cfg, train: bool, sync, upto: str) -> float:
     """images/s of the same pipeline stopped early (pipeline.STAGES): "decode", the decoder's ceiling, or
     "read", the graph's CPU side (reading and the random draws, no image work)."""
-    from .pipeline import build_pipeline
+    from .pipeline import Loader
 
-    pipe = build_pipeline(cfg, train, upto=upto)[0]
+    pipe = Loader(cfg, train, digest=False).graph(upto=upto)
     runs = -(-bench.steps // cfg.batches_per_run)
 
     def take():
@@ -378,7 +382,7 @@ def loader_rates(bench: LoaderBench) -> dict:
     for row in loader_rows(bench):
         cfg = dataclasses.replace(base, **{k: v for k, v in row.items() if k != "what"})
         if row["what"] == "train":
-            loader = Loader(cfg, True, digest=digest).verified()
+            loader = Loader(cfg, True, digest=digest).wait_for_digest()
             digest = False
             rate = _stream_rate(loader.endless(), bench.steps, bench.repeats, sync)
             del loader
@@ -534,7 +538,7 @@ def train_rates(bench: TrainBench) -> dict:
             on_row(summary())
             continue
         loader = Loader(build.loader_config(dataclasses.replace(cfg, **_dali_overrides(feed)) if feed != "synthetic"
-                                            else cfg, world, "train"), True).verified()
+                                            else cfg, world, "train"), True).wait_for_digest()
         if feed == "synthetic":  # one batch of the pipeline's own dtype, layout and device, held
             held = [t.clone() for t in next(iter(loader))]
             rates[feed] = rate(itertools.repeat(held))
@@ -572,9 +576,168 @@ def _print_train(bench: TrainBench, result: dict) -> None:
     print(f"({result['environment']['PIL']}, GPU: {result['environment']['GPU']})")
 
 
+# ---- storage ----------------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class StorageBench(Shards, Batch, Order, Decoding, Timing, Output, Record):
+    """The train loader on the CPU (the whole graph, as alexnet-train uses it), images/s of whole epochs, each
+    row against the local loader in the same run: this package's sample reader against DALI's own webdataset
+    reader; the reader alone (bytes and labels into DALI, no decoding); and the same shards in a store (an S3
+    server on this machine, moto's, behind a proxy adding --latency-ms to every request; or --store) through
+    the node cache: the first epoch (nothing cached), later epochs, and every epoch with --cache-size a quarter
+    of the split; DALI's own s3:// reading for the record."""
+
+    store: str | None = option(None, "a URL holding the same shards (alexnet-prep --out URL); default: publish "
+                               "them to an S3 server started on this machine")
+    latency_ms: float = option(20.0, "the local S3 server's delay per request (a real store answers in 10-50 ms)",
+                               minimum=0.0)
+    dali_s3: bool = option(True, "also time DALI's own reading of s3:// shards, once, a tenth of an epoch (for "
+                           "the record)")
+
+    def __post_init__(self):
+        check(self)
+
+
+def _epoch_rate(make, epochs: int, skip: int = 0) -> float:
+    """images/s of `epochs` whole epochs of a loader made by `make()`, after `skip` untimed ones; from the
+    loader's construction when skip is 0 (a cold cache fetches from then on)."""
+    t0 = time.perf_counter()
+    loader = make()
+    for _ in range(skip):
+        for _ in loader:
+            pass
+    if skip:
+        t0 = time.perf_counter()
+    n = 0
+    for _ in range(epochs):
+        for _images, labels in loader:
+            n += int((labels >= 0).sum())
+    rate = n / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def _pipe_rate(pipe, runs: int, size: int) -> float:
+    """samples/s of `runs` runs of a DALI pipeline."""
+    t0 = time.perf_counter()
+    for _ in range(runs):
+        pipe.run()
+    return runs * size / (time.perf_counter() - t0)
+
+
+def storage_rates(bench: StorageBench) -> dict:
+    """images/s of each row (see StorageBench): rounds of every row in turn, the first a warm-up, then the
+    median of `repeats` rounds per row (rows in turn, so that a machine's drift does not favour one)."""
+    from contextlib import ExitStack
+
+    from . import storage
+    from .options import LoaderConfig
+    from .pipeline import Loader, webdataset_pipeline
+    from .publish import publish
+    from .shards import load_manifest, shard_paths
+
+    if storage.is_url(bench.shards):
+        raise OptionError("option shards: the local copy of the shards (--store names the store)")
+    local = LoaderConfig(**subset(bench, LoaderConfig), split="train", device="cpu")
+    entries = load_manifest(bench.shards).splits["train"].shards
+    quarter = sum(e.bytes for e in entries) // 4
+    result = {**to_json(bench), "samples": sum(e.samples for e in entries), "shards": len(entries),
+              "quarter_bytes": quarter, "images_per_s": {}, "rounds": [], "server_cpu_share": {}}
+    on_row = _recorder(bench)
+    tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
+
+    def cold(cfg, epochs: int = 1) -> float:  # a fresh cache: the first epoch fetches everything
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        return _epoch_rate(lambda: Loader(cfg, True, digest=False), epochs)
+
+    try:
+        with ExitStack() as stack:
+            url, server = bench.store, None
+            if url is None:
+                from .loopback import Loopback
+
+                s3 = server = stack.enter_context(Loopback(latency=bench.latency_ms / 1000, proxy_process=True))
+                before = dict(os.environ)
+                stack.callback(lambda: (os.environ.clear(), os.environ.update(before)))
+                os.environ.update(s3.env)
+                s3.make_bucket("bench")
+                url = "s3://bench/shards"
+                publish(Path(bench.shards), url)
+            remote = dataclasses.replace(local, shards=url, cache_dir=tmp / "cache")
+            budget = dataclasses.replace(remote, cache_size=str(quarter))
+            paths = shard_paths(bench.shards, "train")
+            reader = Loader(local, True, digest=False)
+            runs = reader.runs  # whole epochs
+            alone = {"reader_alone": reader.graph(upto="samples"),
+                     "dali_reader_alone": webdataset_pipeline(reader, paths, "samples")}
+            rows: dict[str, Callable[[], float]] = {
+                "local": lambda: _epoch_rate(lambda: Loader(local, True, digest=False), 1, skip=1),
+                "dali_reader": lambda: _epoch_rate(lambda: _reference(local, paths), 1, skip=1),
+                "store_first_epoch": lambda: cold(remote),
+                "store_cached": lambda: _epoch_rate(lambda: Loader(remote, True, digest=False), 1, skip=1),
+                "store_quarter_cache": lambda: cold(budget, epochs=2)}
+            for name, pipe in alone.items():
+                rows[name] = functools.partial(_pipe_rate, pipe, runs, local.run_size)
+            shares: dict[str, list[float]] = {k: [] for k in rows if k.startswith("store")}
+
+            def timed(name: str) -> float:  # the row's images/s; the server's share of the cores meanwhile
+                before, t0 = server.cpu_seconds() if server else 0.0, time.perf_counter()
+                rate = rows[name]()
+                if server and name in shares:
+                    shares[name].append((server.cpu_seconds() - before) / (time.perf_counter() - t0) / _cores())
+                return rate
+
+            for round_ in range(bench.repeats + 1):  # round 0: the warm-up
+                measured = {name: timed(name) for name in rows}
+                if round_:
+                    result["rounds"].append(measured)
+                    result["server_cpu_share"] = {k: statistics.median(v[1:]) for k, v in shares.items() if server}
+                    rates = {k: statistics.median(r[k] for r in result["rounds"]) for k in rows}
+                    result["images_per_s"] = rates
+                    result["over_local"] = {k: v / rates["local"] for k, v in rates.items()}
+                    on_row(result)
+            if bench.dali_s3 and url.startswith("s3://"):  # a request per sample: once, a tenth of the runs
+                urls = [storage.join(url, "train", e.name) for e in entries]
+                pipe = webdataset_pipeline(reader, urls)
+                pipe.run()  # its first run waits for its 4,096-sample shuffle buffer to fill
+                rate = _pipe_rate(pipe, max(1, runs // 10), local.run_size)
+                result["images_per_s"]["dali_s3"] = rate
+                result["over_local"]["dali_s3"] = rate / result["images_per_s"]["local"]
+                on_row(result)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _reference(cfg, locations):
+    """A train Loader whose graph reads with DALI's own webdataset reader over `locations` (paths or s3:// URLs):
+    the same iteration, conversion to torch and slicing as the Loader's, only the reader differs (padding
+    marks aside)."""
+    from .pipeline import Loader, webdataset_pipeline
+
+    loader = Loader(cfg, True, digest=False)
+    loader.pipe = webdataset_pipeline(loader, locations)
+    return loader
+
+
+def _print_storage(bench: StorageBench, result: dict) -> None:
+    print(f"the train loader on the CPU over {result['samples']:,} samples in {result['shards']} shards, batch "
+          f"{bench.batch_size}, {bench.num_threads or default_threads()} threads; whole epochs, median of "
+          f"{bench.repeats} rounds after a warm-up round; the store: {bench.store or 'S3 on this machine'}"
+          + (f", {bench.latency_ms:g} ms per request" if bench.store is None else ""))
+    print(f"{'row':<22}{'images/s':>12}{'x local':>9}")
+    for name, rate in result["images_per_s"].items():
+        print(f"{name:<22}{rate:>12,.0f}{result['over_local'][name]:>9.2f}")
+    print(f"(reader rows: samples/s of bytes and labels into DALI; quarter cache: {result['quarter_bytes']:,} bytes)")
+    if result["server_cpu_share"]:
+        print("the S3 server and proxy on this machine took, of its cores: " + ", ".join(
+            f"{k} {v:.0%}" for k, v in result["server_cpu_share"].items()))
+
+
 STAGES: dict[type, tuple[Callable, Callable]] = {
     PrepBench: (prep_rates, _print_prep), PipelineBench: (pipeline_rates, _print_pipeline),
-    LoaderBench: (loader_rates, _print_loader), TrainBench: (train_rates, _print_train)}
+    LoaderBench: (loader_rates, _print_loader), TrainBench: (train_rates, _print_train),
+    StorageBench: (storage_rates, _print_storage)}
 
 
 def main(bench) -> int:

@@ -20,7 +20,7 @@ from .config import UserError
 from .distributed import World
 from .model import AlexNet, AlexNetConfig, TwoColumnAlexNet, place
 from .optim import PaperSGD
-from .options import Augmentation, Decoding, LoaderConfig, Order
+from .options import Augmentation, Cache, Decoding, LoaderConfig, Order
 from .step import TrainStep
 
 if typing.TYPE_CHECKING:
@@ -41,41 +41,44 @@ def per_rank_batch(global_batch: int, world: World) -> int:
 
 
 def loader_config(cfg, world: World, split: str, **extra) -> LoaderConfig:
-    """This rank's loader: its share of the global batch, the run's augmentation, order and decoding."""
-    shared = {f.name: getattr(cfg, f.name) for group in (Augmentation, Order, Decoding) for f in fields(group)}
+    """This rank's loader: its share of the global batch, the run's augmentation, order, decoding and storage."""
+    shared = {f.name: getattr(cfg, f.name) for group in (Augmentation, Order, Decoding, Cache)
+              for f in fields(group)}
     return LoaderConfig(**shared, shards=cfg.shards, split=split, batch_size=per_rank_batch(cfg.global_batch, world),
                         device=str(world.device), rank=world.rank, world_size=world.size,
                         **batch_format(world.device, cfg.precision), **extra)
 
 
-def training_loader(cfg, world: World, state: dict | None = None, first_epoch: int = 0):
-    """The run's train loader, built once for every epoch: fresh, or at a saved data position (`state`), or
-    at the start of `first_epoch` drawn afresh."""
+def training_loader(cfg, world: World, state: dict | None = None):
+    """The run's train loader, built once for every epoch: fresh, or at a saved data position (`state`, saved
+    on any number of ranks with the run's global batch)."""
     from .pipeline import Loader  # DALI: only where a loader is built (the step alone needs none)
 
-    return Loader(loader_config(cfg, world, "train"), True, state, first_epoch)
+    return Loader(loader_config(cfg, world, "train"), True, state)
 
 
-def evaluation_loader(shards: Path, world: World, *, mean: str, precision: str, batch_size: int,
-                      tencrop: bool = False, split: str = "val", decoding: dict | None = None,
+def evaluation_loader(shards: Path | str, world: World, *, mean: str, precision: str, batch_size: int,
+                      tencrop: bool = False, split: str = "val", options: dict | None = None,
                       samples: int | None = None) -> Loader:
     """The one builder of evaluation loaders (a run's validation, alexnet-eval, the paper's figures): this
     rank's part of `split` (with `samples`, of its first shards holding that many), center crops (or the ten
-    crops), with the mean and the tensor format the network was trained with, and the loaders' `decoding`
-    options (threads, decoder, ...; their defaults if None)."""
+    crops), with the mean and the tensor format the network was trained with, and the loaders' decoding and
+    storage `options` (threads, decoder, cache_dir, ...; their defaults if None)."""
     from .pipeline import Loader
 
-    cfg = LoaderConfig(**(decoding or {}), shards=shards, split=split, batch_size=batch_size,
+    cfg = LoaderConfig(**(options or {}), shards=shards, split=split, batch_size=batch_size,
                        device=str(world.device), rank=world.rank, world_size=world.size, mean=mean, tencrop=tencrop,
                        **batch_format(world.device, precision))
     return Loader(cfg, train=False, samples=samples)
 
 
 def validation_loader(cfg, world: World, tencrop: bool = False) -> Loader:
-    """A training run's validation loader: its share of the global batch, its mean, precision and decoding."""
+    """A training run's validation loader: its share of the global batch, its mean, precision, decoding and
+    storage."""
     return evaluation_loader(cfg.shards, world, mean=cfg.mean, precision=cfg.precision,
                              batch_size=per_rank_batch(cfg.global_batch, world), tencrop=tencrop,
-                             decoding={f.name: getattr(cfg, f.name) for f in fields(Decoding)})
+                             options={f.name: getattr(cfg, f.name) for group in (Decoding, Cache)
+                                      for f in fields(group)})
 
 
 def optimizer_for(cfg, net) -> PaperSGD:
@@ -143,7 +146,7 @@ class Run:
     epoch: int = 0
     step: int = 0
     history: list[dict] = field(default_factory=list)
-    note: str | None = None  # said once when the run starts (data restarting at an epoch's start)
+    note: str | None = None  # said once when the run starts (a resume on another number of ranks)
 
 
 def start_run(cfg, num_classes: int, world: World, schedule, ckpt: Checkpoint | None = None) -> Run:
@@ -151,19 +154,22 @@ def start_run(cfg, num_classes: int, world: World, schedule, ckpt: Checkpoint | 
     a checkpoint is restored, in the order that matters: the weights into the network before it is placed
     (as the paper's two columns, say), the optimizer's momentum, the `schedule` (lr, drops, plateau count),
     this rank's data position, and last this rank's random generators, since building the network drew its
-    initial weights from them. A checkpoint saved by another number of ranks restarts the data at its
-    epoch's start, drawn afresh."""
+    initial weights from them. A checkpoint saved by another number of ranks continues at the same global
+    step (the global batch is the run's; each rank takes its new share), with dropout's generators seeded
+    afresh per rank."""
     parts = build_parts(cfg, num_classes, world, ckpt.weights if ckpt else None)
     if ckpt is None:
         return Run(parts, training_loader(cfg, world))
     state = ckpt.training_state()
     parts.optimizer.load_state_dict(state.optimizer)
     schedule.load_state_dict(state.schedule)
-    rank = ckpt.rank_state(world.rank, world.size)
-    loader = training_loader(cfg, world, rank.loader if rank else None, ckpt.epoch if rank is None else 0)
-    note = None
+    loader = training_loader(cfg, world, ckpt.loader_state(world.rank, world.size))
+    rank, note = ckpt.rank_state(world.rank, world.size), None
     if rank is None:
-        note = f"checkpoint from {len(state.ranks)} ranks, now {world.size}: data restarts at the epoch start"
+        torch.manual_seed(cfg.seed * 1_000_003 + ckpt.step * 1_009 + world.rank)
+        note = (f"checkpoint from {len(state.ranks)} ranks, now {world.size}: the data continues at step "
+                f"{loader.position} of epoch {loader.epoch + 1} (global batch {cfg.global_batch}); dropout drawn "
+                "afresh")
     else:
         rank.restore_generators(world.device)
     return Run(parts, loader, ckpt.epoch, ckpt.step, list(ckpt.history), note)

@@ -26,7 +26,10 @@ import torch
 from .config import UserError
 from .files import atomic_write, write_error
 
-FORMAT = 3  # 3: typed checkpoint with preprocessing and class names; global_batch and final_tencrop options
+# 3: typed checkpoint with preprocessing and class names; global_batch and final_tencrop options; 4: the data
+# position is ours (epoch, global step, global batch), not DALI's reader state, so it resumes on any number of ranks
+FORMAT = 4
+READABLE = 3  # the oldest format whose weights still load (for evaluation and use, not for --resume)
 MODEL_KEYS = ("weights", "model_config", "config", "classes", "class_names", "preprocessing", "epoch", "step",
               "history")
 TRAINING_KEYS = ("optimizer", "schedule", "ranks")
@@ -120,13 +123,17 @@ class Checkpoint:
         if not isinstance(raw["format"], int) or raw["format"] > FORMAT:
             raise UserError(f"{path}: written by a newer alexnet-pipeline (checkpoint format {raw['format']}; this "
                             f"version reads format {FORMAT}); upgrade alexnet-pipeline")
-        if raw["format"] < FORMAT:
+        if raw["format"] < READABLE:
             raise UserError(f"{path}: written by an older alexnet-pipeline (checkpoint format {raw['format']}; this "
-                            f"version reads format {FORMAT})")
+                            f"version reads formats {READABLE}-{FORMAT})")
         missing = [k for k in MODEL_KEYS if k not in raw]
         if missing:
             raise UserError(f"{path}: not an alexnet-train checkpoint (it lacks {', '.join(missing)})")
         lacking = [k for k in TRAINING_KEYS if k not in raw]
+        if resumable and raw["format"] < FORMAT:
+            raise UserError(f"{path}: written by an older alexnet-pipeline (format {raw['format']}), whose data "
+                            "position was DALI's reader state; it can be evaluated or used, not resumed; start a new "
+                            "--out")
         if resumable and lacking:
             raise UserError(f"{path}: holds the weights only (it lacks {', '.join(lacking)}: a best.pt?); it can "
                             "be evaluated or used, not resumed; resume from the run's checkpoint.pt")
@@ -135,7 +142,7 @@ class Checkpoint:
             training = TrainingState(raw["optimizer"], raw["schedule"], [RankState(**r) for r in raw["ranks"]])
         return cls(**{k: raw[k] for k in MODEL_KEYS}, training=training, path=path)
 
-    def check_run(self, classes: list[str], config: dict, recipe: dict[str, Any], shards: Path) -> None:
+    def check_run(self, classes: list[str], config: dict, recipe: dict[str, Any], shards: Path | str) -> None:
         """Refuse to continue this checkpoint on other classes or with another recipe. `recipe`: the recipe
         options and their defaults; an option the checkpoint does not record (written before the option
         existed) ran with its default."""
@@ -148,10 +155,21 @@ class Checkpoint:
                             "run's options (see its config.json) or start a new --out")
 
     def rank_state(self, rank: int, world_size: int) -> RankState | None:
-        """This rank's saved state; None if there is none or the checkpoint came from another number of ranks
-        (the data then restarts at the start of the checkpoint's epoch)."""
+        """This rank's saved generators and data position; None if there is none or the checkpoint came from
+        another number of ranks (see loader_state)."""
         ranks = self.training.ranks if self.training else []
         return ranks[rank] if len(ranks) == world_size else None
+
+    def loader_state(self, rank: int, world_size: int) -> dict | None:
+        """Where this rank's train loader continues: its own saved state on as many ranks as saved it; on
+        another number, the global position every rank had (epoch, step, global batch), without DALI's
+        random-operator state (draws="dali" then draws afresh). None without a training state."""
+        ranks = self.training.ranks if self.training else []
+        if not ranks:
+            return None
+        if len(ranks) == world_size:
+            return ranks[rank].loader
+        return {k: v for k, v in ranks[0].loader.items() if k != "dali"}
 
     def training_state(self) -> TrainingState:
         """The training state; only checkpoint.pt has one (Checkpoint.load(resumable=True) refuses others)."""

@@ -1,13 +1,13 @@
 """Command-line parsing only: each command builds its typed config and calls its module, through one skeleton
 (`_command`): file names that are not valid UTF-8 print as escapes, the parser is made from the config's
-declarations, and a problem the user can fix (config.UserError) is one line and exit status 2. Heavy modules
+declarations, and a problem the user can fix (config.UserError) is one line and exit status 2, a store gone for good
+(storage.StoreGone) one line and exit status 1. Heavy modules
 are imported inside the commands that need them: `alexnet-prep` imports neither torch nor DALI."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _printable_output() -> None:
@@ -28,6 +28,7 @@ def _command(main, argv, act, *, config=None, arguments=lambda p: None, require:
     declarations (`require`: its options without a default are required) and what `arguments` adds, then
     act(parsed arguments, parser); a UserError is one line and status 2."""
     from .config import UserError, add_arguments
+    from .storage import StoreGone
 
     _printable_output()
     prog, description = main.__doc__.split(": ", 1)
@@ -41,16 +42,20 @@ def _command(main, argv, act, *, config=None, arguments=lambda p: None, require:
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except StoreGone as e:  # the store went away for good: not the input's fault; the last checkpoint stands
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
 
 
 def prep_main(argv=None) -> int:
     """alexnet-prep: ImageNet -> shuffled WebDataset shards with index files and statistics."""
     from .config import from_arguments
     from .prep import Interrupted, OutOfFiles, PrepConfig, WorkerDied, run
+    from .storage import StoreGone
 
     def arguments(p):
-        p.add_argument("--verify", type=Path, metavar="SHARDS", help="re-read a prepared directory and check it "
-                       "(with --workers processes)")
+        p.add_argument("--verify", metavar="SHARDS", help="re-read a prepared directory (or its URL in a store) and "
+                       "check it (with --workers processes)")
         p.add_argument("--version", action="store_true", help="print versions, PIL flavour and GPUs, then exit")
 
     def act(a, p) -> int:
@@ -60,7 +65,7 @@ def prep_main(argv=None) -> int:
             _print_table(versions())
             return 0
         if a.verify:
-            return _verify(a.verify, a.workers, a.progress, a.progress_every)
+            return _verify(a.verify, a.workers, a.progress, a.progress_every, a.storage_timeout)
         if a.imagenet_root is None or a.out is None:
             p.error("--imagenet-root and --out are required (or --verify SHARDS, or --version)")
         cfg = from_arguments(PrepConfig, a)
@@ -69,7 +74,8 @@ def prep_main(argv=None) -> int:
         except Interrupted as e:  # one line; the workers are gone; the same command resumes
             print(f"alexnet-prep: {e}", file=sys.stderr)
             return 128 + e.signum
-        except (WorkerDied, OutOfFiles) as e:  # not the input's fault (memory, a crash, a limit): 1, resumable
+        except (WorkerDied, OutOfFiles, StoreGone) as e:  # not the input's fault (memory, a crash, a limit, a
+            # store gone): 1, resumable
             print(f"alexnet-prep: {e}", file=sys.stderr)
             return 1
         _print_prep_summary(cfg, report)
@@ -85,27 +91,34 @@ def _print_prep_summary(cfg, report) -> None:
     for stage in report.stages:
         print(stage.line())
     if report.resumed and not report.processed:
-        print(f"{cfg.out}: already complete with these options and this source; nothing to do")
+        print(f"{cfg.local_out}: already complete with these options and this source; nothing to do")
     done = ", ".join(f"{n} {s}" for s, n in report.samples.items())
     rate = f", {report.processed / report.seconds:.0f} images/s" if report.processed else ""
-    print(f"wrote {done} samples to {cfg.out} in {report.seconds:.1f} s{rate}")
+    print(f"wrote {done} samples to {cfg.local_out} in {report.seconds:.1f} s{rate}")
+    if report.published:
+        from .storage import human
+
+        p = report.published
+        print(f"published to {p.url}: {p.uploaded} files uploaded ({human(p.bytes)}), {p.kept} already there")
     if report.skipped:
-        print(f"skipped {len(report.skipped)} files (listed in {cfg.out}/dataset.json):")
+        print(f"skipped {len(report.skipped)} files (listed in {cfg.local_out}/dataset.json):")
         for s in report.skipped[:20]:
             print(f"  {s['source']}: {s['reason']}")
         if len(report.skipped) > 20:
             print(f"  ... and {len(report.skipped) - 20} more")
 
 
-def _verify(path: Path, workers: int, progress: bool | None, every: float) -> int:
+def _verify(where: str, workers: int, progress: bool | None, every: float, timeout: float) -> int:
     import os
 
     import numpy as np
 
-    from . import files, shards, verified
+    from . import files, shards, storage, verified
     from .progress import Progress, mode
     from .workers import WorkerDied
 
+    path = storage.location(where)
+    storage.configure(timeout)
     files.raise_open_file_limit()
     try:
         n = sum(len(e.shards) for e in shards.load_manifest(path).splits.values())
@@ -114,7 +127,7 @@ def _verify(path: Path, workers: int, progress: bool | None, every: float) -> in
     bar = Progress("verify", n, "shards", mode(progress), every)
     try:
         problems = shards.verify(path, workers=workers or len(os.sched_getaffinity(0)), progress=bar)
-    except WorkerDied as e:  # as for prep: not the data's fault, one line, status 1
+    except (WorkerDied, storage.StoreGone) as e:  # as for prep: not the data's fault, one line, status 1
         print(f"alexnet-prep: verify: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -131,7 +144,8 @@ def _verify(path: Path, workers: int, progress: bool | None, every: float) -> in
         for more in problems[1:10]:
             print(f"  also: {more}", file=sys.stderr)
         return 1
-    verified.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
+    if not isinstance(path, str):  # a local directory (a URL stays text)
+        verified.remember_verified(path)  # loader starts now trust these bytes at these sizes and times
     m = shards.load_manifest(path)
     print(f"{path}: OK, {len(m.classes)} classes, " +
           ", ".join(f"{s} {e.samples} samples in {len(e.shards)} shards" for s, e in m.splits.items()))
@@ -230,7 +244,7 @@ def bench_main(argv=None) -> int:
     from .config import add_arguments, from_arguments
 
     stages = {"prep": bench.PrepBench, "pipeline": bench.PipelineBench, "loader": bench.LoaderBench,
-              "train": bench.TrainBench}
+              "train": bench.TrainBench, "storage": bench.StorageBench}
 
     def arguments(p):
         sub = p.add_subparsers(dest="stage", required=True)

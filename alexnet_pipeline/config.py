@@ -108,10 +108,13 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 
 def _parse_type(tp):
-    """The argparse type of an annotation: Path, float, int, str, or a comma-separated tuple."""
+    """The argparse type of an annotation: Path, float, int, str, or a comma-separated tuple. `Path | str` is
+    a place that may be a URL: kept as text (a Path would fold the // of s3://...)."""
     args = typing.get_args(tp) or (tp,)
     if typing.get_origin(tp) is tuple:
         return _comma_list
+    if Path in args and str in args:
+        return str
     return next(t for t in (Path, float, int, str) if t in args)
 
 

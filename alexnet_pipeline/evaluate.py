@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import distributed
+from . import distributed, storage
 from .checkpoint import Checkpoint
 from .config import UserError, check, option
-from .options import Batch, Decoding, Output, Placement, Shards, TenCrop, Weights
+from .options import Batch, Cache, Decoding, Output, Placement, Shards, TenCrop, Weights
 from .step import autocast
 
 
@@ -34,9 +34,9 @@ class EvalConfig(Shards, Weights, Placement, Batch, Decoding, TenCrop, Output):
                                  minimum=1)
 
     def __post_init__(self):
-        self.shards, self.checkpoint = Path(self.shards), Path(self.checkpoint)
-        self.figures_out = None if self.figures_out is None else Path(self.figures_out)
         check(self)
+        self.shards, self.checkpoint = storage.location(self.shards), Path(self.checkpoint)
+        self.figures_out = None if self.figures_out is None else Path(self.figures_out)
 
 
 def predictions(model, loader, tencrop: bool, precision: str = "bf16"):
@@ -82,6 +82,7 @@ def run(cfg: EvalConfig) -> dict:
     from .build import evaluation_loader
     from .config import subset
 
+    storage.configure(cfg.storage_timeout)
     world = distributed.setup(cfg.device, cfg.backend)
     try:
         ckpt = Checkpoint.load(cfg.checkpoint)
@@ -92,7 +93,8 @@ def run(cfg: EvalConfig) -> dict:
                   "precision": precision if world.device.type == "cuda" else "fp32"}
         for name, tencrop in (("center", False), ("tencrop", True))[:1 + cfg.tencrop]:
             loader = evaluation_loader(cfg.shards, world, mean=ckpt.preprocessing["mean"], precision=precision,
-                                       batch_size=cfg.batch_size, tencrop=tencrop, decoding=subset(cfg, Decoding))
+                                       batch_size=cfg.batch_size, tencrop=tencrop,
+                                       options={**subset(cfg, Decoding), **subset(cfg, Cache)})
             if loader.classes != ckpt.classes:
                 raise UserError(f"{cfg.checkpoint}: trained on other classes than {cfg.shards} holds")
             result[name] = errors(error_counts(model, loader, tencrop, precision))

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import storage
+
 TILES_PER_ROW = 16
 SCALE, GAP, BLOCK_GAP = 4, 2, 8  # pixels per kernel weight, between tiles, between the two columns' blocks
 BACKGROUND = 255
@@ -181,22 +183,22 @@ def _pick(labels, n: int) -> list[int]:
     return chosen + [i for i in taken if i not in chosen][:n - len(chosen)]
 
 
-def _labels(shards_dir: Path, split: str):
+def _labels(shards_dir: Path | str, split: str):
     """The labels of a split's samples in shard order, read shard by shard as they are asked for."""
     from .shards import iter_samples, shard_paths
 
     for path in shard_paths(shards_dir, split):
-        yield from (s.label for s in iter_samples(path.read_bytes()))
+        yield from (s.label for s in iter_samples(storage.read_bytes(path)))
 
 
-def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
+def _samples(shards_dir: Path | str, split: str, wanted: set[int] | None = None):
     """{index: (pixels 256x256x3, label)} of a split's samples in shard order (all, or the `wanted` ones)."""
     from .inference import image_256
     from .shards import iter_samples, shard_paths
 
     out, i = {}, 0
     for path in shard_paths(shards_dir, split):
-        for s in iter_samples(path.read_bytes()):
+        for s in iter_samples(storage.read_bytes(path)):
             if wanted is None or i in wanted:
                 out[i] = (image_256(s.jpeg), s.label)
             i += 1
@@ -205,7 +207,7 @@ def _samples(shards_dir: Path, split: str, wanted: set[int] | None = None):
     return out
 
 
-def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, pool: int, batch_size: int = 128,
+def paper_figures(ckpt, shards_dir: Path | str, out_dir: Path, device: torch.device, pool: int, batch_size: int = 128,
                   progress: bool = True) -> dict:
     """filters.png, predictions.png and neighbours.png of a checkpoint into `out_dir`: Figure 3, and Figure 4
     with eight validation images (one per class first) and the first five of them beside their six nearest
@@ -226,9 +228,10 @@ def paper_figures(ckpt, shards_dir: Path, out_dir: Path, device: torch.device, p
     truths = [ckpt.classes[val[i][1]] for i in shown]
     paths["predictions"] = predictions_figure([val[i][0] for i in shown], tops, truths, out_dir / "predictions.png")
 
-    def loader(split, samples):  # the first shards holding `samples` only: opened, checked and read
+    def loader(split, samples):  # the first shards holding `samples` only, read in shard order (one stream)
         return evaluation_loader(shards_dir, World(0, 1, 0, device), mean=ckpt.preprocessing["mean"],
-                                 precision=model.precision, batch_size=batch_size, split=split, samples=samples)
+                                 precision=model.precision, batch_size=batch_size, split=split, samples=samples,
+                                 options={"streams": 1})
 
     pool = min(pool, manifest.splits["train"].samples)
     queries = shown[:5]

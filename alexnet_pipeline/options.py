@@ -2,12 +2,13 @@
 loaders compose these groups into their own typed configs, so a name has one default, one help text and one
 check everywhere. Run-specific options (epochs, the optimizer, the output directory) stay with their command.
 
-    Shards        shards                       every command that reads prepared shards
+    Shards        shards (a directory or a URL), with Cache: cache_dir, cache_size, read_ahead (and Storage's)
+    Storage       storage_timeout              every command that may reach a store
     Device        device                       where it runs (auto: the GPU if there is one)
     Placement     device, backend              commands that may run as torchrun ranks
     Batch         batch_size                   samples per batch and per rank (a loader's batch)
     Augmentation  mean, lighting_sigma, lighting_form
-    Order         seed, shuffle_buffer, shard_shuffle, draws
+    Order         seed, shard_shuffle, shuffle_window, streams, draws
     Decoding      num_threads, prefetch, decoder, hw_decoder_load, batches_per_run, preallocate, stream_ordered
     Tensors       dtype, channels_last         what a loader's batches look like
     Network       variant, width, init         the model
@@ -25,13 +26,12 @@ LoaderConfig composes the loader's groups; train_loader / eval_loader take its f
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import augment
+from . import augment, storage
 from .config import OptionError, check, option
 
 # model.INITS and step.PRECISIONS, written out: this module imports no torch module, so that prep (which
@@ -50,8 +50,32 @@ def _device_problem(name: str) -> str | None:
 
 
 @dataclass(kw_only=True)
-class Shards:
-    shards: Path = option(dataclasses.MISSING, "directory written by alexnet-prep")
+class Storage:
+    storage_timeout: float = option(120.0, "seconds a store may keep failing (refused, timing out) before the "
+                                    "command stops, naming the URL", minimum=0.0)
+
+
+@dataclass(kw_only=True)
+class Cache(Storage):
+    """Where a store's shards are kept on this machine."""
+
+    cache_dir: Path | None = option(None, "node cache for shards in a store (s3://, gs://, ...): whole shards "
+                                    "fetched ahead in this node's reading order, shared by its ranks (default "
+                                    "~/.cache/alexnet-pipeline/shards)")
+    cache_size: str | None = option(None, "bound on the node cache's bytes, e.g. 200G (default: no bound): "
+                                    "shards already read are evicted, the one read latest first",
+                                    validate=storage.size_problem)
+    read_ahead: int = option(16, "shards each rank fetches ahead of the ones it is reading", minimum=1)
+
+    @property
+    def cache_bytes(self) -> int | None:
+        return None if self.cache_size is None else storage.parse_size(self.cache_size)
+
+
+@dataclass(kw_only=True)
+class Shards(Cache):
+    shards: Path | str = option(dataclasses.MISSING, "directory written by alexnet-prep, or its URL in a store "
+                                "(s3://bucket/prefix, gs://..., https://..., file://...)")
 
 
 @dataclass(kw_only=True)
@@ -144,15 +168,20 @@ class Augmentation:
 class Order(Seed):
     """Which samples come when, and the random draws of the augmentation."""
 
-    shuffle_buffer: int = option(4096, "samples DALI shuffles among as it reads", minimum=1, scope="train",
-                                 recipe=True)
-    shard_shuffle: bool = option(True, "draw a new order of the shards every epoch (with the buffer, a new "
-                                 "sample order every epoch); off: every epoch reads the same sequence",
-                                 scope="train", recipe=True)
+    shard_shuffle: bool = option(True, "a new order every epoch: the shards permuted, the samples mixed within "
+                                 "windows of shards; off: every epoch reads the prepared order (which prep "
+                                 "shuffled once)", scope="train", recipe=True)
+    shuffle_window: int = option(4, "shards whose samples are mixed together (0: the whole split, a true "
+                                 "global permutation, for local disks); what a rank holds open per stream",
+                                 minimum=0, scope="train", recipe=True)
+    streams: int = option(16, "parts of each epoch's order read side by side; with a number of ranks (and "
+                          "nodes) that divides it, each reads its own parts, so a node fetches only its share "
+                          "of the shards", minimum=1, recipe=True)
     draws: str = option("host", "where the per-image crop, flip and lighting draws come from: host = one "
                         "operator drawing them for the whole batch from a counter-based generator keyed on "
-                        "(seed, rank, epoch, sample), the same whatever the DALI batch; dali = DALI's random "
-                        "operators (12 operators per batch)", choices=DRAWS, scope="train", recipe=True)
+                        "(seed, epoch, position in the epoch's order), the same whatever the DALI batch and "
+                        "the number of ranks; dali = DALI's random operators (12 operators per batch)",
+                        choices=DRAWS, scope="train", recipe=True)
 
 
 @dataclass(kw_only=True)
@@ -249,8 +278,8 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
     world_size: int = option(1, "number of ranks sharing the data", minimum=1)
 
     def __post_init__(self):
-        self.shards = Path(self.shards)
         check(self)
+        self.shards = storage.location(self.shards)
         self.device = str(resolve_device(self.device)) if self.device == "auto" else self.device
         if self.split is None:
             raise OptionError("option split: required (train_loader and eval_loader choose it)")
@@ -291,30 +320,3 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
     def run_size(self) -> int:
         """Samples per DALI run: batches_per_run batches."""
         return self.batch_size * self.batches_per_run
-
-
-def _shard_size(n: int, shard: int, shards_: int) -> int:
-    """Samples in DALI's reader shard `shard` of `shards_` (contiguous, sizes differ by at most one)."""
-    return n * (shard + 1) // shards_ - n * shard // shards_
-
-
-def rank_part(cfg: LoaderConfig, epoch: int, shard_shuffled: bool) -> int:
-    """Which of DALI's world_size parts of the split this rank reads in `epoch`. Readers move to the next part
-    every epoch (stick_to_shard=False), except with shuffle_after_epoch (the train loader's shard_shuffle):
-    then each rank keeps its part of a sequence whose shard order changes (observed with DALI 2.4)."""
-    return cfg.rank if shard_shuffled else (cfg.rank + epoch) % cfg.world_size
-
-
-def rank_samples(cfg: LoaderConfig, n_samples: int, epoch: int, shard_shuffled: bool) -> int:
-    """Samples of this rank's part in `epoch` (the rest of its batches are DALI's padding)."""
-    return _shard_size(n_samples, rank_part(cfg, epoch, shard_shuffled), cfg.world_size)
-
-
-def batches_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
-    """Batches every rank yields per epoch: its largest part of the split, padded to whole batches."""
-    return math.ceil(max(_shard_size(n_samples, s, cfg.world_size) for s in range(cfg.world_size)) / cfg.batch_size)
-
-
-def runs_per_epoch(cfg: LoaderConfig, n_samples: int) -> int:
-    """DALI runs per epoch: the same part, padded to whole runs of batches_per_run batches."""
-    return math.ceil(batches_per_epoch(cfg, n_samples) / cfg.batches_per_run)

@@ -31,11 +31,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, files, imagenet, listing, shards, units, verified, workers, workfiles
+from . import __version__, files, imagenet, listing, shards, storage, units, verified, workers, workfiles
 from .config import OptionError, UserError, check, option, recipe_fields
 from .image import BadImage, prepare
-from .options import ImageNetRoot, Seed, Workers
+from .options import ImageNetRoot, Seed, Storage, Workers
 from .progress import Progress, Stage, mode
+from .publish import Published, publish
 from .stats import Moments, summarize
 from .workers import WorkerDied
 
@@ -49,10 +50,12 @@ def _quality_problem(q: int) -> str | None:
 
 
 @dataclass
-class PrepConfig(ImageNetRoot, Workers, Seed):
+class PrepConfig(ImageNetRoot, Workers, Seed, Storage):
     """Options of alexnet-prep; `fingerprint` is the part that determines the output bytes."""
 
-    out: Path = option(dataclasses.MISSING, "output directory for shards, dataset.json and stats.npz")
+    out: Path | str = option(dataclasses.MISSING, "output directory for shards, dataset.json and stats.npz, or a "
+                             "URL in a store (s3://bucket/prefix, ...): prep then runs in --work-dir and uploads, "
+                             "the manifest last")
     splits: tuple[str, ...] = option(("train", "val"), "splits to prepare: train,val or one of them",
                                      choices=SPLITS, recipe=True)
     shard_size: int = option(1000, "samples per shard", minimum=1, recipe=True)
@@ -70,10 +73,13 @@ class PrepConfig(ImageNetRoot, Workers, Seed):
                            "this, a changed source is refused)")
     max_image_mib: int = option(units.MAX_IMAGE_MIB, "a file larger than this (MiB) is skipped without being "
                                 "read, its size named (no photograph comes near it)", minimum=1, recipe=True)
+    work_dir: Path | None = option(None, "with --out URL: the local directory prep works in, resumable (default "
+                                   "~/.cache/alexnet-pipeline/prep/<a directory per URL>)")
 
     def __post_init__(self):
-        self.imagenet_root, self.out, self.splits = Path(self.imagenet_root), Path(self.out), tuple(self.splits)
+        self.imagenet_root, self.splits = Path(self.imagenet_root), tuple(self.splits)
         check(self)
+        self.out = storage.location(self.out)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise OptionError(f"option splits: expected train, val or train,val; got {','.join(self.splits)!r}")
 
@@ -84,6 +90,15 @@ class PrepConfig(ImageNetRoot, Workers, Seed):
         values["imagenet_root"] = str(Path(self.imagenet_root).resolve())
         values["splits"] = list(self.splits)
         return {**values, "format_version": shards.FORMAT_VERSION}
+
+    @property
+    def local_out(self) -> Path:
+        """Where prep writes: --out, or for a URL the work directory it publishes from."""
+        if not storage.is_url(self.out):
+            return Path(self.out)
+        if self.work_dir is not None:
+            return Path(self.work_dir)
+        return storage.default_cache_root() / "prep" / hashlib.sha256(str(self.out).encode()).hexdigest()[:16]
 
     def n_workers(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
@@ -103,6 +118,7 @@ class PrepReport:
     resumed: bool = False
     notes: list[str] = field(default_factory=list)  # said once in the summary (e.g. workers capped)
     stages: list[Stage] = field(default_factory=list)  # each stage's count and time
+    published: Published | None = None  # with --out URL: what was uploaded
 
 
 class PrepError(UserError):
@@ -373,7 +389,16 @@ def run(cfg: PrepConfig) -> PrepReport:
     old_handler = signal.signal(signal.SIGTERM, on_term)
     files.raise_open_file_limit()
     try:
-        return _run(cfg)
+        if not storage.is_url(cfg.out):
+            return _run(cfg)
+        storage.configure(cfg.storage_timeout)
+        store = storage.store(str(cfg.out))
+        store.check()  # no credentials or no bucket: named before any work
+        report = _run(dataclasses.replace(cfg, out=cfg.local_out))
+        bar = cfg.progress_for("upload", None, "files")
+        report.published = publish(cfg.local_out, store.url, progress=bar)
+        report.stages.append(bar.close())
+        return report
     except KeyboardInterrupt:
         raise Interrupted(signal.SIGINT) from None
     except OSError as e:

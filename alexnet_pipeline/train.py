@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import build, distributed, evaluate
+from . import build, distributed, evaluate, storage
 from .checkpoint import Checkpoint, RankState, TrainingState, preprocessing
 from .clock import StepClock
 from .config import UserError, check, option, recipe_fields, to_json
@@ -70,12 +70,15 @@ class TrainConfig(Shards, Placement, Augmentation, Order, Decoding, Network, Ste
     column_devices: str | None = option(None, "with --model-parallel: the two columns' devices, e.g. "
                                         "cuda:0,cuda:0 (default: this rank's GPU and the next)")
     log_every: int = option(50, "steps per log line (and per host-device sync)", minimum=1)
+    checkpoint_every: int = option(0, "also save RUN/checkpoint.pt every this many steps, at the first log line "
+                                   "after them (0: at each epoch's end only); a run killed without warning "
+                                   "loses at most that much", minimum=0)
     resume: bool = option(False, "continue OUT/checkpoint.pt exactly (on an empty OUT: start)")
     final_tencrop: bool = option(True, "ten-crop validation after the last epoch")
 
     def __post_init__(self):
-        self.shards, self.out = Path(self.shards), Path(self.out)
         check(self)
+        self.shards, self.out = storage.location(self.shards), Path(self.out)
         if self.lr is None:
             self.lr = 0.01 * self.global_batch / 128
         if self.column_devices is not None and not self.model_parallel:
@@ -145,6 +148,7 @@ class Trainer:
             raise
 
     def _build(self, cfg: TrainConfig) -> None:
+        storage.configure(cfg.storage_timeout)
         ckpt = self._start_run()
         manifest = load_manifest(cfg.shards)
         self.classes, self.names = manifest.classes, class_names(manifest)
@@ -239,6 +243,9 @@ class Trainer:
                                   lr=self.schedule.lr, rate=len(rows) * cfg.global_batch / (time.perf_counter() - t0),
                                   wait=wait, host_wait=host_wait,
                                   step_time=(time.perf_counter() - t_epoch) / max(1, self.step - epoch_start))
+                every = cfg.checkpoint_every
+                if every and self.step // every > interval_start // every and not last:
+                    self.save(CHECKPOINT)  # every rank: their data positions and generators are gathered
                 pending, interval_start, t0 = [], self.step, time.perf_counter()
                 if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
                     stop.signum, self.stopping = signum, True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,6 +47,66 @@ def prepped(sample, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def loopback():
+    """An S3 server on this machine (moto's, in a subprocess) behind a proxy that can add latency and go down."""
+    from alexnet_pipeline.loopback import Loopback
+
+    with Loopback() as s3:
+        yield s3
+
+
+class S3:
+    """The loopback store as one test sees it: its own bucket, its environment set (for child processes too)."""
+
+    def __init__(self, loopback, bucket: str):
+        self.loopback, self.bucket = loopback, bucket
+
+    def url(self, *parts: str) -> str:
+        return "/".join([f"s3://{self.bucket}", *parts])
+
+    def gets(self, *parts: str) -> int:
+        return self.loopback.gets("/".join([self.bucket, *parts]))
+
+    def fs(self):
+        import fsspec
+
+        return fsspec.filesystem("s3")
+
+
+_buckets = iter(range(10**6))
+
+
+@pytest.fixture
+def s3(loopback, monkeypatch, tmp_path):
+    """A fresh bucket on the loopback store, with AWS_ENDPOINT_URL and test credentials in the environment
+    and the user's cache (XDG_CACHE_HOME) in this test's directory."""
+    for k, v in loopback.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    loopback.proxy.latency, loopback.down = 0.0, False
+    bucket = f"test-{next(_buckets)}"
+    loopback.make_bucket(bucket)
+    yield S3(loopback, bucket)
+    loopback.down = False
+
+
+def publish_to(loopback, local: Path, url: str) -> None:
+    """Upload a prepared directory to the loopback store (the environment set only while it runs)."""
+    from alexnet_pipeline.publish import publish
+
+    old = {k: os.environ.get(k) for k in loopback.env}
+    os.environ.update(loopback.env)
+    try:
+        publish(local, url)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
 def trained(prepped, tmp_path_factory):
     """A run of two epochs of a quarter-width paper AlexNet on the prepped sample (RUN/ with its checkpoints)."""
     from alexnet_pipeline import train
@@ -54,6 +115,47 @@ def trained(prepped, tmp_path_factory):
     train.run(train.TrainConfig(shards=prepped, out=out, epochs=2, width=0.25, global_batch=8, num_threads=1,
                                 final_tencrop=False, device="cpu", log_every=8))
     return out
+
+
+def numbered(prepped: Path, out: Path, sizes: list[int]) -> Path:
+    """A copy of the prepped shards whose train split has shards of `sizes` samples (the prepped images taken
+    in turn) labelled 0, 1, ... in shard order: a batch's labels say which samples, and so which shards, a
+    rank read."""
+    import dataclasses
+
+    from alexnet_pipeline import shards
+
+    shutil.copytree(prepped, out)
+    (out / ".verified.json").unlink(missing_ok=True)
+    images = [s for p in shards.shard_paths(out, "train") for s in shards.iter_samples(p.read_bytes())]
+    for p in (out / "train").iterdir():
+        p.unlink()
+    infos, at = [], 0
+    for i, n in enumerate(sizes):
+        samples = [dataclasses.replace(images[(at + j) % len(images)], key=f"s{at + j:06d}", label=at + j)
+                   for j in range(n)]
+        infos.append(shards.write_shard(out / "train" / f"train-{i:06d}.tar", samples))
+        at += n
+    manifest = shards.load_manifest(out)
+    manifest.splits["train"] = shards.SplitInfo(at, infos)
+    manifest.classes = [f"n9{i:07d}" for i in range(at)]
+    shards.write_manifest(out, manifest)
+    shards.write_timm_info(out, manifest)
+    return out
+
+
+def shard_of(label: int, sizes: list[int]) -> int:
+    """The shard of a numbered sample."""
+    import numpy as np
+
+    return int(np.searchsorted(np.cumsum(sizes), label, side="right"))
+
+
+@pytest.fixture(scope="session")
+def labelled_by_shard(prepped, tmp_path_factory):
+    """numbered() shards of unequal sizes 3, 5, 1, 4, 2, 6: (directory, sizes)."""
+    sizes = [3, 5, 1, 4, 2, 6]
+    return numbered(prepped, tmp_path_factory.mktemp("by_shard") / "s", sizes), sizes
 
 
 def read_samples(shards_dir: Path, split: str) -> dict[str, tuple[int, bytes]]:

@@ -45,16 +45,16 @@ def test_random_params_cover_every_offset():
 
 
 def test_counter_draws_do_not_depend_on_how_samples_are_cut_into_batches():
-    whole = augment.counter_draws((3, 1, 2), 0, 40, 0.1)
-    parts = [augment.counter_draws((3, 1, 2), start, count, 0.1) for start, count in ((0, 7), (7, 25), (32, 8))]
+    whole = augment.counter_draws((3, 2), 0, 40, 0.1)
+    parts = [augment.counter_draws((3, 2), start, count, 0.1) for start, count in ((0, 7), (7, 25), (32, 8))]
     for a, b in zip(whole, zip(*parts, strict=True), strict=True):
         np.testing.assert_array_equal(a, np.concatenate(b))
-    for other in ((3, 1, 3), (3, 0, 2), (4, 1, 2)):  # each epoch, rank and seed draws afresh
+    for other in ((3, 3), (4, 2)):  # each epoch and seed draws afresh
         assert not np.array_equal(whole[3], augment.counter_draws(other, 0, 40, 0.1)[3]), other
 
 
 def test_counter_draws_have_the_papers_distributions():
-    x, y, flip, alpha = augment.counter_draws((0, 0, 0), 0, 200_000, 0.1)
+    x, y, flip, alpha = augment.counter_draws((0, 0), 0, 200_000, 0.1)
     for v in (x, y):
         counts = np.bincount(v, minlength=33)
         assert len(counts) == 33 and abs(counts / len(v) * 33 - 1).max() < 0.05  # every offset 0..32, uniform

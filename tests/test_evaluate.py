@@ -3,7 +3,7 @@ import torch
 
 from alexnet_pipeline import augment, evaluate
 from alexnet_pipeline.model import AlexNet, AlexNetConfig
-from alexnet_pipeline.pipeline import PAD_LABEL, LoaderConfig, build_pipeline, eval_loader
+from alexnet_pipeline.pipeline import PAD_LABEL, Loader, LoaderConfig, eval_loader
 
 
 def _model(classes=4):
@@ -22,7 +22,7 @@ def test_ten_crop_equals_ten_forward_passes_with_averaged_softmax(prepped):
         mean = augment.mean_to_subtract({k: z[k] for k in z.files}, "channel")
     # the reference: the decoded images of the same pipeline, cropped by the numpy oracle, one view at a time
     cfg = LoaderConfig(shards=prepped, split="val", batch_size=5, num_threads=2, mean="channel")
-    pipe = build_pipeline(cfg, train=False, expose=True)[0]
+    pipe = Loader(cfg, train=False).graph(expose=True)
     loader = eval_loader(prepped, batch_size=5, num_threads=2, tencrop=True, mean="channel")
     checked, first = 0, None
     for probs, labels in evaluate.predictions(model, loader, tencrop=True):

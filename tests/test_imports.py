@@ -8,9 +8,10 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "alexnet_pipeline"
-LEAVES = {"model", "optim", "step", "stats", "config", "classnames", "progress", "augment", "image", "plot"}
+LEAVES = {"model", "optim", "step", "stats", "config", "classnames", "progress", "augment", "image", "plot",
+          "order", "loopback"}
 ONLY = {"files": {"config"}, "listing": {"files"}, "workers": {"files"}, "workfiles": {"files", "stats"},
-        "units": {"config"}}
+        "units": {"config"}, "storage": {"config"}, "reader": {"order", "shards"}}
 
 
 def _imports(module: Path) -> tuple[set[str], set[str]]:

@@ -19,7 +19,6 @@ from alexnet_pipeline.pipeline import (
     Loader,
     LoaderConfig,
     ShardError,
-    build_pipeline,
     eval_loader,
     exposed_names,
     train_loader,
@@ -35,7 +34,7 @@ def _run(prepped, train, batches=1, **options):
     """Run the exposed pipeline: list of per-sample dicts with output, label, decoded image and draws."""
     cfg = LoaderConfig(shards=prepped, split="train" if train else "val", batch_size=options.pop("batch_size", 8),
                        num_threads=2, **options)
-    pipe = build_pipeline(cfg, train, expose=True)[0]
+    pipe = Loader(cfg, train).graph(expose=True)
     names = exposed_names(cfg, train)
     samples = []
     for _ in range(batches):
@@ -131,14 +130,15 @@ def test_two_train_ranks_see_disjoint_samples_whose_union_is_the_epoch(prepped):
         for s in _run(prepped, True, batches=len(train_loader(prepped, batch_size=8, world_size=world,
                                                                 rank=rank, num_threads=1)),
                       batch_size=8, world_size=world, rank=rank, lighting_sigma=0):
-            seen.append(hash(s["image"].tobytes()))
+            if s["label"].item() != PAD_LABEL:
+                seen.append(hash(s["image"].tobytes()))
         return seen
 
     n = shards.load_manifest(prepped).splits["train"].samples
     a, b = keys(0, 2), keys(1, 2)
     a_set, b_set = set(a), set(b)
-    assert not a_set & b_set
-    assert len(a_set | b_set) == n  # padding only repeats samples already seen
+    assert not a_set & b_set and len(a) + len(b) == n
+    assert len(a_set | b_set) == n
 
 
 def test_loader_outputs_shapes_dtypes_and_layouts(prepped):
@@ -223,37 +223,37 @@ def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped, per_run, tak
     assert loader.epoch == 2
 
 
-def _epoch_images(prepped, epochs, **options):
-    """Per epoch, the hashes of the decoded images in the order the train pipeline read them (no padding)."""
-    n = shards.load_manifest(prepped).splits["train"].samples
-    cfg = LoaderConfig(shards=prepped, split="train", batch_size=4, num_threads=1, lighting_sigma=0, **options)
-    pipe = build_pipeline(cfg, True, expose=True)[0]
-    batches = -(-n // 4)
+def _epoch_labels(shards_dir, epochs, **options):
+    """Per epoch, the labels in the order the train loader yields them (padding left out)."""
+    loader = train_loader(shards_dir, batch_size=4, num_threads=1, lighting_sigma=0, **options)
     out = []
     for _ in range(epochs):
-        seen = []
-        for _ in range(batches):
-            decoded = pipe.run()[2]
-            seen += [hash(np.array(decoded[i]).tobytes()) for i in range(len(decoded))]
-        out.append(seen[:n])
+        labels = torch.cat([y for _, y in loader])
+        out.append(labels[labels != PAD_LABEL].tolist())
     return out
 
 
-def test_every_epoch_a_new_order_beyond_the_shuffle_buffer(prepped):
-    buffer = 3
-    first, second = _epoch_images(prepped, 2, shuffle_buffer=buffer)
-    assert sorted(first) == sorted(second)  # the same samples, once each
-    moved = max(abs(i - second.index(h)) for i, h in enumerate(first))
-    assert moved > 2 * 5 > buffer  # a whole shard (5 samples here) moved: more than a buffer of 3 can do
-    same = _epoch_images(prepped, 2, shuffle_buffer=1, shard_shuffle=False)
-    assert same[0] == same[1]  # without the shard shuffle (and no buffer), every epoch reads one sequence
+def test_every_epoch_a_new_order_whose_samples_stay_within_windows_of_shards(labelled_by_shard):
+    """Labels number the samples in shard order here: an epoch is every sample once, in a new order every epoch,
+    and a stream reads its shards' samples a window at a time; without the shuffle, one sequence every epoch."""
+    out, sizes = labelled_by_shard
+    first, second = _epoch_labels(out, 2, shuffle_window=2, streams=1)
+    assert sorted(first) == sorted(second) == list(range(sum(sizes)))
+    assert first != second
+    shards_seen = [_shard_of(v, sizes) for v in first]
+    windows = [sorted(set(shards_seen[k:k + 2])) for k in range(0, len(shards_seen))]
+    # with one stream and windows of 2 shards, a shard's samples all come before the window after its own
+    changes = [k for k in range(1, len(shards_seen)) if shards_seen[k] not in shards_seen[:k]]
+    assert len(changes) == len(sizes) - 1 and all(len(w) <= 3 for w in windows)
+    same = _epoch_labels(out, 2, shard_shuffle=False, streams=1)
+    assert same[0] == same[1] == list(range(sum(sizes)))  # the prepared order, every epoch
 
 
 def test_a_resumed_loader_continues_exactly_into_the_next_epochs_new_order(prepped):
     def fingerprints(batches):
         return [(tuple(y.tolist()), round(float(x.double().sum()), 3)) for x, y in batches]
 
-    options = dict(batch_size=4, num_threads=1, shuffle_buffer=3)
+    options = dict(batch_size=4, num_threads=1, shuffle_window=2)
     whole = train_loader(prepped, **options)
     run = [b for _ in range(3) for b in whole]
     cut = train_loader(prepped, **options)
@@ -301,7 +301,7 @@ def _exact(batches):
 
 @pytest.mark.parametrize("batch_size,per_run", [(4, 3), (5, 2), (8, 4)])
 def test_a_sliced_dali_run_gives_the_plain_loaders_batches_in_order(prepped, batch_size, per_run):
-    options = dict(batch_size=batch_size, num_threads=1, shuffle_buffer=3)
+    options = dict(batch_size=batch_size, num_threads=1, shuffle_window=2)
     plain, sliced = train_loader(prepped, **options), train_loader(prepped, batches_per_run=per_run, **options)
     assert len(plain) == len(sliced) and sliced.runs < plain.runs
     for _ in range(3):  # several epochs: the shard order changes, the padding stays at each epoch's end
@@ -313,11 +313,12 @@ def test_a_sliced_dali_run_gives_the_plain_loaders_batches_in_order(prepped, bat
 
 def test_with_dali_draws_a_sliced_run_keeps_the_samples_and_their_order(prepped):
     """DALI's own random operators draw per position in a run, so the crops differ; the samples do not."""
-    options = dict(batch_size=4, num_threads=1, draws="dali", shuffle_buffer=3, lighting_sigma=0)
+    options = dict(batch_size=4, num_threads=1, draws="dali", shuffle_window=2, lighting_sigma=0)
 
     def images(per_run):
         cfg = LoaderConfig(shards=prepped, split="train", batches_per_run=per_run, **options)
-        pipe, n, _ = build_pipeline(cfg, True, expose=True)
+        loader = Loader(cfg, True)
+        pipe, n = loader.graph(expose=True), loader.n_samples
         out = []
         for _ in range(-(-n // cfg.run_size)):
             decoded = pipe.run()[2]
@@ -329,7 +330,7 @@ def test_with_dali_draws_a_sliced_run_keeps_the_samples_and_their_order(prepped)
 
 @pytest.mark.parametrize("stop_after", [1, 2, 3, 4, 6])
 def test_a_resume_inside_or_at_the_end_of_a_run_of_batches_is_exact(prepped, stop_after):
-    options = dict(batch_size=4, num_threads=1, shuffle_buffer=3, batches_per_run=3)
+    options = dict(batch_size=4, num_threads=1, shuffle_window=2, batches_per_run=3)
     whole = train_loader(prepped, **options)
     run = [b for _ in range(2) for b in whole]
     cut = train_loader(prepped, **options)
@@ -379,103 +380,102 @@ def test_each_of_two_ranks_on_one_machine_gets_half_the_cores(prepped, tmp_path)
 
 # ---- ranks, epochs and the shards each rank reads ------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def labelled_by_shard(prepped, tmp_path_factory):
-    """A copy of the prepped shards whose train shards have unequal sizes and whose labels number the samples
-    (0, 1, ... in shard order): a batch's labels say which samples, and so which shards, a rank read."""
-    import dataclasses
-
-    out = tmp_path_factory.mktemp("by_shard") / "s"
-    shutil.copytree(prepped, out)
-    samples = [s for p in shards.shard_paths(out, "train") for s in shards.iter_samples(p.read_bytes())]
-    for p in (out / "train").iterdir():
-        p.unlink()
-    sizes, infos, at = [3, 5, 1, 4, 2, 6], [], 0
-    for i, n in enumerate(sizes):
-        numbered = [dataclasses.replace(s, label=at + j) for j, s in enumerate(samples[at:at + n])]
-        infos.append(shards.write_shard(out / "train" / f"train-{i:06d}.tar", numbered))
-        at += n
-    manifest = shards.load_manifest(out)
-    manifest.splits["train"] = shards.SplitInfo(at, infos)
-    manifest.classes = [f"n9{i:07d}" for i in range(at)]
-    shards.write_manifest(out, manifest)
-    return out, sizes
+from conftest import shard_of as _shard_of  # noqa: E402
 
 
-def _shard_of(label: int, sizes: list[int]) -> int:
-    return int(np.searchsorted(np.cumsum(sizes), label, side="right"))
-
-
-@pytest.mark.parametrize("world,shuffled", [(2, True), (3, True), (2, False)])
-def test_every_epoch_each_sample_counts_once_over_the_ranks_and_each_rank_reads_its_predicted_shards(
-        labelled_by_shard, world, shuffled):
-    """Padding marks stay right as the ranks' parts change between epochs (DALI keeps a rank's part with
-    shuffle_after_epoch and rotates it without), and read_order names the shards each rank reads."""
+@pytest.mark.parametrize("world,shuffled,streams", [(2, True, 4), (3, True, 3), (2, False, 2), (3, True, 16)])
+def test_every_epoch_each_sample_counts_once_over_the_ranks_and_each_rank_reads_its_scheduled_shards(
+        labelled_by_shard, world, shuffled, streams):
+    """Every epoch each sample is yielded once over the ranks (padding marked), and each rank reads exactly the
+    shards its schedule (order.Split.uses) names: what its digest hashes and its node cache fetches."""
     from collections import Counter
-
-    from alexnet_pipeline.pipeline import read_order
 
     out, sizes = labelled_by_shard
     loaders = [train_loader(out, batch_size=2, rank=r, world_size=world, shard_shuffle=shuffled, num_threads=1,
-                            lighting_sigma=0) for r in range(world)]
+                            lighting_sigma=0, streams=streams, shuffle_window=2) for r in range(world)]
     for epoch in range(3):
         counted = Counter()
         for loader in loaders:
             labels = torch.cat([y for _, y in loader])
             real = labels[labels != PAD_LABEL].tolist()
             counted.update(real)
-            assert {_shard_of(v, sizes) for v in real} == set(read_order(loader.cfg, sizes, epoch, shuffled)), \
-                (epoch, loader.cfg.rank)
+            read = {_shard_of(v, sizes) for v in real}
+            scheduled = set(loader.split.uses(epoch))
+            padding = _shard_of(int(loader.split.order.of_epoch(epoch)[-1]), sizes)  # the epoch's last sample
+            assert read <= scheduled and scheduled - read <= {padding}, (epoch, loader.cfg.rank)
         assert counted == dict.fromkeys(range(sum(sizes)), 1), epoch  # every sample once, no padding counted
+
+
+def test_ranks_that_divide_the_streams_read_disjoint_shards(labelled_by_shard):
+    """Two streams over two ranks: each rank reads one stream of its own (every other position of the epoch's
+    order), so the ranks' shards are disjoint but for the one split at the streams' edge (and the padding's),
+    as a node cache wants."""
+    out, sizes = labelled_by_shard
+    loaders = [train_loader(out, batch_size=2, rank=r, world_size=2, num_threads=1, streams=2, shuffle_window=1)
+               for r in range(2)]
+    for epoch in range(2):
+        order = loaders[0].split.order.of_epoch(epoch)
+        streams = [{_shard_of(int(v), sizes) for v in order[r::2]} for r in range(2)]
+        padding = {_shard_of(int(order[-1]), sizes)}
+        assert len(streams[0] & streams[1]) <= 1 and streams[0] | streams[1] == set(range(len(sizes)))
+        for r, lo in enumerate(loaders):
+            assert set(lo.split.uses(epoch)) == streams[r] | padding, (epoch, r)
+
+
+def _join_digests():
+    """Wait for the digests of earlier tests' loaders, which would otherwise hash under a test's patch."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread.name == "shard-digest":
+            thread.join()
 
 
 def test_the_background_digest_hashes_this_ranks_shards_in_the_order_it_reads_them(labelled_by_shard, monkeypatch):
     import threading
 
-    from alexnet_pipeline import pipeline
-
     out, sizes = labelled_by_shard
+    _join_digests()
     hashed, real = [], shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda p: (hashed.append(Path(p).name)
                                                           if threading.current_thread().name == "shard-digest"
                                                           else None) or real(p))
-    loader = train_loader(out, batch_size=2, rank=1, world_size=2, num_threads=1).verified()
-    want = pipeline.read_order(loader.cfg, sizes, 0, True)
+    loader = train_loader(out, batch_size=2, rank=1, world_size=2, num_threads=1, streams=2,
+                          shuffle_window=1).wait_for_digest()
+    want = list(loader.split.uses(0))
     assert hashed == [f"train-{i:06d}.tar" for i in want] and len(want) < len(sizes)
 
 
-def test_a_dali_failure_hashes_only_this_ranks_shards_to_name_the_damaged_one(labelled_by_shard, tmp_path,
-                                                                              monkeypatch):
-    """Rank 1 of 2 over six shuffled shards reads shards 1, 3 and 0 in epoch 0 (its digest finds them intact)
-    and 5, 0 and 4 in epoch 1. Shard 5 is damaged with its size and time kept: in epoch 1 DALI fails, and the
-    loader hashes shard 5 first, as this rank reads it, and names it; shard 2, the other rank's alone and the
-    lowest not yet checked, is never read. With no time to search, DALI's own error stands."""
+def test_a_dali_failure_hashes_only_the_shards_of_the_runs_in_flight_to_name_the_damaged_one(
+        labelled_by_shard, tmp_path, monkeypatch):
+    """A shard damaged with its size and time kept, after the digest found it intact (as if it rotted
+    mid-run): DALI fails decoding it, and the loader hashes only the shards of the runs DALI had in flight,
+    names the damaged one and never reads the others. With no time to search, DALI's own error stands."""
     from alexnet_pipeline import pipeline
 
     out, sizes = labelled_by_shard
     copy = tmp_path / "s"
     shutil.copytree(out, copy)
-    options = dict(batch_size=2, rank=1, world_size=2, num_threads=1, lighting_sigma=0)
-    probe = train_loader(copy, **options).cfg
-    assert [pipeline.read_order(probe, sizes, e, True) for e in (0, 1)] == [[1, 3, 0], [5, 0, 4]]
-    shard = shards.shard_paths(copy, "train")[5]
-    data, kept = bytearray(shard.read_bytes()), shard.stat()
-    start = data.index(b"\xff\xd8\xff")
-    data[start:start + 3] = b"\0\0\0"  # no decoder reads past a missing start-of-image marker
-    shard.write_bytes(bytes(data))
-    os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    options = dict(batch_size=2, num_threads=1, lighting_sigma=0, streams=1, shuffle_window=1, shard_shuffle=False)
+    shard = shards.shard_paths(copy, "train")[4]  # read in the second half of the epoch
 
     def damaged_loader():
-        loader = train_loader(copy, **options)
-        list(loader)  # epoch 0: shards 1, 3 and 0
-        return loader.verified()
+        loader = train_loader(copy, **options).wait_for_digest()
+        loader._digest.intact.discard(4)  # as if it rotted after the digest passed it
+        data, kept = bytearray(shard.read_bytes()), shard.stat()
+        start = data.index(b"\xff\xd8\xff")
+        data[start:start + 3] = b"\0\0\0"  # no decoder reads past a missing start-of-image marker
+        shard.write_bytes(bytes(data))
+        os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+        return loader
 
     loader = damaged_loader()
     hashed, real = [], shards.file_sha256
     monkeypatch.setattr(shards, "file_sha256", lambda p: hashed.append(Path(p).name) or real(p))
     with pytest.raises(ShardError, match=f"{shard}: its bytes differ"):
         list(loader)
-    assert hashed == [shard.name]
+    assert shard.name in hashed and set(hashed) <= {f"train-{i:06d}.tar" for i in (3, 4, 5)}, hashed
+    shutil.copytree(out, copy, dirs_exist_ok=True)
     monkeypatch.setattr(pipeline, "DAMAGE_SEARCH_SECONDS", 0)
     again = damaged_loader()
     hashed.clear()
@@ -488,7 +488,7 @@ def test_a_state_saved_at_an_epochs_last_batch_resumes_at_the_next_epochs_first_
     def fingerprint(batch):
         return tuple(batch[1].tolist()), round(float(batch[0].double().sum()), 3)
 
-    options = dict(batch_size=4, num_threads=1, shuffle_buffer=3)
+    options = dict(batch_size=4, num_threads=1, shuffle_window=2)
     whole = train_loader(prepped, **options)
     list(whole)
     second_epoch_first = fingerprint(next(iter(whole)))
@@ -497,7 +497,7 @@ def test_a_state_saved_at_an_epochs_last_batch_resumes_at_the_next_epochs_first_
         if taken == len(cut):
             state = cut.state_dict()
             break
-    assert (int(state["epoch"]), int(state["position"])) == (1, 0)
+    assert (int(state["epoch"]), int(state["step"])) == (1, 0)
     resumed = Loader(cut.cfg, True, state)
     assert fingerprint(next(iter(resumed))) == second_epoch_first
 
@@ -523,6 +523,7 @@ def test_a_background_digest_slower_than_an_epoch_still_stops_that_epochs_end(pr
     data[-2000] ^= 0xFF
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    _join_digests()
     real, digest_started = shards.file_sha256, threading.Event()
 
     def slow(path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from alexnet_pipeline import augment
-from alexnet_pipeline.pipeline import LoaderConfig, build_pipeline, eval_loader, exposed_names, train_loader
+from alexnet_pipeline.pipeline import Loader, LoaderConfig, eval_loader, exposed_names, train_loader
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -17,7 +17,7 @@ def test_gpu_train_output_equals_the_reference_for_the_same_draws(prepped, draws
         stats = {k: z[k] for k in z.files}
     cfg = LoaderConfig(shards=prepped, split="train", batch_size=8, device="cuda", num_threads=2, mean="pixel",
                        draws=draws)
-    outs = build_pipeline(cfg, True, expose=True)[0].run()
+    outs = Loader(cfg, True).graph(expose=True).run()
     named = dict(zip(exposed_names(cfg, True), outs, strict=True))
     out, image = named["out"].as_cpu(), named["image"].as_cpu()  # decoded by nvJPEG, so compare with that decode
     for i in range(8):

@@ -106,7 +106,7 @@ def test_checkpoint_log_and_plot(prepped, tmp_path):
     manifest = json.loads((prepped / "dataset.json").read_text())
     ckpt = torch.load(out / train.CHECKPOINT, weights_only=True)  # plain tensors and Python values only
     assert ckpt["epoch"] == 2 and ckpt["classes"] == manifest["classes"]
-    assert set(ckpt["ranks"][0]) >= {"loader", "torch_rng"} and ckpt["ranks"][0]["loader"]["position"] == 0
+    assert set(ckpt["ranks"][0]) >= {"loader", "torch_rng"} and ckpt["ranks"][0]["loader"]["step"] == 0
     assert torch.load(out / train.BEST, weights_only=True)["weights"].keys() == ckpt["weights"].keys()
     epochs = _records(out, "epoch")
     assert [e["epoch"] for e in epochs] == [1, 2] and all(0 <= e["val_top1_error"] <= 1 for e in epochs)
@@ -157,7 +157,7 @@ def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, 
 
     assert train.run(cfg, on_batch=signal_at_last_batch)["stopped"] == signal.SIGTERM
     ckpt = torch.load(cfg.out / train.CHECKPOINT, weights_only=True)
-    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["ranks"][0]["loader"]["position"] == 0
+    assert ckpt["epoch"] == 1 and len(ckpt["history"]) == 1 and ckpt["ranks"][0]["loader"]["step"] == 0
     cfg.resume = True
     train.run(cfg)
     whole = tmp_path / "whole"
@@ -217,8 +217,8 @@ def test_a_run_builds_each_loader_once(prepped, tmp_path, monkeypatch):
     from alexnet_pipeline import pipeline
 
     builds, real = [], pipeline.build_pipeline
-    monkeypatch.setattr(pipeline, "build_pipeline", lambda cfg, train, **k: builds.append(
-        (cfg.split, train, cfg.tencrop)) or real(cfg, train, **k))
+    monkeypatch.setattr(pipeline, "build_pipeline", lambda cfg, train, *a, **k: builds.append(
+        (cfg.split, train, cfg.tencrop)) or real(cfg, train, *a, **k))
     train.run(train.TrainConfig(shards=prepped, out=tmp_path / "run", epochs=3, device="cpu",
                                 **{**TINY, "final_tencrop": True}))
     assert builds == [("val", False, False), ("train", True, False), ("val", False, True)]  # each once
@@ -300,3 +300,123 @@ def test_the_train_command_exits_1_on_a_non_finite_loss_and_128_plus_a_signal(pr
     assert len(err) == 1 and "not finite at step" in err[0]
     monkeypatch.setattr(train, "run", lambda cfg, on_batch=None: {"stopped": signal.SIGTERM, "step": 3})
     assert cli.train_main(args + ["--out", str(tmp_path / "b")]) == 128 + signal.SIGTERM
+
+
+# ---- data from a store, resumes on other numbers of ranks, and runs killed without warning -------------------
+
+def test_a_run_from_a_store_ends_with_the_local_runs_weights_bit_for_bit(prepped, s3, tmp_path):
+    from conftest import publish_to
+
+    publish_to(s3.loopback, prepped, s3.url("data"))
+    runs = {}
+    for name, shards in (("local", prepped), ("store", s3.url("data"))):
+        train.run(train.TrainConfig(shards=shards, out=tmp_path / name, epochs=2, device="cpu",
+                                    cache_dir=tmp_path / "cache", **TINY))
+        runs[name] = torch.load(tmp_path / name / train.CHECKPOINT, weights_only=True)
+    for k, v in runs["local"]["weights"].items():
+        assert torch.equal(v, runs["store"]["weights"][k]), k
+    assert [h["train_loss"] for h in runs["local"]["history"]] == [h["train_loss"] for h in runs["store"]["history"]]
+
+
+RANKS_RUN = """
+import json, os, signal, sys
+import torch
+from alexnet_pipeline import train
+from alexnet_pipeline.pipeline import PAD_LABEL
+shards, out, stop_after, record = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+rank, fed, seen = int(os.environ["RANK"]), [0], []
+def on_batch(images, labels):
+    seen.extend(labels[labels != PAD_LABEL].tolist())
+    fed[0] += 1
+    if fed[0] == stop_after and rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # rank 0 alone is signalled; the ranks agree to stop together
+cfg = train.TrainConfig(shards=shards, out=out, epochs=1, device="cpu", width=0.0625, global_batch=6, log_every=1,
+                        num_threads=1, final_tencrop=False, resume=True)
+result = train.run(cfg, on_batch)
+open(f"{record}.{rank}", "w").write(json.dumps({"seen": seen, "stopped": result.get("stopped", 0)}))
+"""
+
+
+def _torchrun(ranks: int, script, *args, env=None, timeout=300):
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(ranks), str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def test_a_run_stopped_on_two_ranks_continues_on_one_and_on_three_seeing_each_sample_once(prepped, tmp_path):
+    """Two ranks stop after 2 of the epoch's 4 steps (SIGTERM, saved mid-epoch); copies of the run continue on
+    1 and on 3 ranks with the same global batch of 6: over the epoch every sample is trained on exactly once."""
+    import shutil
+
+    from conftest import numbered
+
+    data = numbered(prepped, tmp_path / "data", [5, 7, 4, 8])  # 24 samples, 4 steps of 6
+    script = tmp_path / "run.py"
+    script.write_text(RANKS_RUN)
+    _torchrun(2, script, data, tmp_path / "run", 2, tmp_path / "first")
+    first = [json.loads((tmp_path / f"first.{r}").read_text()) for r in range(2)]
+    assert [f["stopped"] for f in first] == [signal.SIGTERM] * 2
+    before = first[0]["seen"] + first[1]["seen"]
+    assert len(before) == 2 * 6 and len(set(before)) == 12
+    for ranks in (1, 3):
+        shutil.copytree(tmp_path / "run", tmp_path / f"on{ranks}")
+        r = _torchrun(ranks, script, data, tmp_path / f"on{ranks}", 0, tmp_path / f"then{ranks}")
+        after = sum((json.loads((tmp_path / f"then{ranks}.{k}").read_text())["seen"] for k in range(ranks)), [])
+        assert sorted(before + after) == list(range(24)), ranks  # the split, each sample once
+        log = (tmp_path / f"on{ranks}" / train.LOG).read_text()
+        assert f"checkpoint from 2 ranks, now {ranks}: the data continues at step 2 of epoch 1" in log + r.stdout
+
+
+def test_a_run_killed_at_random_points_and_resumed_ends_with_the_uninterrupted_weights(prepped, tmp_path):
+    """SIGKILL (no handler runs) at random moments, mid-epoch and mid-checkpoint alike; each time the same command
+    with --resume continues from the last checkpoint (saved every 2 steps). The weights at the end are the
+    uninterrupted run's, bit for bit."""
+    import random
+    import subprocess
+
+    args = ["--shards", str(prepped), "--epochs", "3", "--device", "cpu", "--width", "0.0625", "--global-batch", "8",
+            "--log-every", "1", "--threads", "1", "--no-final-tencrop", "--checkpoint-every", "2", "--resume"]
+    subprocess.run(_cli(*args, "--out", tmp_path / "whole"), check=True, capture_output=True, timeout=300)
+    rng, kills, started = random.Random(7), 0, time.monotonic()
+    cut = tmp_path / "cut"
+    while True:
+        proc = subprocess.Popen(_cli(*args, "--out", cut), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 9.0) if kills < 6 else 300)
+            break
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+    assert kills >= 3 and time.monotonic() - started < 600  # it was cut, more than once
+    a, b = (torch.load(d / train.CHECKPOINT, weights_only=True) for d in (tmp_path / "whole", cut))
+    assert a["step"] == b["step"]
+    for k in a["weights"]:
+        assert torch.equal(a["weights"][k], b["weights"][k]), k
+
+
+def test_a_store_gone_for_good_stops_training_in_one_line_and_keeps_the_last_checkpoint(prepped, s3, tmp_path):
+    import subprocess
+
+    from conftest import publish_to
+
+    publish_to(s3.loopback, prepped, s3.url("data"))
+    out = tmp_path / "run"
+    args = ["--shards", s3.url("data"), "--out", out, "--device", "cpu", "--width", "0.0625", "--global-batch", "8",
+            "--threads", "1", "--no-final-tencrop", "--cache-dir", tmp_path / "cache", "--storage-timeout", "3",
+            "--streams", "1", "--shuffle-window", "1", "--read-ahead", "1"]
+    subprocess.run(_cli(*args, "--epochs", "1"), check=True, capture_output=True, timeout=300)
+    saved = (out / train.CHECKPOINT).read_bytes()
+    shutil_rm = __import__("shutil").rmtree
+    shutil_rm(tmp_path / "cache")  # the next epoch must fetch again
+    s3.loopback.down = True
+    r = subprocess.run(_cli(*args, "--epochs", "2", "--resume"), capture_output=True, text=True, timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith(f"alexnet-train: {s3.url('data')}") and "gave up after retrying for 3 s" in lines[0]
+    assert (out / train.CHECKPOINT).read_bytes() == saved

@@ -1,0 +1,87 @@
+"""Stores through fsspec (storage.py), against an S3 server on this machine: reads, listings, uploads; a set-up
+problem named at once; a store down for a while retried, one gone for good named after the retry time."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from alexnet_pipeline import storage
+
+
+def test_a_store_reads_lists_downloads_and_uploads_and_an_object_replaced_gets_a_new_stamp(s3, tmp_path):
+    store = storage.Store(s3.url("data"))
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"x" * 1000)
+    store.upload(src, "sub/a.bin")
+    assert store.read_bytes("sub/a.bin") == b"x" * 1000
+    store.download("sub/a.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == b"x" * 1000
+    (size, tag), = store.stamps("sub").values()
+    assert size == 1000 and tag
+    src.write_bytes(b"y" * 1000)
+    store.upload(src, "sub/a.bin")
+    assert store.stamps("sub") == {"a.bin": (1000, store.stamps("sub")["a.bin"][1])} and \
+        store.stamps("sub")["a.bin"][1] != tag  # same size, another ETag
+    assert store.stamps("nothing-here") == {}
+    store.delete("sub/a.bin")
+    assert not store.exists("sub/a.bin")
+
+
+def test_a_missing_object_or_bucket_is_one_line_at_once(s3):
+    t0 = time.monotonic()
+    with pytest.raises(storage.StoreError, match=r"s3://no-such-bucket/x/dataset.json: cannot read"):
+        storage.Store("s3://no-such-bucket/x", timeout=30).read_bytes("dataset.json")
+    with pytest.raises(storage.StoreError, match="reach the bucket"):
+        storage.Store("s3://no-such-bucket/x", timeout=30).check()
+    assert time.monotonic() - t0 < 10  # not retried for the 30 s a failing store gets
+
+
+def test_a_store_down_for_a_while_is_retried_until_it_is_back(s3):
+    store = storage.Store(s3.url(), timeout=30)
+    s3.fs().pipe(f"{s3.bucket}/obj", b"payload")
+    s3.loopback.down = True
+    threading.Timer(1.5, lambda: setattr(s3.loopback, "down", False)).start()
+    t0 = time.monotonic()
+    assert store.read_bytes("obj") == b"payload"
+    assert time.monotonic() - t0 >= 1.4
+
+
+def test_a_store_gone_for_good_is_named_after_the_retry_time(s3):
+    store = storage.Store(s3.url(), timeout=2)
+    s3.loopback.down = True
+    t0 = time.monotonic()
+    with pytest.raises(storage.StoreGone, match=rf"{s3.url('obj')}: cannot read \(.*\); gave up after retrying "
+                                                r"for 2 s \(--storage-timeout\)"):
+        store.read_bytes("obj")
+    assert 1.5 < time.monotonic() - t0 < 20
+
+
+def test_missing_credentials_are_one_line_before_any_work(s3, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ENDPOINT_URL=s3.loopback.endpoint, HOME=str(tmp_path), AWS_EC2_METADATA_DISABLED="true",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"))
+    r = subprocess.run([sys.executable, "-m", "alexnet_pipeline", "train", "--shards", s3.url("data"), "--out",
+                        str(tmp_path / "run"), "--device", "cpu"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"alexnet-train: error: {s3.url('data', 'dataset.json')}") and \
+        "credentials" in lines[0]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.mark.parametrize("text,size", [("500M", 500 * 2**20), ("40G", 40 * 2**30), ("1.5T", int(1.5 * 2**40)),
+                                       ("123456", 123456), ("2 GiB", 2 * 2**30)])
+def test_sizes_read_as_users_write_them(text, size):
+    assert storage.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "12X", "0"])
+def test_a_size_that_is_not_one_is_refused(text):
+    with pytest.raises(ValueError):
+        storage.parse_size(text)
+    assert storage.size_problem(text)
