@@ -153,6 +153,7 @@ def prep_rates(cfg: PrepBench) -> dict:
     """images/s of the naive loop, alexnet-prep with 1 worker and with `workers` (default: all cores), and of
     alexnet-prep --verify over that output with 1 worker and with `workers`."""
     from .prep import PrepConfig, run
+    from .prep.workers import pool
     from .shards import load_manifest, verify
 
     workers = cfg.workers or _cores()
@@ -173,7 +174,9 @@ def prep_rates(cfg: PrepBench) -> dict:
 
     def checked(n):
         def go():
-            if verify(tmp / "shards", workers=n):
+            with pool(n) as processes:
+                problems = verify(tmp / "shards", pool=processes)
+            if problems:
                 raise RuntimeError("the output prep just wrote does not verify")
         return go
 
@@ -584,8 +587,9 @@ class StorageBench(Shards, Batch, Order, Decoding, Timing, Output, Record):
     row against the local loader in the same run: this package's sample reader against DALI's own webdataset
     reader; the reader alone (bytes and labels into DALI, no decoding); and the same shards in a store (an S3
     server on this machine, moto's, behind a proxy adding --latency-ms to every request; or --store) through
-    the node cache: the first epoch (nothing cached), later epochs, and every epoch with --cache-size a quarter
-    of the split; DALI's own s3:// reading for the record."""
+    the node cache: the first epoch (nothing cached; against the local loader's first epoch, both timed from
+    the loader's construction), later epochs, and an epoch after the first with --cache-size a quarter of the
+    split; DALI's own s3:// reading for the record."""
 
     store: str | None = option(None, "a URL holding the same shards (alexnet-prep --out URL); default: publish "
                                "them to an S3 server started on this machine")
@@ -617,12 +621,21 @@ def _epoch_rate(make, epochs: int, skip: int = 0) -> float:
     return rate
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds this process has used, all its threads (DALI's among them)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _pipe_rate(pipe, runs: int, size: int) -> float:
     """samples/s of `runs` runs of a DALI pipeline."""
     t0 = time.perf_counter()
     for _ in range(runs):
         pipe.run()
     return runs * size / (time.perf_counter() - t0)
+
+
+BASELINE = {"store_first_epoch": "local_first_epoch"}  # a row's reference, where it is not "local"
 
 
 def storage_rates(bench: StorageBench) -> dict:
@@ -633,7 +646,7 @@ def storage_rates(bench: StorageBench) -> dict:
     from . import storage
     from .options import LoaderConfig
     from .pipeline import Loader, webdataset_pipeline
-    from .publish import publish
+    from .prep.publish import publish
     from .shards import load_manifest, shard_paths
 
     if storage.is_url(bench.shards):
@@ -642,13 +655,13 @@ def storage_rates(bench: StorageBench) -> dict:
     entries = load_manifest(bench.shards).splits["train"].shards
     quarter = sum(e.bytes for e in entries) // 4
     result = {**to_json(bench), "samples": sum(e.samples for e in entries), "shards": len(entries),
-              "quarter_bytes": quarter, "images_per_s": {}, "rounds": [], "server_cpu_share": {}}
+              "quarter_bytes": quarter, "images_per_s": {}, "rounds": [], "server_cpu_share": {}, "cores_busy": {}}
     on_row = _recorder(bench)
     tmp = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
 
-    def cold(cfg, epochs: int = 1) -> float:  # a fresh cache: the first epoch fetches everything
+    def cold(cfg, skip: int = 0) -> float:  # a fresh cache: the first epoch fetches everything
         shutil.rmtree(tmp / "cache", ignore_errors=True)
-        return _epoch_rate(lambda: Loader(cfg, True, digest=False), epochs)
+        return _epoch_rate(lambda: Loader(cfg, True, digest=False), 1, skip)
 
     try:
         with ExitStack() as stack:
@@ -657,8 +670,8 @@ def storage_rates(bench: StorageBench) -> dict:
                 from .loopback import Loopback
 
                 s3 = server = stack.enter_context(Loopback(latency=bench.latency_ms / 1000, proxy_process=True))
-                before = dict(os.environ)
-                stack.callback(lambda: (os.environ.clear(), os.environ.update(before)))
+                stack.callback(os.environ.update, dict(os.environ))  # its endpoint and credentials go with it
+                stack.callback(os.environ.clear)
                 os.environ.update(s3.env)
                 s3.make_bucket("bench")
                 url = "s3://bench/shards"
@@ -670,21 +683,28 @@ def storage_rates(bench: StorageBench) -> dict:
             runs = reader.runs  # whole epochs
             alone = {"reader_alone": reader.graph(upto="samples"),
                      "dali_reader_alone": webdataset_pipeline(reader, paths, "samples")}
+            # a first epoch counts from the loader's construction (the store's: its first fetches), against the
+            # local loader's first epoch timed the same way; the other rows time an epoch after an untimed one
             rows: dict[str, Callable[[], float]] = {
                 "local": lambda: _epoch_rate(lambda: Loader(local, True, digest=False), 1, skip=1),
+                "local_first_epoch": lambda: _epoch_rate(lambda: Loader(local, True, digest=False), 1),
                 "dali_reader": lambda: _epoch_rate(lambda: _reference(local, paths), 1, skip=1),
                 "store_first_epoch": lambda: cold(remote),
                 "store_cached": lambda: _epoch_rate(lambda: Loader(remote, True, digest=False), 1, skip=1),
-                "store_quarter_cache": lambda: cold(budget, epochs=2)}
+                "store_quarter_cache": lambda: cold(budget, skip=1)}
             for name, pipe in alone.items():
                 rows[name] = functools.partial(_pipe_rate, pipe, runs, local.run_size)
             shares: dict[str, list[float]] = {k: [] for k in rows if k.startswith("store")}
+            busy: dict[str, list[float]] = {k: [] for k in rows}
 
-            def timed(name: str) -> float:  # the row's images/s; the server's share of the cores meanwhile
-                before, t0 = server.cpu_seconds() if server else 0.0, time.perf_counter()
+            def timed(name: str) -> float:
+                """The row's images/s; meanwhile, the cores this process kept busy and the server's share."""
+                served, t0, cpu = server.cpu_seconds() if server else 0.0, time.perf_counter(), _cpu_seconds()
                 rate = rows[name]()
+                seconds = time.perf_counter() - t0
+                busy[name].append((_cpu_seconds() - cpu) / seconds)
                 if server and name in shares:
-                    shares[name].append((server.cpu_seconds() - before) / (time.perf_counter() - t0) / _cores())
+                    shares[name].append((server.cpu_seconds() - served) / seconds / _cores())
                 return rate
 
             for round_ in range(bench.repeats + 1):  # round 0: the warm-up
@@ -692,9 +712,10 @@ def storage_rates(bench: StorageBench) -> dict:
                 if round_:
                     result["rounds"].append(measured)
                     result["server_cpu_share"] = {k: statistics.median(v[1:]) for k, v in shares.items() if server}
+                    result["cores_busy"] = {k: statistics.median(v[1:]) for k, v in busy.items()}
                     rates = {k: statistics.median(r[k] for r in result["rounds"]) for k in rows}
                     result["images_per_s"] = rates
-                    result["over_local"] = {k: v / rates["local"] for k, v in rates.items()}
+                    result["over_local"] = {k: v / rates[BASELINE.get(k, "local")] for k, v in rates.items()}
                     on_row(result)
             if bench.dali_s3 and url.startswith("s3://"):  # a request per sample: once, a tenth of the runs
                 urls = [storage.join(url, "train", e.name) for e in entries]
@@ -725,10 +746,12 @@ def _print_storage(bench: StorageBench, result: dict) -> None:
           f"{bench.batch_size}, {bench.num_threads or default_threads()} threads; whole epochs, median of "
           f"{bench.repeats} rounds after a warm-up round; the store: {bench.store or 'S3 on this machine'}"
           + (f", {bench.latency_ms:g} ms per request" if bench.store is None else ""))
-    print(f"{'row':<22}{'images/s':>12}{'x local':>9}")
+    print(f"{'row':<22}{'images/s':>12}{'x local':>9}{'cores busy':>12}   (store_first_epoch: x local_first_epoch)")
     for name, rate in result["images_per_s"].items():
-        print(f"{name:<22}{rate:>12,.0f}{result['over_local'][name]:>9.2f}")
-    print(f"(reader rows: samples/s of bytes and labels into DALI; quarter cache: {result['quarter_bytes']:,} bytes)")
+        busy = result["cores_busy"].get(name)
+        print(f"{name:<22}{rate:>12,.0f}{result['over_local'][name]:>9.2f}" + (f"{busy:>12.2f}" if busy else ""))
+    print(f"(reader rows: samples/s of bytes and labels into DALI; quarter cache: {result['quarter_bytes']:,} bytes; "
+          f"cores busy: this process's CPU seconds per second, of {_cores()})")
     if result["server_cpu_share"]:
         print("the S3 server and proxy on this machine took, of its cores: " + ", ".join(
             f"{k} {v:.0%}" for k, v in result["server_cpu_share"].items()))

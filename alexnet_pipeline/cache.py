@@ -1,8 +1,8 @@
 """The node cache: whole shards of a remote split, fetched ahead of the reader in the order this node's ranks
 read them, into a local directory that the ranks of one node share.
 
-- One request per shard (store.download), into a temporary file; its sha256 checked against the manifest as
-  it lands, its index written from its bytes, then renamed into place: a half-downloaded or changed object is
+- One request per shard; its sha256 checked against the manifest and its index made from its bytes in
+  memory, then written to a temporary file and renamed into place: a half-downloaded or changed object is
   never read. Beside each copy, its record (`.NAME.json`: the copy's size, time and sha256, and the remote
   object's size and ETag when it was fetched) is the stat cache of the copies: a later run trusts a copy
   while its size and time and the object's (size, ETag) in the store are the same, and the bit-rot digest
@@ -37,7 +37,7 @@ import numpy as np
 
 from . import files
 from .order import Split
-from .shards import MANIFEST, ShardError, ShardInfo, file_sha256, index_of
+from .shards import MANIFEST, ShardError, ShardInfo, index_of
 from .storage import Store, human
 
 NOT_SOON, OTHER_SPLIT = float(2**62), float(2**63)  # next-use keys of eviction: not read soon; another split's
@@ -170,12 +170,17 @@ class NodeCache:
                 return False
             part = self.dir / f".{info.name}.part{os.getpid()}-{threading.get_ident()}"
             try:
-                self.store.download(f"{self.split}/{info.name}", part)
-                if file_sha256(part) != info.sha256:
+                # one GET; checked and indexed from memory, then written: the bytes are read once
+                data = self.store.read_bytes(f"{self.split}/{info.name}", "download")
+                if hashlib.sha256(data).hexdigest() != info.sha256:
                     raise ShardError(f"{self.url(i)}: its bytes differ from {MANIFEST} (sha256): changed in the store "
                                      "since the manifest was written; it was not read. Publish the dataset again "
                                      "(alexnet-prep --out URL)")
-                files.atomic_write(path.with_suffix(".idx"), index_of(part.read_bytes()).encode(), durable=False)
+                index = index_of(data)
+                with open(part, "wb") as f:
+                    f.write(data)
+                del data
+                files.atomic_write(path.with_suffix(".idx"), index.encode(), durable=False)
                 os.replace(part, path)
                 st = path.stat()
                 record = [st.st_size, st.st_mtime_ns, info.sha256, *self.stamps[info.name]]
@@ -329,7 +334,10 @@ class NodeCache:
                             break
                         if i not in self._inflight:
                             self._inflight.add(i)
-                            self._pool.submit(self._task, i, False)
+                            try:
+                                self._pool.submit(self._task, i, False)
+                            except RuntimeError:  # the interpreter exits: its executors stop before atexit
+                                return  # closes a cache whose loader was never closed
                 self._cond.wait(0.5)
 
     def _task(self, i: int, urgent: bool) -> None:

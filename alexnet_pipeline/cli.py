@@ -114,8 +114,8 @@ def _verify(where: str, workers: int, progress: bool | None, every: float, timeo
     import numpy as np
 
     from . import files, shards, storage, verified
+    from .prep.workers import WorkerDied, pool
     from .progress import Progress, mode
-    from .workers import WorkerDied
 
     path = storage.location(where)
     storage.configure(timeout)
@@ -126,7 +126,8 @@ def _verify(where: str, workers: int, progress: bool | None, every: float, timeo
         n = 0  # verify names the problem
     bar = Progress("verify", n, "shards", mode(progress), every)
     try:
-        problems = shards.verify(path, workers=workers or len(os.sched_getaffinity(0)), progress=bar)
+        with pool(min(workers or len(os.sched_getaffinity(0)), max(1, n))) as processes:
+            problems = shards.verify(path, pool=processes, progress=bar)
     except (WorkerDied, storage.StoreGone) as e:  # as for prep: not the data's fault, one line, status 1
         print(f"alexnet-prep: verify: {e}", file=sys.stderr)
         return 1

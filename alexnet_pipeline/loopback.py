@@ -23,9 +23,9 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 import time
 import urllib.parse
+from pathlib import Path
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 

@@ -31,13 +31,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import augment, storage
+from . import storage
 from .config import OptionError, check, option
 
-# model.INITS and step.PRECISIONS, written out: this module imports no torch module, so that prep (which
-# declares its options from these groups) starts without torch (tests/test_imports.py holds them equal)
+# model.INITS, step.PRECISIONS and augment's modes, written out: the options depend on no module that does the
+# work, so prep (which declares its options from these groups) starts without torch, and the shard format's
+# and prep's modules need nothing of training's (tests/test_imports.py holds them equal)
 INITS = ("paper", "caffe")
 PRECISIONS = ("bf16", "fp32")
+MEAN_MODES, LIGHTING_FORMS = ("channel", "pixel"), ("sqrt", "eigval")
 BACKENDS = ("auto", "nccl", "gloo")
 DTYPES = ("float32", "float16", "bfloat16")
 DRAWS = ("host", "dali")
@@ -156,12 +158,12 @@ class Augmentation:
 
     mean: str = option("pixel", "what is subtracted: pixel = the training set's mean image (its center 224 patch, "
                        "cuda-convnet2; the paper); channel = the per-channel mean (the modern habit)",
-                       choices=augment.MEAN_MODES, recipe=True)
+                       choices=MEAN_MODES, recipe=True)
     lighting_sigma: float = option(0.1, "std of the PCA lighting alphas (the paper's 0.1); 0 turns lighting off",
                                    minimum=0.0, scope="train", recipe=True)
     lighting_form: str = option("sqrt", "scale of the lighting axes: sqrt = sqrt(eigval) in 0-255 units "
                                 "(cuda-convnet2); eigval = fb.resnet.torch's eigenvalues of [0,1] pixels",
-                                choices=augment.LIGHTING_FORMS, scope="train", recipe=True)
+                                choices=LIGHTING_FORMS, scope="train", recipe=True)
 
 
 @dataclass(kw_only=True)

@@ -371,36 +371,6 @@ def first_shards(entries: list[ShardInfo], samples: int | None) -> int:
     return min(len(entries), int(np.searchsorted(ends, samples)) + 1)
 
 
-def readable_split(shards: Path, split: str, *, rank: int = 0, world_size: int = 1, gather=None,
-                   samples: int | None = None) -> tuple[list[Path], int, Manifest]:
-    """Shard paths, sample count and manifest of a split (with `samples`, only its first shards holding that
-    many), after the checks that turn what would hang or crash a reader (a missing, truncated or replaced
-    shard; a missing or wrong index; bytes that differ from the manifest where size or time changed, hashed
-    by this rank for its share: verified.check) into a ShardError."""
-    from . import verified
-
-    manifest = load_manifest(shards)
-    paths, entries = shard_paths(shards, split, manifest), manifest.splits[split].shards
-    if not paths:
-        raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
-    keep = first_shards(entries, samples)
-    paths, entries = paths[:keep], entries[:keep]
-    n_samples = sum(e.samples for e in entries)
-    for path, info in zip(paths, entries, strict=True):
-        if not path.is_file():
-            raise ShardError(f"{path}: shard missing")
-        st = path.stat()
-        if st.st_size != info.bytes:
-            raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info.bytes} "
-                             "(truncated or replaced; alexnet-prep --verify checks everything)")
-        count, end = index_extent(path.with_suffix(".idx"))
-        if end > info.bytes or count != info.samples:
-            raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
-                             f"{end}; {MANIFEST} says {info.samples} in {info.bytes} bytes)")
-    verified.check(shards, split, entries, paths, rank, world_size, gather)
-    return paths, n_samples, manifest
-
-
 def undecodable(path: Path, most: int = 3) -> str:
     """The damage a decoder meets in a shard, for a message: ", sample KEY does not decode" (up to `most`
     keys), or "" if every JPEG decodes (corrupt data inside a JPEG often decodes, to wrong pixels)."""
@@ -438,13 +408,14 @@ def iter_samples(data: bytes):
         yield Sample.from_members(key, members)
 
 
-def verify(shards: Path | str, check_images: bool = True, workers: int = 1, progress=None) -> list[str]:
+def verify(shards: Path | str, check_images: bool = True, pool=None, progress=None) -> list[str]:
     """Re-read a shards directory and return its problems (empty if none), first problem first.
 
     Checks the manifest's shards exist with the recorded size and sha256, that each index equals the one
     the shard's bytes imply, sample counts, labels in range and consistent, that every image decodes to a
     256x256 RGB baseline JPEG, and that the statistics are finite and consistent (stats_problem). The shards
-    are read by `workers` processes (the same verdicts in the same order); `progress.update()` per shard.
+    are read by `pool` (workers.pool: its processes, the same verdicts in the same order; None: this process);
+    `progress.update()` per shard.
     """
     shards = storage.location(shards)
     try:
@@ -467,20 +438,11 @@ def verify(shards: Path | str, check_images: bool = True, workers: int = 1, prog
     # each task names its shard and what to check it against (not the whole manifest: a task is pickled)
     tasks = [(storage.join(shards, split, info.name), info, manifest.image_size, len(manifest.classes),
               check_images) for split, entry in manifest.splits.items() for info in entry.shards]
-    pool = None
-    if workers > 1 and len(tasks) > 1:
-        from .workers import Pool
-
-        pool = Pool(min(workers, len(tasks)), None, None)
     results = []
-    try:
-        for result in pool.imap(_shard_task, tasks, 2 * workers) if pool else map(_shard_task, tasks):
-            results.append(result)
-            if progress is not None:
-                progress.update(1)
-    finally:
-        if pool is not None:
-            pool.close()
+    for result in pool.imap(_shard_task, tasks, 2 * pool.size) if pool else map(_shard_task, tasks):
+        results.append(result)
+        if progress is not None:
+            progress.update(1)
     at = 0
     for split, entry in manifest.splits.items():
         total = 0

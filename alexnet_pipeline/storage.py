@@ -138,9 +138,9 @@ class Store:
         """A fresh filesystem object after a failure: a dropped connection pool is not reused."""
         self.fs = self._filesystem(fresh=True)
 
-    def read_bytes(self, rel: str) -> bytes:
-        """The whole object `rel` (one request)."""
-        return self._call(rel, "read", lambda: self.fs.cat_file(self._path(rel)))
+    def read_bytes(self, rel: str, what: str = "read") -> bytes:
+        """The whole object `rel` (one request); `what` names the act in an error ("download")."""
+        return self._call(rel, what, lambda: self.fs.cat_file(self._path(rel)))
 
     def exists(self, rel: str) -> bool:
         self.fs.invalidate_cache(self._path(rel))
@@ -160,13 +160,6 @@ class Store:
                 name = str(info["name"]).rstrip("/").rsplit("/", 1)[-1]
                 out[name] = (int(info.get("size") or 0), stamp_tag(info))
         return out
-
-    def download(self, rel: str, dest: Path) -> None:
-        """Object `rel` into the local file `dest` (replaced): one GET (fsspec's get_file asks for the size
-        first, a second round trip per shard)."""
-        data = self._call(rel, "download", lambda: self.fs.cat_file(self._path(rel)))
-        with open(dest, "wb") as f:
-            f.write(data)
 
     def upload(self, src: Path, rel: str) -> None:
         """The local file `src` as object `rel` (replacing it)."""

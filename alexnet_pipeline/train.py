@@ -134,6 +134,22 @@ class Diverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step."""
 
 
+class _Totals:
+    """An epoch's sums of its steps' [loss, top-1 hits, real samples], from its first step (a resume's first)."""
+
+    def __init__(self, first_step: int):
+        self.first_step, self.started = first_step, time.perf_counter()
+        self.loss = self.hits = self.seen = 0.0
+
+    def add(self, rows: list[list[float]]) -> None:
+        """An interval's rows, summed per column, then added to the epoch's."""
+        loss, hits, seen = (sum(column) for column in zip(*rows, strict=True))
+        self.loss, self.hits, self.seen = self.loss + loss, self.hits + hits, self.seen + seen
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
 class Trainer:
     """The run's state; `fit()` runs the epochs. Only rank 0 prints and writes."""
 
@@ -214,9 +230,10 @@ class Trainer:
         parts.optimizer.set_lr(self.schedule.lr)
         parts.model.train()
         # per step [loss, top-1 hits, real samples] stay on the device until the interval's one host sync
-        pending, interval_start, epoch_start, totals = [], self.step, self.step, [0.0, 0.0, 0.0]
+        pending: list[torch.Tensor] = []
+        epoch = _Totals(self.step)
+        interval_start, t_interval = self.step, time.perf_counter()
         clock = StepClock(self.world.device)
-        t0 = t_epoch = time.perf_counter()
         batches = iter(self.train_loader)
         while True:
             with clock.waiting():
@@ -229,35 +246,43 @@ class Trainer:
                 pending.append(parts.step(*batch))
             self.step += 1
             last = self.train_loader.position == len(self.train_loader)
-            if len(pending) == cfg.log_every or last:
-                rows = torch.stack(pending).tolist()  # the host sync
-                losses = [r[0] for r in rows]
-                bad, signum = self._agree(stop, losses, interval_start + 1)
-                if bad >= 0:
-                    raise Diverged(f"the loss is not finite at step {bad} (epoch {self.epoch + 1}); stopping. "
-                                   f"The last good state is {self.run.file(CHECKPOINT)}; a lower --lr may help")
-                totals = [t + sum(col) for t, col in zip(totals, zip(*rows, strict=True), strict=True)]
-                wait, host_wait = clock.interval()
-                self.log.interval(epoch=self.epoch + 1, epochs=cfg.epochs, step=self.step,
-                                  done=self.train_loader.position, per_epoch=len(self.train_loader), losses=losses,
-                                  lr=self.schedule.lr, rate=len(rows) * cfg.global_batch / (time.perf_counter() - t0),
-                                  wait=wait, host_wait=host_wait,
-                                  step_time=(time.perf_counter() - t_epoch) / max(1, self.step - epoch_start))
-                every = cfg.checkpoint_every
-                if every and self.step // every > interval_start // every and not last:
-                    self.save(CHECKPOINT)  # every rank: their data positions and generators are gathered
-                pending, interval_start, t0 = [], self.step, time.perf_counter()
-                if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
-                    stop.signum, self.stopping = signum, True
-                    if not last:
-                        return None
-        loss_sum, hits, seen = totals
-        seconds = time.perf_counter() - t_epoch  # the whole epoch's training, logging included
+            if len(pending) < cfg.log_every and not last:
+                continue
+            rows = torch.stack(pending).tolist()  # the interval's one host sync
+            losses = [r[0] for r in rows]
+            signum = self._check_interval(stop, losses, interval_start + 1)
+            epoch.add(rows)
+            self._log_interval(clock, losses, len(rows), time.perf_counter() - t_interval, epoch)
+            every = cfg.checkpoint_every
+            if every and self.step // every > interval_start // every and not last:
+                self.save(CHECKPOINT)  # every rank: their data positions and generators are gathered
+            pending, interval_start, t_interval = [], self.step, time.perf_counter()
+            if signum:  # agreed by every rank; at the epoch's last batch, the epoch is finished first
+                stop.signum, self.stopping = signum, True
+                if not last:
+                    return None
         wait, host_wait = clock.epoch()
-        steps = self.step - epoch_start
-        return {"train_loss": loss_sum / max(1, steps), "train_top1_error": 1 - hits / max(1, seen),
+        steps, seconds = self.step - epoch.first_step, epoch.seconds()  # the whole epoch, logging included
+        return {"train_loss": epoch.loss / max(1, steps), "train_top1_error": 1 - epoch.hits / max(1, epoch.seen),
                 "seconds": seconds, "images_per_s": steps * cfg.global_batch / seconds, "data_wait": wait,
                 "host_wait": host_wait}
+
+    def _check_interval(self, stop: Stop, losses: list[float], first_step: int) -> int:
+        """Diverged if a loss of the interval is not finite (on any rank); the stop signal the ranks agree on."""
+        bad, signum = self._agree(stop, losses, first_step)
+        if bad >= 0:
+            raise Diverged(f"the loss is not finite at step {bad} (epoch {self.epoch + 1}); stopping. "
+                           f"The last good state is {self.run.file(CHECKPOINT)}; a lower --lr may help")
+        return signum
+
+    def _log_interval(self, clock: StepClock, losses: list[float], steps: int, seconds: float,
+                      epoch: "_Totals") -> None:
+        wait, host_wait = clock.interval()
+        self.log.interval(epoch=self.epoch + 1, epochs=self.cfg.epochs, step=self.step,
+                          done=self.train_loader.position, per_epoch=len(self.train_loader), losses=losses,
+                          lr=self.schedule.lr, rate=steps * self.cfg.global_batch / seconds, wait=wait,
+                          host_wait=host_wait,
+                          step_time=epoch.seconds() / max(1, self.step - epoch.first_step))
 
     def _stopped(self, signum: int, where: str) -> dict:
         self.log.line(f"stopped by signal {signum} {where}; saved {self.run.file(CHECKPOINT)} (continue with --resume)")

@@ -1,6 +1,7 @@
 """The stat cache: for each shard found intact on this machine, its size, modification time and sha256, so
 that a loader start re-hashes only the shards whose size or time changed (a copy that lost its times, an edit
-in place). The one writer and reader of that file.
+in place). The one writer and reader of that file, and the checks a loader makes of a local split before
+it reads (readable_split).
 
 - Where: SHARDS/.verified.json when the shards directory is writable; otherwise (a read-only copy, a shared
   dataset) a per-user file, ~/.cache/alexnet-pipeline/verified-<key>.json (XDG_CACHE_HOME is honoured), keyed
@@ -20,7 +21,17 @@ import os
 from pathlib import Path
 
 from . import files
-from .shards import MANIFEST, ShardError, ShardInfo, file_sha256
+from .shards import (
+    MANIFEST,
+    Manifest,
+    ShardError,
+    ShardInfo,
+    file_sha256,
+    first_shards,
+    index_extent,
+    load_manifest,
+    shard_paths,
+)
 
 VERIFIED = ".verified.json"
 
@@ -91,8 +102,8 @@ def damage(path: Path, info: ShardInfo) -> str | None:
             "alexnet-prep --rebuild over the source")
 
 
-def check(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path], rank: int = 0, world_size: int = 1,
-          gather=None) -> int:
+def hash_changed(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path], rank: int = 0,
+                 world_size: int = 1, gather=None) -> int:
     """Re-hash this rank's share of the shards whose size or modification time differ from the cache;
     ShardError naming a shard whose sha256 differs from the manifest (found by any rank, when `gather`, a
     function like torch.distributed's all_gather_object, is given). Returns how many this rank hashed."""
@@ -121,8 +132,34 @@ def check(shards: Path, split: str, entries: list[ShardInfo], paths: list[Path],
 def remember_verified(shards: Path) -> None:
     """After `alexnet-prep --verify` found every byte intact (say, in a copy that did not keep its times):
     record every shard's size and time, so loader starts trust them without re-hashing."""
-    from .shards import load_manifest, shard_paths
-
     manifest = load_manifest(shards)
     remember(shards, dict(entry(split, info, path) for split, e in manifest.splits.items()
                           for path, info in zip(shard_paths(shards, split, manifest), e.shards, strict=True)))
+
+
+def readable_split(shards: Path, split: str, *, rank: int = 0, world_size: int = 1, gather=None,
+                   samples: int | None = None) -> tuple[list[Path], int, Manifest]:
+    """Shard paths, sample count and manifest of a split (with `samples`, only its first shards holding that
+    many), after the checks that turn what would hang or crash a reader (a missing, truncated or replaced
+    shard; a missing or wrong index; bytes that differ from the manifest where size or time changed, hashed
+    by this rank for its share: hash_changed) into a ShardError."""
+    manifest = load_manifest(shards)
+    paths, entries = shard_paths(shards, split, manifest), manifest.splits[split].shards
+    if not paths:
+        raise ShardError(f"{Path(shards) / split}: no shards listed for {split}")
+    keep = first_shards(entries, samples)
+    paths, entries = paths[:keep], entries[:keep]
+    n_samples = sum(e.samples for e in entries)
+    for path, info in zip(paths, entries, strict=True):
+        if not path.is_file():
+            raise ShardError(f"{path}: shard missing")
+        st = path.stat()
+        if st.st_size != info.bytes:
+            raise ShardError(f"{path}: {st.st_size} bytes, {MANIFEST} says {info.bytes} "
+                             "(truncated or replaced; alexnet-prep --verify checks everything)")
+        count, end = index_extent(path.with_suffix(".idx"))
+        if end > info.bytes or count != info.samples:
+            raise ShardError(f"{path.with_suffix('.idx')}: does not describe {path.name} ({count} samples to byte "
+                             f"{end}; {MANIFEST} says {info.samples} in {info.bytes} bytes)")
+    hash_changed(shards, split, entries, paths, rank, world_size, gather)
+    return paths, n_samples, manifest

@@ -92,7 +92,7 @@ def s3(loopback, monkeypatch, tmp_path):
 
 def publish_to(loopback, local: Path, url: str) -> None:
     """Upload a prepared directory to the loopback store (the environment set only while it runs)."""
-    from alexnet_pipeline.publish import publish
+    from alexnet_pipeline.prep.publish import publish
 
     old = {k: os.environ.get(k) for k in loopback.env}
     os.environ.update(loopback.env)
@@ -179,7 +179,8 @@ class HeldPrep(subprocess.Popen):
 def held_prep(args: list[str], out: Path, stage: str, holders: int = 1, **popen) -> HeldPrep:
     """alexnet-prep started with the test hook (ALEXNET_PREP_HOLD=stage): returns once `holders` processes have
     finished their first unit (or shard) and wait to be killed. A run that never gets there fails the test."""
-    from alexnet_pipeline import prep, workers
+    from alexnet_pipeline import prep
+    from alexnet_pipeline.prep import workers
 
     env = {**os.environ, workers.HOLD: stage}
     proc = HeldPrep(PREP + args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, **popen)

@@ -86,13 +86,16 @@ def test_storage_bench_times_each_row_against_the_local_loader_with_its_own_s3_s
     data = numbered(prepped, tmp_path / "data", [3] * 40)  # room for the quarter cache's row
     result = bench.storage_rates(bench.StorageBench(shards=data, batch_size=2, num_threads=1, repeats=2, streams=1,
                                                     shuffle_window=1, read_ahead=1, latency_ms=0, dali_s3=False))
-    rows = ["local", "dali_reader", "store_first_epoch", "store_cached", "store_quarter_cache", "reader_alone",
-            "dali_reader_alone"]
+    rows = ["local", "local_first_epoch", "dali_reader", "store_first_epoch", "store_cached", "store_quarter_cache",
+            "reader_alone", "dali_reader_alone"]
     assert list(result["images_per_s"]) == rows and len(result["rounds"]) == 2
     assert all(r > 0 for r in result["images_per_s"].values())
     assert result["over_local"]["local"] == 1.0
-    assert result["over_local"]["store_cached"] == pytest.approx(result["images_per_s"]["store_cached"] /
-                                                                 result["images_per_s"]["local"])
+    rates = result["images_per_s"]
+    assert result["over_local"]["store_cached"] == pytest.approx(rates["store_cached"] / rates["local"])
+    assert result["over_local"]["store_first_epoch"] == pytest.approx(rates["store_first_epoch"] /
+                                                                      rates["local_first_epoch"])
     assert set(result["server_cpu_share"]) == {r for r in rows if r.startswith("store")}
     assert all(0 <= v <= 1 for v in result["server_cpu_share"].values())
+    assert set(result["cores_busy"]) == set(rows) and all(v > 0 for v in result["cores_busy"].values())
     assert dict(os.environ) == before  # its server's endpoint and test credentials went with it

@@ -159,3 +159,18 @@ def test_a_checkpoint_from_before_a_recipe_option_existed_resumes_with_its_defau
     assert train.run(Newer(shards=prepped, out=out, epochs=2, resume=True, **TINY))["epochs"] == 2
     with pytest.raises(UserError, match=r"another recipe \(label_smoothing 0.0 -> 0.1\)"):
         train.run(Newer(shards=prepped, out=out, epochs=3, resume=True, label_smoothing=0.1, **TINY))
+
+
+def test_each_rank_continues_from_its_own_loader_state_and_another_number_of_ranks_from_the_global_position():
+    """Saved by 2 ranks: on 2, each rank gets its own state (DALI's draws state included); on 1 or 3, every rank
+    gets the global position without DALI's state (another rank's would replay another rank's draws)."""
+    from alexnet_pipeline.checkpoint import Checkpoint, RankState, TrainingState
+
+    states = [{"epoch": 3, "step": 5, "global_batch": 8, "world_size": 2, "dali": f"rank {r}"} for r in range(2)]
+    ranks = [RankState(s, torch.zeros(1)) for s in states]
+    ckpt = Checkpoint({}, {}, {}, [], {}, {}, epoch=3, step=50, training=TrainingState({}, {}, ranks))
+    assert [ckpt.loader_state(r, 2) for r in range(2)] == states
+    position = {"epoch": 3, "step": 5, "global_batch": 8, "world_size": 2}
+    assert [ckpt.loader_state(r, 3) for r in range(3)] == [position] * 3
+    assert ckpt.loader_state(0, 1) == position
+    assert Checkpoint({}, {}, {}, [], {}, {}, epoch=0, step=0).loader_state(0, 1) is None

@@ -14,10 +14,10 @@ import pytest
 from conftest import read_samples, sample_maker
 from PIL import Image
 
-from alexnet_pipeline import files, listing, shards, verified
+from alexnet_pipeline import files, shards, verified
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.image import BadImage, decode_rgb
-from alexnet_pipeline.prep import PrepConfig, PrepError, run
+from alexnet_pipeline.prep import PrepConfig, PrepError, listing, run
 
 PREP = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import prep_main; sys.exit(prep_main())"]
 TRAIN = [sys.executable, "-c", "import sys; from alexnet_pipeline.cli import train_main; sys.exit(train_main())"]
@@ -107,10 +107,10 @@ def test_a_same_size_edit_is_named_at_loader_start_and_a_copy_without_times_is_r
     faithful = tmp_path / "t"
     shutil.copytree(prepped, faithful, copy_function=shutil.copyfile)  # a copy that did not keep times
     n_shards = len(shards.shard_paths(faithful, "train"))
-    shards.readable_split(faithful, "train")
+    verified.readable_split(faithful, "train")
     assert len(hashed) == n_shards  # re-hashed once...
     hashed.clear()
-    shards.readable_split(faithful, "train")
+    verified.readable_split(faithful, "train")
     assert hashed == []  # ...then trusted
     assert next(iter(train_loader(faithful, batch_size=4, num_threads=1)))[0].shape[0] == 4
 

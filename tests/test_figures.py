@@ -133,8 +133,8 @@ def test_the_figures_read_only_the_shards_they_use(prepped, trained, tmp_path, m
     from alexnet_pipeline import verified
 
     checked = []
-    real = verified.check
-    monkeypatch.setattr(verified, "check", lambda shards_dir, split, entries, paths, *a: checked.append(
+    real = verified.hash_changed
+    monkeypatch.setattr(verified, "hash_changed", lambda shards_dir, split, entries, paths, *a: checked.append(
         (split, [p.name for p in paths])) or real(shards_dir, split, entries, paths, *a))
     ckpt = Checkpoint.load(trained / train.BEST)
     drawn = figures.paper_figures(ckpt, prepped, tmp_path / "f", torch.device("cpu"), 4, batch_size=4, progress=False)

@@ -3,7 +3,7 @@ import re
 import pytest
 from conftest import CLASSES, sample_maker
 
-from alexnet_pipeline import imagenet, units
+from alexnet_pipeline.prep import imagenet, units
 
 
 def _labels(source, split):

@@ -11,7 +11,8 @@ PACKAGE = ROOT / "alexnet_pipeline"
 LEAVES = {"model", "optim", "step", "stats", "config", "classnames", "progress", "augment", "image", "plot",
           "order", "loopback"}
 ONLY = {"files": {"config"}, "listing": {"files"}, "workers": {"files"}, "workfiles": {"files", "stats"},
-        "units": {"config"}, "storage": {"config"}, "reader": {"order", "shards"}}
+        "units": {"config"}, "storage": {"config"}, "reader": {"order", "shards"},
+        "options": {"config", "storage"}, "shards": {"config", "files", "storage", "classnames"}}
 
 
 def _imports(module: Path) -> tuple[set[str], set[str]]:
@@ -34,7 +35,15 @@ def _imports(module: Path) -> tuple[set[str], set[str]]:
     return ours, outside
 
 
-MODULES = {p.stem: _imports(p) for p in sorted(PACKAGE.glob("*.py"))}
+def _name(path: Path) -> str:
+    """A module's name as its siblings import it: its stem, or its package's name for a package's __init__."""
+    return path.parent.name if path.stem == "__init__" and path.parent != PACKAGE else path.stem
+
+
+MODULES = {_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+PREP = {_name(p) for p in (PACKAGE / "prep").glob("*.py")}  # the offline tool's modules
+TRAINING = {"pipeline", "reader", "cache", "order", "augment", "model", "optim", "step", "build", "train",
+            "evaluate", "figures", "checkpoint", "inference", "export", "distributed", "baseline", "bench"}
 
 
 def test_the_module_rules_of_the_design_hold():
@@ -47,13 +56,47 @@ def test_the_module_rules_of_the_design_hold():
             assert "cli" not in ours, f"{name}.py imports cli: imports go from cli to the commands, never back"
         if "nvidia" in outside:
             assert name == "pipeline", f"{name}.py imports DALI; pipeline.py is the only module that does"
+        if name in PREP:
+            assert not ours & TRAINING, f"prep/{name}.py imports {ours & TRAINING}: prep needs nothing of training's"
+            assert not {"torch", "nvidia"} & outside, f"prep/{name}.py imports torch or DALI"
     assert "nvidia" in MODULES["pipeline"][1]
+    assert len(PREP) == 9 and TRAINING <= set(MODULES), "the rule's lists name modules that exist"
 
 
-def test_options_writes_out_the_models_and_the_steps_choices():
-    from alexnet_pipeline import model, options, step
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle in `graph` (module -> the package modules it imports, at any depth of its code), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for dep in sorted(graph.get(name, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [name, dep] if dep in path else [name, dep]
+            if dep not in state and (found := visit(dep, path + [name])):
+                return found
+        state[name] = 2
+        return None
+
+    for name in sorted(graph):
+        if name not in state and (found := visit(name, [])):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_circle():
+    """Imports inside functions count: a circle hidden in one still ties two modules together."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check itself finds one
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+    graph = {name: {m for m in ours if m in MODULES and m != name} for name, (ours, _) in MODULES.items()}
+    found = _cycle(graph)
+    assert found is None, "import circle: " + " -> ".join(found or [])
+
+
+def test_options_writes_out_the_models_the_steps_and_the_augmentations_choices():
+    from alexnet_pipeline import augment, model, options, step
 
     assert options.INITS == model.INITS and options.PRECISIONS == step.PRECISIONS
+    assert options.MEAN_MODES == augment.MEAN_MODES and options.LIGHTING_FORMS == augment.LIGHTING_FORMS
 
 
 BLOCK = """

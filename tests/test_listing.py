@@ -8,8 +8,7 @@ from pathlib import Path
 
 from conftest import CLASSES
 
-from alexnet_pipeline import imagenet, listing
-from alexnet_pipeline.prep import PrepConfig, run
+from alexnet_pipeline.prep import PrepConfig, imagenet, listing, run
 
 
 def test_a_folder_lists_its_regular_files_and_dead_links_in_name_order(tmp_path):
@@ -32,6 +31,16 @@ def test_a_folder_lists_its_regular_files_and_dead_links_in_name_order(tmp_path)
     assert folder.entries() == want and folder.count == 6
     back = listing.Listing.from_bytes(listing.Listing([folder]).to_bytes())
     assert back.files() == {f"train/n01440764/{n}": (s, m) for n, s, m in want}
+
+
+def test_two_archives_of_one_folder_list_as_one_folder_holding_both(tmp_path):
+    """Two parts of one folder (two archives of the root, read separately): the listing keeps every file."""
+    for part, names in (("a", ("x.JPEG", "y.JPEG")), ("b", ("z.JPEG",))):
+        (tmp_path / part / "train").mkdir(parents=True)
+        for name in names:
+            (tmp_path / part / "train" / name).write_bytes(b"1")
+    both = listing.Listing([listing.scan(str(tmp_path / "a"), "train"), listing.scan(str(tmp_path / "b"), "train")])
+    assert sorted(both.files()) == ["train/x.JPEG", "train/y.JPEG", "train/z.JPEG"] and len(both) == 3
 
 
 def test_changes_name_what_was_added_removed_and_changed(tmp_path):

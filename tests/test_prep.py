@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import CLASSES, PREP, held_prep, read_samples, sample_maker
 
-from alexnet_pipeline import files, shards, workers
-from alexnet_pipeline.prep import WORK, PrepConfig, PrepError, run
+from alexnet_pipeline import files, shards
+from alexnet_pipeline.prep import WORK, PrepConfig, PrepError, run, workers
 
 CLI = PREP
 
@@ -45,6 +45,24 @@ def test_train_is_shuffled_and_val_is_in_key_order(prepped):
     first_shard = [k for k in train_keys[:5]]
     assert len({k.split("_")[0] for k in first_shard}) > 1  # classes are mixed within a shard
     assert val_keys == sorted(val_keys)
+
+
+def test_the_seed_sets_the_train_order_in_an_output_a_killed_run_left_with_its_lock_and_archive_cache(
+        prepped, sample, tmp_path):
+    """--seed 7 orders the train split by the keyed hash under 7 (not the default seed's order); an output that
+    holds only what a run killed early leaves (its lock, the archive cache) is prep's own, not refused."""
+    import gzip
+
+    from alexnet_pipeline.prep import listing, order_key
+
+    out = tmp_path / "s7"
+    out.mkdir()
+    (out / files.LOCK).write_bytes(b"")
+    (out / listing.ARCHIVES).write_bytes(gzip.compress(b"{}"))
+    run(PrepConfig(sample[0] / "extracted", out, ("train",), shard_size=5, workers=1, progress=False, seed=7))
+    ours, theirs = list(read_samples(out, "train")), list(read_samples(prepped, "train"))
+    assert sorted(ours) == sorted(theirs) and ours != theirs
+    assert ours == sorted(ours, key=lambda k: (order_key(k, 7), k))
 
 
 def test_same_bytes_for_any_worker_count(prepped, sample, tmp_path):
@@ -384,7 +402,7 @@ def test_a_shard_drawing_on_many_work_files_needs_few_open_files(prepped, sample
     into one shard, under a limit of 16 open files, soft and hard: the shard stage holds one work file at a
     time, so it finishes, with the bytes of any other run but for the unit size."""
     setup = ("import resource; resource.setrlimit(resource.RLIMIT_NOFILE, (16, 16)); "
-             "from alexnet_pipeline import imagenet; imagenet.FILES_PER_UNIT = 1")
+             "from alexnet_pipeline.prep import imagenet; imagenet.FILES_PER_UNIT = 1")
     out = tmp_path / "o"
     r = subprocess.run(_prep_code(setup) + ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out),
                                             "--workers", "1", "--shard-size", "100", "--splits", "train"],
@@ -397,7 +415,7 @@ def test_a_shard_drawing_on_many_work_files_needs_few_open_files(prepped, sample
 
 
 def test_out_of_open_files_is_one_line_exit_1_and_the_same_command_resumes(sample, tmp_path):
-    setup = ("import errno; from alexnet_pipeline import workfiles; "
+    setup = ("import errno; from alexnet_pipeline.prep import workfiles; "
              "workfiles.read_jpegs = lambda path, spans: (_ for _ in ()).throw("
              "OSError(errno.EMFILE, 'Too many open files', path))")
     out = tmp_path / "o"
@@ -415,7 +433,7 @@ def test_out_of_open_files_is_one_line_exit_1_and_the_same_command_resumes(sampl
 def test_the_shard_stage_reads_every_work_file_front_to_back(sample, tmp_path, monkeypatch):
     """Every read of a work file, over the whole shard stage, is at a larger offset than the last read of that
     file: a disk or NFS server serves each file as one forward stream."""
-    from alexnet_pipeline import imagenet, workfiles
+    from alexnet_pipeline.prep import imagenet, workfiles
 
     monkeypatch.setattr(imagenet, "FILES_PER_UNIT", 5)  # several work files per shard and shards per file
     reads, real = [], workfiles.read_jpegs
@@ -434,22 +452,22 @@ _checks: list = []  # [where to note the checking process, the real check]
 
 
 def _noting_check(path):
-    """prep._intact, noting which process runs it (by name, so that the pool can send it to its workers)."""
+    """command._intact, noting which process runs it (by name, so that the pool can send it to its workers)."""
     with open(_checks[0], "a") as f:
         f.write(f"{os.getpid()}\n")
     return _checks[1](path)
 
 
 def test_a_resume_checks_the_work_files_in_the_workers(larger, tmp_path, monkeypatch):
-    from alexnet_pipeline import prep
+    from alexnet_pipeline.prep import command
 
     source, clean = larger
     out = tmp_path / "o"
     args = ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "2", "--no-progress"]
     held_prep(args, out, "shards").kill()  # killed in the shard stage: every train work file is there
     checked = tmp_path / "checked"
-    monkeypatch.setattr(sys.modules[__name__], "_checks", [checked, prep._intact])
-    monkeypatch.setattr(prep, "_intact", _noting_check)
+    monkeypatch.setattr(sys.modules[__name__], "_checks", [checked, command._intact])
+    monkeypatch.setattr(command, "_intact", _noting_check)
     run(PrepConfig(source, out, shard_size=4, workers=2, progress=False))
     pids = checked.read_text().split()
     assert len(pids) == 3  # 140 train images: 3 units of 64 (the last of 12)

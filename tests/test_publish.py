@@ -1,4 +1,4 @@
-"""alexnet-prep --out URL (publish.py) and --verify URL, against an S3 server on this machine: the manifest
+"""alexnet-prep --out URL (prep/publish.py) and --verify URL, against an S3 server on this machine: the manifest
 goes up last, a re-run uploads only what is missing or differs, a store without the bucket is named before
 any work."""
 

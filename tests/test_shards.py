@@ -7,6 +7,7 @@ import pytest
 from conftest import read_samples
 
 from alexnet_pipeline import shards
+from alexnet_pipeline.prep import workers
 
 
 def test_index_equals_what_wds2idx_writes(prepped, tmp_path):
@@ -66,7 +67,8 @@ def test_verify_passes_then_names_a_flipped_byte_and_a_deleted_shard(prepped, tm
     victim.unlink()
     problems = shards.verify(copy)
     assert any(victim.name in p and "missing" in p for p in problems)
-    assert shards.verify(copy, workers=2) == problems  # the shards read by two processes: the same verdicts
+    with workers.pool(2) as pool:
+        assert shards.verify(copy, pool=pool) == problems  # the shards read by two processes: the same verdicts
 
 
 def test_verify_reads_the_shards_in_its_workers(prepped, monkeypatch):
@@ -76,9 +78,11 @@ def test_verify_reads_the_shards_in_its_workers(prepped, monkeypatch):
     real = shards._shard_problems
     monkeypatch.setattr(shards, "_shard_problems", lambda *a: pids.add(os.getpid()) or real(*a))
     progress = type("P", (), {"n": 0, "update": lambda self, k=1: setattr(self, "n", self.n + k)})()
-    assert shards.verify(prepped, workers=2, progress=progress) == []
+    with workers.pool(2) as pool:
+        assert shards.verify(prepped, pool=pool, progress=progress) == []
     assert pids == set() and progress.n == sum(len(e.shards) for e in shards.load_manifest(prepped).splits.values())
-    assert shards.verify(prepped, workers=1) == [] and pids == {os.getpid()}
+    with workers.pool(1) as pool:
+        assert shards.verify(prepped, pool=pool) == [] and pids == {os.getpid()}
 
 
 def test_verify_names_a_bad_index_and_a_missing_manifest(prepped, tmp_path):
@@ -147,5 +151,5 @@ def test_verify_records_every_shard_so_the_next_loader_start_hashes_none(prepped
     hashed, real = [], verified.file_sha256
     monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
     for split in ("train", "val"):
-        shards.readable_split(copy, split)
+        verified.readable_split(copy, split)
     assert hashed == []

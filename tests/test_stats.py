@@ -4,7 +4,7 @@ import numpy as np
 from conftest import read_samples
 from PIL import Image
 
-from alexnet_pipeline.stats import Moments, summarize
+from alexnet_pipeline.prep.stats import Moments, summarize
 
 
 def _images(n, seed=0, size=16):

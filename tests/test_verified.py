@@ -23,10 +23,10 @@ def test_a_read_only_copy_is_hashed_once_and_keeps_its_cache_per_user(prepped, t
     hashed, real = [], verified.file_sha256
     monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
     before = sorted(p.name for p in copy.iterdir())
-    shards.readable_split(copy, "train")
+    verified.readable_split(copy, "train")
     assert len(hashed) == len(shards.shard_paths(copy, "train"))
     hashed.clear()
-    shards.readable_split(copy, "train")
+    verified.readable_split(copy, "train")
     assert hashed == []  # trusted from the per-user cache
     assert sorted(p.name for p in copy.iterdir()) == before  # nothing written into the read-only copy
     cached = list((home / "alexnet-pipeline").glob("verified-*.json"))
@@ -88,6 +88,16 @@ def test_without_a_process_group_each_rank_hashes_its_share_and_merges_it(preppe
     shutil.copytree(prepped, copy, copy_function=shutil.copyfile)
     (copy / verified.VERIFIED).unlink(missing_ok=True)
     paths, entries = shards.shard_paths(copy, "train"), shards.load_manifest(copy).splits["train"].shards
-    assert verified.check(copy, "train", entries, paths, rank, 2) == len(paths[rank::2])
-    assert verified.check(copy, "train", entries, paths, 1 - rank, 2) == len(paths[1 - rank::2])
-    assert verified.check(copy, "train", entries, paths, 0, 1) == 0  # both shares merged into the cache
+    assert verified.hash_changed(copy, "train", entries, paths, rank, 2) == len(paths[rank::2])
+    assert verified.hash_changed(copy, "train", entries, paths, 1 - rank, 2) == len(paths[1 - rank::2])
+    assert verified.hash_changed(copy, "train", entries, paths, 0, 1) == 0  # both shares merged into the cache
+
+
+def test_a_read_only_directory_whose_manifest_cannot_be_read_keeps_its_cache_per_user(tmp_path, monkeypatch):
+    """A directory this user cannot write keeps its stat cache under XDG_CACHE_HOME, keyed on the manifest's
+    bytes; a manifest that cannot be read (here a directory in its place) keys on the path alone, no crash."""
+    (tmp_path / "s" / shards.MANIFEST).mkdir(parents=True)
+    monkeypatch.setattr(verified.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path = verified.cache_path(tmp_path / "s")
+    assert path.parent == tmp_path / "xdg" / "alexnet-pipeline" and path.name.startswith("verified-")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import PREP, held_prep
 
-from alexnet_pipeline import files, workers
-from alexnet_pipeline.prep import WORK
+from alexnet_pipeline import files
+from alexnet_pipeline.prep import WORK, workers
 
 
 def _gone(pid: int) -> bool:
@@ -58,3 +58,25 @@ def test_a_worker_that_outlived_its_parent_would_not_hold_the_lock(tmp_path):
     finally:
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
+
+
+def _deaf_for(seconds: float, ready: Path) -> None:
+    """A task that lives through SIGTERM, as a worker still starting does (it runs the parent's handler, and the
+    signal is dropped once the worker's own start-up has set the default)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.touch()
+    time.sleep(seconds)
+
+
+def test_closing_the_pool_never_waits_for_a_worker_that_lived_through_its_sigterm(tmp_path):
+    ready = tmp_path / "deaf"
+    with workers.pool(2, tmp_path) as pool:
+        pool.submit(_deaf_for, 60, ready)
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready.exists(), "the task never started"
+        pids = [p.pid for p in pool._processes.values()]
+        t0 = time.monotonic()
+    assert time.monotonic() - t0 < 20, "close() waited for the worker's task"
+    assert all(_gone(pid) for pid in pids)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import make_sample_imagenet as maker  # noqa: E402
 
 from alexnet_pipeline.image import prepare  # noqa: E402
-from alexnet_pipeline.stats import Moments  # noqa: E402
+from alexnet_pipeline.prep.stats import Moments  # noqa: E402
 
 
 def _previous(images: list[np.ndarray]) -> None:

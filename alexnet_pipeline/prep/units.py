@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import UserError
+from ..config import UserError
 
 HF_SUFFIX = re.compile(r"_(n\d{8})$")
 ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # EOFError: a gzip cut short
@@ -239,10 +239,10 @@ def hf_key(name) -> tuple[str, str | None]:
 
 
 def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2**20):
-    """Yield `units`, each HfUnit with its members' bytes attached (a member over `max_bytes` as its size,
-    unread). Each .tar.gz is streamed once, by its own
-    thread (zlib works outside the GIL), so archives are read in parallel; at most `queue_size` units wait in
-    memory. Nothing is extracted to disk."""
+    """Yield `units`: first those that read their own files, then each HfUnit with its members' bytes attached
+    (a member over `max_bytes` as its size, unread), as its archive's reader completes it. Each .tar.gz is
+    streamed once, by its own thread (zlib works outside the GIL), so archives are read in parallel; at most
+    `queue_size` units wait in memory. Nothing is extracted to disk. Closing the generator stops the readers."""
     yield from (u for u in units if not isinstance(u, HfUnit))
     by_archive: dict[str, list[HfUnit]] = {}
     for u in units:
@@ -250,59 +250,91 @@ def with_payloads(units, queue_size: int = 8, max_bytes: int = MAX_IMAGE_MIB * 2
             by_archive.setdefault(u.archive, []).append(u)
     if not by_archive:
         return
-    out: queue.Queue = queue.Queue(maxsize=queue_size)
-    stop, done = threading.Event(), object()
-
-    def put(item):
-        while not stop.is_set():
-            try:
-                out.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def read(archive: str, archive_units: list[HfUnit]):
-        owner = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
-        parts: list[list[bytes | int | None] | None] = [[None] * len(u.members) for u in archive_units]
-        left = [len(u.members) for u in archive_units]
-        units_left = sum(1 for n in left if n)  # a count, not any(left): that scan per member is quadratic
-        try:
-            with tarfile.open(archive, "r|gz") as tf:
-                files = (m for m in tf if m.isfile())
-                for i, member in enumerate(files):
-                    if stop.is_set() or not units_left:
-                        break
-                    if i in owner:
-                        n, j = owner[i]
-                        got = parts[n]
-                        assert got is not None  # a unit's list goes only once it is complete
-                        got[j] = member_bytes(tf, member) if member.size <= max_bytes else member.size
-                        left[n] -= 1
-                        if not left[n]:
-                            put(dataclasses.replace(archive_units[n], payload=tuple(got)))
-                            parts[n] = None
-                            units_left -= 1
-            if units_left:
-                raise EOFError("fewer members than when it was first read")
-            put(done)
-        except ARCHIVE_ERRORS as e:
-            put(ArchiveError(f"{archive}: unreadable or truncated ({e or type(e).__name__}); it was readable "
-                            "when this run started"))
-
-    threads = [threading.Thread(target=read, args=item, daemon=True) for item in by_archive.items()]
-    for t in threads:
-        t.start()
+    readers = _ArchiveReaders(by_archive, queue_size, max_bytes)
     try:
+        yield from readers.units()
+    finally:
+        readers.stop()
+
+
+class _Filling:
+    """The units of one archive, filled with their members' bytes as the archive streams past."""
+
+    def __init__(self, archive_units: list[HfUnit]):
+        self.units = archive_units
+        self.slot = {m.index: (n, j) for n, u in enumerate(archive_units) for j, m in enumerate(u.members)}
+        self.parts: list[list[bytes | int | None] | None] = [[None] * len(u.members) for u in archive_units]
+        self.missing = [len(u.members) for u in archive_units]
+        self.open = sum(1 for k in self.missing if k)  # a count, not any(missing): a scan per member is quadratic
+
+    def take(self, index: int, data: bytes | int) -> HfUnit | None:
+        """Member `index`'s bytes (or size); the unit this completes, if it does."""
+        n, j = self.slot[index]
+        got = self.parts[n]
+        assert got is not None  # a unit's list goes only once it is complete
+        got[j] = data
+        self.missing[n] -= 1
+        if self.missing[n]:
+            return None
+        self.open -= 1
+        self.parts[n] = None
+        return dataclasses.replace(self.units[n], payload=tuple(got))
+
+
+class _ArchiveReaders:
+    """A thread per archive, each putting the units it completes, then DONE (or its ArchiveError), on one
+    bounded queue."""
+
+    DONE = object()
+
+    def __init__(self, by_archive: dict[str, list[HfUnit]], queue_size: int, max_bytes: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stopping, self.max_bytes = threading.Event(), max_bytes
+        self.threads = [threading.Thread(target=self._read, args=item, daemon=True) for item in by_archive.items()]
+        for t in self.threads:
+            t.start()
+
+    def units(self):
+        """The completed units as they come; a reader's ArchiveError raised here."""
         finished = 0
-        while finished < len(threads):
-            item = out.get()
-            if item is done:
+        while finished < len(self.threads):
+            item = self.queue.get()
+            if item is self.DONE:
                 finished += 1
             elif isinstance(item, Exception):
                 raise item
             else:
                 yield item
-    finally:
-        stop.set()
-        for t in threads:
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
             t.join()
+
+    def _put(self, item) -> None:
+        """Onto the queue, unless the readers are stopping (then the item is dropped: nobody takes it)."""
+        while not self.stopping.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _read(self, archive: str, archive_units: list[HfUnit]) -> None:
+        filling = _Filling(archive_units)
+        try:
+            with tarfile.open(archive, "r|gz") as tf:
+                for i, member in enumerate(m for m in tf if m.isfile()):
+                    if self.stopping.is_set() or not filling.open:
+                        break
+                    if i in filling.slot:
+                        data = member_bytes(tf, member) if member.size <= self.max_bytes else member.size
+                        complete = filling.take(i, data)
+                        if complete is not None:
+                            self._put(complete)
+            if filling.open:
+                raise EOFError("fewer members than when it was first read")
+            self._put(self.DONE)
+        except ARCHIVE_ERRORS as e:
+            self._put(ArchiveError(f"{archive}: unreadable or truncated ({e or type(e).__name__}); it was readable "
+                                   "when this run started"))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
+from .. import files
 from .stats import Moments
 
 SUFFIX = ".unit"

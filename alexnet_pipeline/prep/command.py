@@ -30,12 +30,14 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
-from . import __version__, files, imagenet, listing, shards, storage, units, verified, workers, workfiles
-from .config import OptionError, UserError, check, option, recipe_fields
-from .image import BadImage, prepare
-from .options import ImageNetRoot, Seed, Storage, Workers
-from .progress import Progress, Stage, mode
+from .. import __version__, files, shards, storage, verified
+from ..config import OptionError, UserError, check, option, recipe_fields
+from ..image import BadImage, prepare
+from ..options import ImageNetRoot, Seed, Storage, Workers
+from ..progress import Progress, Stage, mode
+from . import imagenet, listing, units, workers, workfiles
 from .publish import Published, publish
 from .stats import Moments, summarize
 from .workers import WorkerDied
@@ -147,6 +149,37 @@ def order_key(key: str, seed: int) -> int:
     return int.from_bytes(digest, "big")
 
 
+class Prepared(NamedTuple):
+    """An image prepared in a worker, before its unit's work file is written (sorted into the split's order)."""
+
+    order: int  # order_key for train, 0 for val (so key order)
+    key: str
+    label: int
+    jpeg: bytes
+
+
+class Row(NamedTuple):
+    """A sample as the shard stage plans the split: sorted, the rows are the split's order (the global shuffle
+    for train, key order for val). One per image: 1.28M for ImageNet's train split, as plain as a tuple."""
+
+    order: int  # as Prepared.order
+    key: str
+    label: int
+    unit: int  # index of its unit (and work file) in the split's plan
+    offset: int  # where its JPEG sits in that work file
+    size: int
+
+
+class Member(NamedTuple):
+    """A sample of one shard to write: its JPEG at `offset` in `work_file` (a path: a worker's task)."""
+
+    key: str
+    label: int
+    work_file: str
+    offset: int
+    size: int
+
+
 # ---- stage 1: units -> work files ---------------------------------------------------------------------
 
 def _unit_path(work: Path, unit: units.Unit) -> Path:
@@ -176,7 +209,7 @@ def process_unit(unit: units.Unit, work: Path, size: int, quality: int, seed: in
                 skipped.append({"split": unit.split, "source": item.source, "reason": str(e)})
             else:
                 order = order_key(item.key, seed) if unit.split == "train" else 0
-                prepared.append((order, item.key, item.label, jpeg))
+                prepared.append(Prepared(order, item.key, item.label, jpeg))
                 if moments is not None:
                     moments.add_planes(pixels)
             workers.count()
@@ -184,9 +217,9 @@ def process_unit(unit: units.Unit, work: Path, size: int, quality: int, seed: in
         # a damaged archive loses the rest of this unit only; what was read so far is kept
         skipped.append({"split": unit.split, "source": unit.where,
                         "reason": f"archive unreadable after {len(prepared) + len(skipped)} files: {e}"})
-    prepared.sort(key=lambda p: p[:2])  # the split's order: the shard stage reads the file front to back
-    header = {"keys": [p[1] for p in prepared], "labels": [p[2] for p in prepared], "skipped": skipped}
-    workfiles.write(_unit_path(work, unit), [p[3] for p in prepared], header, moments)
+    prepared.sort(key=lambda p: (p.order, p.key))  # the split's order: the shard stage reads the file in turn
+    header = {"keys": [p.key for p in prepared], "labels": [p.label for p in prepared], "skipped": skipped}
+    workfiles.write(_unit_path(work, unit), [p.jpeg for p in prepared], header, moments)
     workers.hold("units", work)  # (a test hook) with the unit's work file written, before the note is cleared
     workers.note_busy("")
     return len(prepared), len(skipped)
@@ -200,7 +233,7 @@ def _intact_all(paths: list[Path]) -> list[bool]:
     return [_intact(p) for p in paths]
 
 
-def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: workers.Pool | None,
+def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: workers.Pool | workers.Serial,
                resumed: bool) -> tuple[int, list[Stage]]:
     """Process the units of `split` not yet done (on a resumed run, a work file must also be intact: checked
     in the pool); returns (images processed, stages)."""
@@ -208,15 +241,15 @@ def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: wor
     found = [p.exists() for p in paths]
     stages = []
     if resumed and any(found):
-        check = cfg.progress_for(f"{split} check", sum(found), "files")
+        checking = cfg.progress_for(f"{split} check", sum(found), "files")
         on_disk = [p for p, f in zip(paths, found, strict=True) if f]
         chunks = [on_disk[k:k + 16] for k in range(0, len(on_disk), 16)]
-        checked = pool.imap(_intact_all, chunks, 4 * pool.size) if pool else map(_intact_all, chunks)
+        checked = pool.imap(_intact_all, chunks, 4 * pool.size)
         ok: dict[Path, bool] = {}
         for chunk, verdicts in zip(chunks, checked, strict=True):
             ok.update(zip(chunk, verdicts, strict=True))
-            check.update(len(chunk))
-        stages.append(check.close())
+            checking.update(len(chunk))
+        stages.append(checking.close())
         found = [f and ok[p] for p, f in zip(paths, found, strict=True)]
     todo = [u for u, f in zip(planned, found, strict=True) if not f]
     if not todo:
@@ -227,18 +260,12 @@ def _run_units(cfg: PrepConfig, split: str, planned: list, work: Path, pool: wor
     counter.value = 0
     bar = cfg.progress_for(f"{split} images", None if None in known else sum(known), "images")
     max_bytes = cfg.max_image_mib * 2**20
-    n = pool.size if pool else 1
-    jobs = units.with_payloads(todo, queue_size=2 * n, max_bytes=max_bytes)
+    jobs = units.with_payloads(todo, queue_size=2 * pool.size, max_bytes=max_bytes)
     try:
-        if pool is None:
-            for unit in jobs:
-                process_unit(unit, work, cfg.image_size, cfg.quality, cfg.seed, max_bytes)
-                bar.to(counter.value)
-        else:
-            # at most two units per worker in flight: a unit read from a .tar.gz carries its images' bytes
-            for _ in pool.imap(_process, ((u, work, cfg.image_size, cfg.quality, cfg.seed, max_bytes) for u in jobs),
-                               2 * n, lambda: bar.to(counter.value)):
-                pass
+        # at most two units per worker in flight: a unit read from a .tar.gz carries its images' bytes
+        for _ in pool.imap(_process, ((u, work, cfg.image_size, cfg.quality, cfg.seed, max_bytes) for u in jobs),
+                           2 * pool.size, lambda: bar.to(counter.value)):
+            pass
     finally:
         jobs.close()  # stops the archive readers at once if a unit failed or a signal came
         stages.append(bar.close())
@@ -251,9 +278,8 @@ def _process(args) -> tuple[int, int]:
 
 # ---- stage 2: work files -> shards --------------------------------------------------------------------
 
-def _headers(args) -> tuple[list[tuple], list[dict], Moments | None]:
-    """In a worker: the samples (order, key, label, unit index, offset, size), skipped files and merged
-    statistics of a run of work files."""
+def _headers(args) -> tuple[list[Row], list[dict], Moments | None]:
+    """In a worker: the samples, skipped files and merged statistics of a run of work files."""
     items, seed = args
     rows, skipped, moments = [], [], None
     for i, path, train in items:
@@ -261,7 +287,7 @@ def _headers(args) -> tuple[list[tuple], list[dict], Moments | None]:
         skipped += header["skipped"]
         for key, label, off, size in zip(header["keys"], header["labels"], header["offsets"], header["sizes"],
                                          strict=True):
-            rows.append((order_key(key, seed) if train else 0, key, int(label), i, int(off), int(size)))
+            rows.append(Row(order_key(key, seed) if train else 0, key, int(label), i, int(off), int(size)))
         moments = _merged(moments, part)
     return rows, skipped, moments
 
@@ -273,22 +299,22 @@ def _merged(moments: Moments | None, part: Moments | None) -> Moments | None:
     return moments
 
 
-def _collect(planned: list, work: Path, seed: int, pool: workers.Pool | None):
+def _collect(planned: list, work: Path, seed: int, pool: workers.Pool | workers.Serial):
     """The split's samples in its order, the work file of each unit, the skipped files and the statistics."""
     paths = [str(_unit_path(work, u)) for u in planned]
     chunks = [([(i, paths[i], u.split == "train") for i in range(k, min(k + 64, len(planned)))], seed)
               for k, u in enumerate(planned) if k % 64 == 0]
-    parts = pool.map(_headers, chunks) if pool else list(map(_headers, chunks))
-    samples: list[tuple] = []
+    parts = pool.map(_headers, chunks)
+    samples: list[Row] = []
     skipped: list[dict] = []
     moments: Moments | None = None
     seen: dict[str, str] = {}
     for rows, part_skipped, part in parts:
         skipped += part_skipped
         for row in rows:
-            key, unit = row[1], planned[row[3]].name
+            key, unit = row.key, planned[row.unit].name
             if key in seen:
-                skipped.append({"split": planned[row[3]].split, "source": f"{unit}:{key}",
+                skipped.append({"split": planned[row.unit].split, "source": f"{unit}:{key}",
                                 "reason": f"duplicate sample key (kept the one from {seen[key]})"})
                 continue
             seen[key] = unit
@@ -303,8 +329,8 @@ def _done_path(work: Path, shard: Path) -> Path:
 
 
 def _write_shard_task(args) -> shards.ShardInfo:
-    """In a worker: one shard from its samples [(key, label, work file, offset, size)], read one work file at a
-    time in ascending offset order. A shard already on disk is described from the note its writer left (or
+    """In a worker: one shard from its samples (Member), read one work file at a time in ascending offset
+    order. A shard already on disk is described from the note its writer left (or
     re-hashed, if the note is missing or stale)."""
     path, members, work = args
     done = _done_path(work, path)
@@ -321,13 +347,13 @@ def _write_shard_task(args) -> shards.ShardInfo:
     jpegs: list[bytes] = [b""] * len(members)
     by_file: dict[str, list[int]] = {}
     for i, m in enumerate(members):
-        by_file.setdefault(m[2], []).append(i)
+        by_file.setdefault(m.work_file, []).append(i)
     for work_file in sorted(by_file):
         idx = by_file[work_file]  # ascending offsets: every work file is in the shard order
-        for i, data in zip(idx, workfiles.read_jpegs(work_file, [(members[i][3], members[i][4]) for i in idx]),
+        for i, data in zip(idx, workfiles.read_jpegs(work_file, [(members[i].offset, members[i].size) for i in idx]),
                            strict=True):
             jpegs[i] = data
-    info = shards.write_shard(path, (shards.Sample(m[0], j, m[1]) for m, j in zip(members, jpegs, strict=True)))
+    info = shards.write_shard(path, (shards.Sample(m.key, j, m.label) for m, j in zip(members, jpegs, strict=True)))
     st = path.stat()
     files.atomic_write(done, json.dumps([st.st_size, st.st_mtime_ns, dataclasses.asdict(info)]).encode(),
                        durable=False)
@@ -336,18 +362,17 @@ def _write_shard_task(args) -> shards.ShardInfo:
     return info
 
 
-def _write_shards(cfg: PrepConfig, split: str, samples, paths, work: Path, pool) -> tuple[list, Stage]:
+def _write_shards(cfg: PrepConfig, split: str, samples: list[Row], paths: list[str], work: Path,
+                  pool) -> tuple[list, Stage]:
     out = Path(cfg.out) / split
     out.mkdir(parents=True, exist_ok=True)
     tasks = ((out / f"{split}-{k // cfg.shard_size:06d}.tar",
-              [(s[1], s[2], paths[s[3]], s[4], s[5]) for s in samples[k:k + cfg.shard_size]], work)
+              [Member(s.key, s.label, paths[s.unit], s.offset, s.size) for s in samples[k:k + cfg.shard_size]], work)
              for k in range(0, len(samples), cfg.shard_size))
     bar = cfg.progress_for(f"{split} shards", -(-len(samples) // cfg.shard_size), "shards")
     infos = []
     try:
-        results = pool.imap(_write_shard_task, tasks, 2 * pool.size) if pool else \
-            map(_write_shard_task, tasks)
-        for info in results:
+        for info in pool.imap(_write_shard_task, tasks, 2 * pool.size):
             infos.append(info)
             bar.update(1)
     finally:
@@ -484,14 +509,12 @@ def _find(cfg: PrepConfig) -> tuple[imagenet.Source, Stage]:
     out = Path(cfg.out)
     stage = cfg.progress_for("listing", None, "files")
     n = min(cfg.n_workers(), len(os.sched_getaffinity(0)))
-    pool = workers.Pool(n, out / WORK, None) if n > 1 else None
     cache = listing.ArchiveCache(out)
     try:
-        source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class, cache=cache,
-                               map_=(lambda fn, items: pool.map(fn, list(items), chunksize=8)) if pool else map)
+        with workers.pool(n, out / WORK) as pool:
+            source = imagenet.find(cfg.imagenet_root, cfg.splits, cfg.layout, cfg.limit_per_class, cache=cache,
+                                   map_=lambda fn, items: pool.map(fn, list(items), chunksize=8))
     finally:
-        if pool is not None:
-            pool.close()
         cache.save()  # also what was listed before a failure: entries are keyed on each archive's size and time
     stage.to(len(source.listing))
     return source, stage.close()
@@ -520,35 +543,32 @@ def _locked_run(cfg: PrepConfig) -> PrepReport:
         layout=source.layout, splits={}, skipped=[], fingerprint=cfg.fingerprint(),
         source={"files": len(found), "sha256": found.digest()}, created_by=f"alexnet-pipeline {__version__}")
     workers.counter = mp.get_context("fork").Value("q", 0)
-    pool = None
+    gc.collect()
+    gc.freeze()  # the listing and units stay shared with the workers: the collector never touches their pages
     try:
-        gc.collect()
-        gc.freeze()  # the listing and units stay shared with the workers: the collector never touches their pages
-        pool = workers.Pool(n, work, workers.counter) if n > 1 else None
-        for split in cfg.splits:
-            planned = source.units.pop(split)  # gone with this split: ImageNet's train units are 1.28M entries
-            processed, stages = _run_units(cfg, split, planned, work, pool, report.resumed)
-            report.processed += processed
-            report.stages += stages
-            t1 = time.perf_counter()
-            samples, paths, skipped, moments = _collect(planned, work, cfg.seed, pool)
-            report.stages.append(Stage(f"{split} work files", len(paths), "files", time.perf_counter() - t1))
-            skipped += [s for s in source.skipped if s["split"] == split]
-            if not samples:
-                raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
-                                f"({len(skipped)} files skipped; first: {skipped[:1]})")
-            infos, stage = _write_shards(cfg, split, samples, paths, work, pool)
-            report.stages.append(stage)
-            manifest.splits[split] = shards.SplitInfo(len(samples), infos)
-            verified.remember_intact(out, split, infos, shards.shard_paths(out, split, manifest))
-            manifest.skipped += sorted(skipped, key=lambda s: s["source"])
-            report.samples[split] = len(samples)
-            if split == "train":
-                shards.save_npz(out / shards.STATS, summarize(moments))
-            del samples, planned
+        with workers.pool(n, work, workers.counter) as pool:
+            for split in cfg.splits:
+                planned = source.units.pop(split)  # gone with this split: ImageNet's train units are 1.28M entries
+                processed, stages = _run_units(cfg, split, planned, work, pool, report.resumed)
+                report.processed += processed
+                report.stages += stages
+                t1 = time.perf_counter()
+                samples, paths, skipped, moments = _collect(planned, work, cfg.seed, pool)
+                report.stages.append(Stage(f"{split} work files", len(paths), "files", time.perf_counter() - t1))
+                skipped += [s for s in source.skipped if s["split"] == split]
+                if not samples:
+                    raise PrepError(f"{cfg.imagenet_root}: no usable {split} images "
+                                    f"({len(skipped)} files skipped; first: {skipped[:1]})")
+                infos, stage = _write_shards(cfg, split, samples, paths, work, pool)
+                report.stages.append(stage)
+                manifest.splits[split] = shards.SplitInfo(len(samples), infos)
+                verified.remember_intact(out, split, infos, shards.shard_paths(out, split, manifest))
+                manifest.skipped += sorted(skipped, key=lambda s: s["source"])
+                report.samples[split] = len(samples)
+                if split == "train":
+                    shards.save_npz(out / shards.STATS, summarize(moments))
+                del samples, planned
     finally:
-        if pool is not None:
-            pool.close()
         gc.unfreeze()
     report.skipped = manifest.skipped
     listing.write(out, found)  # before the manifest: a finished output has both

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import UserError
+from ..config import UserError
 from .listing import ArchiveCache, Folder, Listing, scan, some_files
 from .units import (
     ARCHIVE_ERRORS,
@@ -164,7 +164,7 @@ def _find_hf(root: Path, hf: Path, splits, limit, cache: ArchiveCache) -> Source
 
 
 def _hf_names(source: Source, hf: Path) -> dict[str, str]:
-    from .classnames import parse_hf_classes
+    from ..classnames import parse_hf_classes
 
     for d in (source.root, hf, hf.parent):
         if (d / HF_CLASSES).is_file():
@@ -237,7 +237,7 @@ def _find_train(source: Source, data: Path, use_folders: bool, use_archives: boo
 
 def _found_names(source: Source, data: Path) -> dict[str, str]:
     """Class names beside the images: Kaggle's LOC_synset_mapping.txt, else the devkit's meta.mat words."""
-    from .classnames import parse_mapping
+    from ..classnames import parse_mapping
 
     for d in (source.root, data):
         if (d / KAGGLE_MAPPING).is_file():

@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from . import files
+from .. import files
 
 HOLD = "ALEXNET_PREP_HOLD"  # test hook: "units" or "shards"
 _PR_SET_PDEATHSIG = 1
@@ -187,13 +187,57 @@ class Pool:
                           "to resume")
 
     def close(self) -> None:
-        for process in self._processes.values():
+        processes = list(self._processes.values())
+        for process in processes:
             if process.is_alive():
                 process.terminate()  # a signal or an error: stop at once, unfinished units are redone
+        for process in processes:
+            # A worker still starting runs the parent's SIGTERM handler, and Python drops the signal once _init
+            # has set the default: it lives on, waiting for the call queue's lock that a killed sibling held,
+            # and the shutdown below would wait for it forever (seen under load). SIGKILL cannot be dropped.
+            process.join(timeout=2)
+            if process.is_alive():
+                process.kill()
+                process.join()
         self.executor.shutdown(wait=True, cancel_futures=True)
         if self.work is not None and self.work.is_dir():
             for note in [*self.work.glob(".busy-*"), *self.work.glob(".held-*")]:
                 note.unlink(missing_ok=True)
+
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Serial:
+    """The pool's stand-in for one worker: the same calls, run in this process, in order."""
+
+    size = 1
+
+    def imap(self, fn, items, ahead: int = 1, tick=lambda: None):
+        for item in items:
+            yield fn(item)
+            tick()
+
+    def map(self, fn, items, chunksize: int = 1) -> list:
+        return [fn(item) for item in items]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Serial":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def pool(workers: int, work: Path | None = None, shared_counter=None) -> Pool | Serial:
+    """`workers` processes (a Pool), or this process alone (Serial) for one: callers write one path for both."""
+    return Pool(workers, work, shared_counter) if workers > 1 else Serial()
 
 
 def _apply(args):

@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files, storage
-from .shards import MANIFEST, load_manifest
+from .. import files, storage
+from ..shards import MANIFEST, load_manifest
 
 RECORD = ".published.json"
 

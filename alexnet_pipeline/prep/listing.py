@@ -22,7 +22,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files
+from .. import files
 
 SOURCE = "source.listing.gz"
 ARCHIVES = ".archives.json.gz"  # machine-local: what was read out of each archive, keyed on its size and time

@@ -1,0 +1,63 @@
+"""Units of work (prep/units.py): sample keys from file names, and the Hugging Face archives' readers, which
+fill each unit with its members' bytes, one thread per archive, and name an archive cut short."""
+
+import io
+import tarfile
+
+import pytest
+
+from alexnet_pipeline.prep import units
+
+
+def test_a_sample_key_is_the_name_up_to_its_first_dot_with_odd_bytes_percent_encoded():
+    assert units.sample_key("n01440764/n01440764_10026.JPEG") == "n01440764_10026"
+    assert units.sample_key("a b.c.JPEG") == "a%20b"
+    assert units.sample_key("caf\udce9.jpg") == "caf%E9"  # a name that is not UTF-8 keeps its bytes
+
+
+def _archive(path, names):
+    with tarfile.open(path, "w:gz") as tf:
+        for name in names:
+            data = name.encode() * 3
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def _units(archive, names, per_unit):
+    members = [units.GzMember(i, n, i % 2) for i, n in enumerate(names)]
+    return [units.HfUnit("train", f"train/{archive}-{k}", archive=archive, members=tuple(members[k:k + per_unit]))
+            for k in range(0, len(members), per_unit)]
+
+
+def test_every_hugging_face_unit_comes_filled_with_its_members_bytes_and_the_others_first(tmp_path):
+    names = [f"img_{i}_n0144076{i % 2}.JPEG" for i in range(7)]
+    a, b = _archive(tmp_path / "a.tar.gz", names), _archive(tmp_path / "b.tar.gz", names[:4])
+    folder = units.FolderUnit("train", "train/f", expected=0)
+    got = list(units.with_payloads([*_units(a, names, 3), folder, *_units(b, names[:4], 2)], queue_size=1,
+                                   max_bytes=40))
+    assert got[0] is folder and len(got) == 1 + 3 + 2
+    for unit in got[1:]:
+        assert [bytes(p) if not isinstance(p, int) else p for p in unit.payload] == \
+            [m.name.encode() * 3 if len(m.name) * 3 <= 40 else len(m.name) * 3 for m in unit.members]
+    assert sorted(u.name for u in got[1:]) == sorted(u.name for u in [*_units(a, names, 3), *_units(b, names[:4], 2)])
+
+
+def test_an_archive_shorter_than_when_it_was_listed_is_named(tmp_path):
+    names = [f"img_{i}_n01440764.JPEG" for i in range(4)]
+    a = _archive(tmp_path / "a.tar.gz", names[:2])
+    with pytest.raises(units.ArchiveError, match=r"a.tar.gz: unreadable or truncated \(fewer members"):
+        list(units.with_payloads(_units(a, names, 2)))
+
+
+def test_closing_the_reader_early_stops_the_archive_threads(tmp_path):
+    import threading
+
+    names = [f"img_{i}_n01440764.JPEG" for i in range(40)]
+    a = _archive(tmp_path / "a.tar.gz", names)
+    before = threading.active_count()
+    jobs = units.with_payloads(_units(a, names, 1), queue_size=1)
+    next(jobs)
+    jobs.close()
+    assert threading.active_count() == before
