@@ -189,10 +189,14 @@ class NodeCache:
                 part.unlink(missing_ok=True)
                 if reservation is not None:
                     reservation.unlink(missing_ok=True)
-            epoch, step = self._position
-            last = self._schedule(epoch, self.node).get(i, (0, -1))[1]
-            self.fetched[(epoch if last >= step - self.margin else epoch + 1, i)] += 1
+            self.fetched[(self._serves(i), i)] += 1
             return True
+
+    def _serves(self, i: int) -> int:
+        """The epoch that a copy of shard i fetched now is read in: this one, unless the node is done with it."""
+        epoch, step = self._position
+        last = self._schedule(epoch, self.node).get(i, (0, -1))[1]
+        return epoch if last >= step - self.margin else epoch + 1
 
     @property
     def downloads(self) -> int:

@@ -104,10 +104,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.server.log.append(request)
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "proxy-connection")}
-        upstream.request(self.command, self.path, body=body, headers=headers, encode_chunked=False)
-        response = upstream.getresponse()
-        data = response.read()
-        upstream.close()
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers, encode_chunked=False)
+            response = upstream.getresponse()
+            data = response.read()
+        except OSError as e:  # the server stopped (a bench's end, DALI's late reads): a gateway's answer
+            self.send_error(502, f"upstream: {e}")
+            return
+        finally:
+            upstream.close()
         self.send_response_only(response.status, response.reason)
         head = self.command == "HEAD"  # its Content-Length is the object's, with no body
         for k, v in response.getheaders():

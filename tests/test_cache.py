@@ -187,6 +187,7 @@ def test_node_ranks_come_from_torchruns_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert cache.node_ranks(5, 8) == (4, 5, 6, 7) and cache.node_ranks(0, 8) == (0, 1, 2, 3)
+    assert [cache.node_ranks(r, 8) for r in (3, 6)] == [(0, 1, 2, 3), (4, 5, 6, 7)]
     assert cache.node_ranks(1, 2) == (1,)  # a loader not of torchrun's world: itself alone
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert cache.node_ranks(5, 8) == (5,)
@@ -229,3 +230,33 @@ def test_two_nodes_with_their_own_caches_each_fetch_a_shard_at_most_once_and_mos
     assert all(n == 1 for node in fetched for n in node.values()), fetched  # at most once per node
     both = set(fetched[0]) & set(fetched[1])
     assert len(set(fetched[0]) | set(fetched[1])) == len(sizes) and len(both) <= 2, fetched
+
+
+def _planned(margin: int, read_ahead: int = 1) -> cache.NodeCache:
+    """A cache's plan alone (no store, no threads): 12 shards of 4 read in one stream, batch 2."""
+    from alexnet_pipeline.order import Order, Split
+
+    planned = cache.NodeCache.__new__(cache.NodeCache)
+    planned.plan = Split(Order((4,) * 12, seed=2, window=1, streams=1), 2)
+    planned.node, planned.margin, planned.read_ahead = (0,), margin, read_ahead
+    planned._schedules, planned._position = {}, (0, 0)
+    return planned
+
+
+def test_a_shard_stays_in_use_for_the_margin_after_its_last_read_and_then_is_wanted_for_the_next_epoch():
+    """Another rank of the node may lag `margin` steps (DALI's runs made ahead): a shard is neither evicted nor
+    dropped from what is kept until `margin` steps after its last read here."""
+    planned = _planned(margin=2)
+    uses = planned.plan.uses(0, (0,))
+    (i, (_, last)), (j, _) = list(uses.items())[:2]  # the first shard read, then the next
+    nxt = next(iter(planned.plan.uses(1, (0,))))
+    assert nxt != i, "pick a seed whose next epoch starts on another shard"
+    for step in (last + 1, last + 2):
+        assert planned._next_use(0, step)[i] == -1
+        planned._position = (0, step)
+        assert i in planned._wanted() and planned._serves(i) == 0  # a fetch now is for this epoch's reads
+    after = planned._next_use(0, last + 3)[i]
+    assert after == planned.plan.steps + planned.plan.uses(1, (0,))[i][0]  # its next read: next epoch's
+    planned._position = (0, last + 3)
+    assert i not in planned._wanted() and j in planned._wanted()
+    assert planned._serves(i) == 1 and planned._serves(j) == 0  # counted as the next epoch's fetch

@@ -174,3 +174,16 @@ def test_each_rank_continues_from_its_own_loader_state_and_another_number_of_ran
     assert [ckpt.loader_state(r, 3) for r in range(3)] == [position] * 3
     assert ckpt.loader_state(0, 1) == position
     assert Checkpoint({}, {}, {}, [], {}, {}, epoch=0, step=0).loader_state(0, 1) is None
+    # the generators (dropout's, the step's) are a rank's own: on another number of ranks none is handed over
+    assert [ckpt.rank_state(r, 2) for r in range(2)] == ranks
+    assert [ckpt.rank_state(r, 3) for r in range(3)] == [None] * 3 and ckpt.rank_state(0, 1) is None
+
+
+def test_a_checkpoint_of_the_previous_format_evaluates_but_does_not_resume(run_dir, tmp_path):
+    """Format 3 held DALI's reader state as its data position: its weights load, a --resume is refused."""
+    raw = torch.load(run_dir / train.CHECKPOINT, weights_only=True)
+    raw["format"] = FORMAT - 1
+    torch.save(raw, tmp_path / "older.pt")
+    assert Checkpoint.load(tmp_path / "older.pt").epoch == 1
+    with pytest.raises(UserError, match=r"older alexnet-pipeline \(format 3\).* not resumed"):
+        Checkpoint.load(tmp_path / "older.pt", resumable=True)

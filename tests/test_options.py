@@ -88,3 +88,21 @@ def test_the_recipe_is_what_the_declarations_flag():
 def test_eval_takes_the_decoding_options():
     eval_flags = {a.dest for p in _parsers("eval_main") for a in p._actions}
     assert {"decoder", "hw_decoder_load", "prefetch", "num_threads", "batches_per_run"} <= eval_flags
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_a_rank_outside_the_world_is_refused_naming_it(rank, tmp_path):
+    with pytest.raises(config.OptionError, match=rf"option rank: {rank} is not in \[0, world_size=2\)"):
+        options.LoaderConfig(shards=tmp_path, split="train", rank=rank, world_size=2, device="cpu")
+    assert options.LoaderConfig(shards=tmp_path, split="train", rank=1, world_size=2, device="cpu").rank == 1
+
+
+def test_a_ranks_threads_are_its_machines_cores_over_the_ranks_on_that_machine(monkeypatch):
+    monkeypatch.setattr(options.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("WORLD_SIZE", "8")  # two machines of four ranks: only this machine's ranks share its cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert options.default_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert options.default_threads() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert options.default_threads() == 16

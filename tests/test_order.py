@@ -140,3 +140,6 @@ def test_a_streams_samples_are_the_same_every_epoch_so_a_nodes_shards_are_too():
     whole = Order(SIZES, seed=4, window=0, streams=4)
     assert [set(whole.of_epoch(0)[k::4].tolist()) for k in range(4)] != [set(whole.of_epoch(1)[k::4].tolist())
                                                                          for k in range(4)]
+    # which shards a stream holds is the seed's too: another seed, other streams (another node's shards)
+    other = Order(SIZES, seed=5, window=2, streams=4)
+    assert [set(other.of_epoch(0)[k::4].tolist()) for k in range(4)] != members[0]

@@ -537,3 +537,22 @@ def test_a_flat_val_image_missing_from_the_labels_is_skipped_never_labelled(samp
     assert {Path(s["source"]).name: s["reason"] for s in report.skipped}[extra.name] == "no label for this image"
     assert "ILSVRC2012_val_99999999" not in read_samples(tmp_path / "o", "val")
     assert min(label for label, _ in read_samples(tmp_path / "o", "val").values()) >= 0
+
+
+def test_the_samples_of_every_unit_are_collected_and_a_key_seen_twice_is_kept_once(tmp_path):
+    """More units than one task takes (64): none is lost at a task's edge; a key found in two units (the same
+    image in two folders) is kept from the first and the second named as skipped."""
+    from alexnet_pipeline.prep import command, units, workfiles
+
+    work = tmp_path / WORK
+    planned = [units.FolderUnit("train", f"train/u{k:03d}") for k in range(130)]
+    for k, unit in enumerate(planned):
+        path = command._unit_path(work, unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        keys = [f"s{k}", "twice"] if k in (5, 70) else [f"s{k}"]
+        workfiles.write(path, [b"\xff\xd8"] * len(keys), {"keys": keys, "labels": [k % 7] * len(keys),
+                                                          "skipped": []}, None)
+    samples, _, skipped, _ = command._collect(planned, work, 1, workers.Serial())
+    assert sorted(r.key for r in samples) == sorted([f"s{k}" for k in range(130)] + ["twice"])
+    assert [(s["source"], s["reason"]) for s in skipped] == [
+        ("train/u070:twice", "duplicate sample key (kept the one from train/u005)")]

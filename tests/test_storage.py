@@ -24,6 +24,11 @@ def test_a_store_reads_lists_and_uploads_and_an_object_replaced_gets_a_new_stamp
     store.upload(src, "sub/a.bin")
     assert store.stamps("sub") == {"a.bin": (1000, store.stamps("sub")["a.bin"][1])} and \
         store.stamps("sub")["a.bin"][1] != tag  # same size, another ETag
+    # replaced by another client (another node's prep): the listing is asked again, never remembered
+    before = store.stamps("sub")["a.bin"][1]
+    other = type(s3.fs())(skip_instance_cache=True)
+    other.pipe(f"{s3.bucket}/data/sub/a.bin", b"z" * 1000)
+    assert store.stamps("sub")["a.bin"][1] != before
     assert store.stamps("nothing-here") == {}
     store.delete("sub/a.bin")
     assert not store.exists("sub/a.bin")
@@ -46,6 +51,28 @@ def test_a_store_down_for_a_while_is_retried_until_it_is_back(s3):
     t0 = time.monotonic()
     assert store.read_bytes("obj") == b"payload"
     assert time.monotonic() - t0 >= 1.4
+
+
+def test_the_waits_between_tries_double_up_to_the_most_within_the_retry_time(monkeypatch):
+    slept: list[float] = []
+
+    def failing():
+        raise ConnectionError("refused")
+
+    monkeypatch.setattr(storage.time, "sleep", slept.append)  # a clock that moves only by the waits
+    monkeypatch.setattr(storage.time, "monotonic", lambda: sum(slept))
+    monkeypatch.setattr(storage.Store, "_reconnect", lambda self: None)
+    store = storage.Store.__new__(storage.Store)  # no filesystem: _call alone
+    store.url, store.timeout = "s3://b/p", 40.0
+    with pytest.raises(storage.StoreGone, match="gave up after retrying for 40 s"):
+        store._call("x", "read", failing)
+    assert slept == [0.5, 1, 2, 4, 8, 10, 10, 4.5]  # doubling from RETRY_FIRST, at most RETRY_MAX, to the deadline
+
+
+def test_an_index_url_is_its_shards_with_the_index_suffix():
+    assert storage.with_suffix("s3://bucket/data/train/train-000001.tar", ".idx") == \
+        "s3://bucket/data/train/train-000001.idx"
+    assert storage.join("s3://bucket/data/", "train", "a.tar") == "s3://bucket/data/train/a.tar"
 
 
 def test_a_store_gone_for_good_is_named_after_the_retry_time(s3):

@@ -61,3 +61,63 @@ def test_closing_the_reader_early_stops_the_archive_threads(tmp_path):
     next(jobs)
     jobs.close()
     assert threading.active_count() == before
+
+
+def test_a_bug_in_an_archive_reader_is_raised_not_waited_for(tmp_path, monkeypatch):
+    names = [f"img_{i}_n01440764.JPEG" for i in range(4)]
+    a = _archive(tmp_path / "a.tar.gz", names)
+
+    def broken(tf, member):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(units, "member_bytes", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        list(units.with_payloads(_units(a, names, 2)))
+
+
+def test_directory_entries_do_not_shift_an_archives_member_numbers(tmp_path):
+    names = [f"img_{i}_n01440764.JPEG" for i in range(4)]
+    path = tmp_path / "a.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for k, name in enumerate(names):
+            if k % 2 == 0:  # a folder entry before every second file, as tar -c of a tree writes them
+                folder = tarfile.TarInfo(f"dir{k}")
+                folder.type = tarfile.DIRTYPE
+                tf.addfile(folder)
+            data = name.encode() * 3
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    got = list(units.with_payloads(_units(str(path), names, 2)))
+    assert [bytes(p) for u in got for p in u.payload] == [n.encode() * 3 for n in names]
+
+
+def _tar_bytes(members: dict[str, bytes], end: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    if not end:  # the members alone, without the end-of-archive blocks
+        raw = raw[:sum(512 + -(-len(d) // 512) * 512 for d in members.values())]
+    return raw
+
+
+def test_a_class_tar_keeps_its_first_names_in_sorted_order_reads_a_member_of_the_limit_and_stays_in_its_bytes(
+        tmp_path):
+    members = {f"n01440764_{k}.JPEG": bytes([k]) * (100 + k) for k in (7, 2, 9, 1, 5)}
+    inner = _tar_bytes(members, end=False)  # a class tar read up to its size, never into the bytes after it
+    outer = tmp_path / "train.tar"
+    outer.write_bytes(inner + _tar_bytes({"n01440764_0.JPEG": b"next tar"}))
+
+    def items(**options):
+        unit = units.ClassTarUnit("train", "train/n01440764", archive=str(outer), offset=0, size=len(inner),
+                                  label=3, **options)
+        return [(i.key, i.label, len(i.data), i.error) for i in unit.items(max_bytes=105)]
+
+    assert items() == [("n01440764_7", 3, 0, units.oversize(107, 105)), ("n01440764_2", 3, 102, ""),
+                       ("n01440764_9", 3, 0, units.oversize(109, 105)), ("n01440764_1", 3, 101, ""),
+                       ("n01440764_5", 3, 105, "")]  # exactly max_bytes: read
+    assert [key for key, *_ in items(limit=2)] == ["n01440764_1", "n01440764_2"]

@@ -101,3 +101,17 @@ def test_a_read_only_directory_whose_manifest_cannot_be_read_keeps_its_cache_per
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     path = verified.cache_path(tmp_path / "s")
     assert path.parent == tmp_path / "xdg" / "alexnet-pipeline" and path.name.startswith("verified-")
+
+
+def test_a_damaged_shard_is_named_though_shards_hashed_after_it_are_intact(prepped, tmp_path):
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy, copy_function=shutil.copyfile)  # new times: every shard is hashed
+    (copy / verified.VERIFIED).unlink(missing_ok=True)
+    paths, entries = shards.shard_paths(copy, "train"), shards.load_manifest(copy).splits["train"].shards
+    assert len(paths) >= 3
+    data = bytearray(paths[0].read_bytes())
+    data[700] ^= 0xFF  # same size: only the hash tells
+    paths[0].write_bytes(bytes(data))
+    with pytest.raises(shards.ShardError, match=rf"{paths[0]}: its bytes differ"):
+        verified.hash_changed(copy, "train", entries, paths)
+    assert not (copy / verified.VERIFIED).exists()  # nothing recorded as intact from a failed check

@@ -1,4 +1,6 @@
-"""Prep's workers never outlive their parent, nor keep its lock."""
+"""Prep's workers: a pool that names the worker that died, keeps at most `ahead` tasks in flight and closes
+without waiting on a worker that lived through its SIGTERM; workers that never outlive their parent, nor keep
+its lock."""
 
 import os
 import signal
@@ -6,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import PREP, held_prep
 
 from alexnet_pipeline import files
@@ -80,3 +83,31 @@ def test_closing_the_pool_never_waits_for_a_worker_that_lived_through_its_sigter
         t0 = time.monotonic()
     assert time.monotonic() - t0 < 20, "close() waited for the worker's task"
     assert all(_gone(pid) for pid in pids)
+
+
+def _killed(ready: Path) -> None:
+    ready.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_killed_by_a_signal_is_the_one_named_not_the_others_stopped_after_it(tmp_path):
+    ready = tmp_path / "pid"
+    with workers.pool(2, tmp_path) as pool:
+        with pytest.raises(workers.WorkerDied) as died:
+            pool.wait(pool.submit(_killed, ready))
+    assert f"worker {ready.read_text()} died (SIGKILL)" in str(died.value)
+
+
+def test_imap_keeps_at_most_ahead_items_in_flight(tmp_path):
+    taken: list[int] = []
+
+    def items():
+        for k in range(10):
+            taken.append(k)
+            yield k
+
+    with workers.pool(2, tmp_path) as pool:
+        results = pool.imap(abs, items(), ahead=3)
+        assert next(results) == 0 and len(taken) == 3  # the archive readers behind `items` must not run ahead
+        assert list(results) == list(range(1, 10))
+    assert list(workers.Serial().imap(abs, iter(range(4)))) == [0, 1, 2, 3]

@@ -282,8 +282,8 @@ class _Filling:
 
 
 class _ArchiveReaders:
-    """A thread per archive, each putting the units it completes, then DONE (or its ArchiveError), on one
-    bounded queue."""
+    """A thread per archive, each putting the units it completes, then DONE (or its error: an ArchiveError, or
+    the exception of a bug), on one bounded queue."""
 
     DONE = object()
 
@@ -295,13 +295,13 @@ class _ArchiveReaders:
             t.start()
 
     def units(self):
-        """The completed units as they come; a reader's ArchiveError raised here."""
+        """The completed units as they come; a reader's error raised here."""
         finished = 0
         while finished < len(self.threads):
             item = self.queue.get()
             if item is self.DONE:
                 finished += 1
-            elif isinstance(item, Exception):
+            elif isinstance(item, BaseException):
                 raise item
             else:
                 yield item
@@ -338,3 +338,7 @@ class _ArchiveReaders:
         except ARCHIVE_ERRORS as e:
             self._put(ArchiveError(f"{archive}: unreadable or truncated ({e or type(e).__name__}); it was readable "
                                    "when this run started"))
+        except BaseException as e:  # noqa: BLE001
+            # a bug: raised with its traceback where the units are taken (a reader that just ended would leave
+            # units() waiting for its DONE forever)
+            self._put(e)
