@@ -120,7 +120,7 @@ class Split:
     world: int = 1
 
     def __post_init__(self):
-        if self.batch % self.world or not 0 <= self.rank < self.world:
+        if self.world < 1 or self.batch % self.world or not 0 <= self.rank < self.world:
             raise ValueError(f"global batch {self.batch} over {self.world} ranks (rank {self.rank})")
 
     @property

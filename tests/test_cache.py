@@ -188,6 +188,9 @@ def test_node_ranks_come_from_torchruns_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert cache.node_ranks(5, 8) == (4, 5, 6, 7) and cache.node_ranks(0, 8) == (0, 1, 2, 3)
     assert [cache.node_ranks(r, 8) for r in (3, 6)] == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    monkeypatch.setenv("WORLD_SIZE", "6")  # a last node with fewer ranks
+    assert cache.node_ranks(5, 6) == (4, 5)
+    monkeypatch.setenv("WORLD_SIZE", "8")
     assert cache.node_ranks(1, 2) == (1,)  # a loader not of torchrun's world: itself alone
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert cache.node_ranks(5, 8) == (5,)
@@ -255,6 +258,9 @@ def test_a_shard_stays_in_use_for_the_margin_after_its_last_read_and_then_is_wan
         assert planned._next_use(0, step)[i] == -1
         planned._position = (0, step)
         assert i in planned._wanted() and planned._serves(i) == 0  # a fetch now is for this epoch's reads
+    k, (first_k, _) = list(uses.items())[-1]  # the shard read last: first read well after the margin
+    # a shard to be read within the margin is in use already (a rank ahead may be reading it)
+    assert planned._next_use(0, first_k - 2)[k] == -1 and planned._next_use(0, first_k - 3)[k] == first_k
     after = planned._next_use(0, last + 3)[i]
     assert after == planned.plan.steps + planned.plan.uses(1, (0,))[i][0]  # its next read: next epoch's
     planned._position = (0, last + 3)

@@ -143,3 +143,9 @@ def test_a_streams_samples_are_the_same_every_epoch_so_a_nodes_shards_are_too():
     # which shards a stream holds is the seed's too: another seed, other streams (another node's shards)
     other = Order(SIZES, seed=5, window=2, streams=4)
     assert [set(other.of_epoch(0)[k::4].tolist()) for k in range(4)] != members[0]
+
+
+@pytest.mark.parametrize("rank,world", [(2, 2), (-1, 2), (0, 0)])
+def test_a_rank_outside_its_world_has_no_part(rank, world):
+    with pytest.raises(ValueError):
+        Split(Order(SIZES), 2 * max(world, 1), rank, world)

@@ -61,11 +61,12 @@ def test_two_steps_a_run_read_what_the_two_steps_read_one_at_a_time(data):
 def test_a_shard_is_opened_once_an_epoch_and_let_go_after_its_last_use(data):
     opened = []
     reader, _ = _reader(data, batch=3, opened=opened)
-    uses = reader.split.uses(0)
-    for step in range(reader.split.steps):
-        reader.read(0, step, 1)
-        assert set(reader._open) == {i for i, (first, last) in uses.items() if first <= step < last}
-    assert sorted(opened) == sorted(uses) and len(opened) == len(set(opened))
+    for epoch in (0, 1):  # the second epoch by its own schedule, not the first's
+        uses, before = reader.split.uses(epoch), len(opened)
+        for step in range(reader.split.steps):
+            reader.read(epoch, step, 1)
+            assert set(reader._open) == {i for i, (first, last) in uses.items() if first <= step < last}
+        assert sorted(opened[before:]) == sorted(uses) and len(opened) - before == len(uses)
 
 
 def test_ranks_read_disjoint_samples_that_together_are_the_split(data):

@@ -69,6 +69,15 @@ def test_the_waits_between_tries_double_up_to_the_most_within_the_retry_time(mon
     assert slept == [0.5, 1, 2, 4, 8, 10, 10, 4.5]  # doubling from RETRY_FIRST, at most RETRY_MAX, to the deadline
 
 
+def test_one_store_per_location_with_the_commands_retry_time(monkeypatch):
+    monkeypatch.setattr(storage, "_stores", {})
+    monkeypatch.setattr(storage, "_timeout", [120.0])
+    storage.configure(7)
+    a = storage.store("file:///tmp/somewhere/")
+    assert a is storage.store("file:///tmp/somewhere") and a.timeout == 7
+    assert storage.location("s3://bucket/prefix/") == "s3://bucket/prefix"
+
+
 def test_an_index_url_is_its_shards_with_the_index_suffix():
     assert storage.with_suffix("s3://bucket/data/train/train-000001.tar", ".idx") == \
         "s3://bucket/data/train/train-000001.idx"
@@ -100,7 +109,7 @@ def test_missing_credentials_are_one_line_before_any_work(s3, tmp_path):
 
 
 @pytest.mark.parametrize("text,size", [("500M", 500 * 2**20), ("40G", 40 * 2**30), ("1.5T", int(1.5 * 2**40)),
-                                       ("123456", 123456), ("2 GiB", 2 * 2**30)])
+                                       ("123456", 123456), ("2 GiB", 2 * 2**30), ("1", 1)])
 def test_sizes_read_as_users_write_them(text, size):
     assert storage.parse_size(text) == size
 
