@@ -106,3 +106,9 @@ def test_a_ranks_threads_are_its_machines_cores_over_the_ranks_on_that_machine(m
     assert options.default_threads() == 1
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert options.default_threads() == 16
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_output_is_refused_on_the_cpu(dtype, tmp_path):
+    with pytest.raises(config.OptionError, match="option dtype: float16/bfloat16 output is for GPUs"):
+        options.LoaderConfig(shards=tmp_path, split="train", dtype=dtype, device="cpu")

@@ -95,3 +95,6 @@ def test_a_rerun_trusts_its_upload_record_and_reads_no_file_again(prepped, s3, t
     monkeypatch.setattr(publish, "_md5", lambda path: pytest.fail(f"{path} hashed again"))
     again = publish.publish(local, s3.url("recorded"))
     assert again.uploaded == 0 and again.kept == first.uploaded
+    monkeypatch.undo()
+    (local / publish.RECORD).unlink()  # the record lost: single-part uploads are recognised by their MD5
+    assert publish.publish(local, s3.url("recorded")).uploaded == 0

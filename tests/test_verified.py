@@ -115,3 +115,19 @@ def test_a_damaged_shard_is_named_though_shards_hashed_after_it_are_intact(prepp
     with pytest.raises(shards.ShardError, match=rf"{paths[0]}: its bytes differ"):
         verified.hash_changed(copy, "train", entries, paths)
     assert not (copy / verified.VERIFIED).exists()  # nothing recorded as intact from a failed check
+
+
+def test_a_shard_longer_than_the_manifest_or_an_index_short_of_it_is_named_before_any_read(prepped, tmp_path):
+    copy = tmp_path / "s"
+    shutil.copytree(prepped, copy)
+    paths = shards.shard_paths(copy, "train")
+    original = paths[0].read_bytes()
+    paths[0].write_bytes(original + b"\0" * 512)  # one more block: a reader would never notice
+    with pytest.raises(shards.ShardError, match=rf"{paths[0]}: {len(original) + 512} bytes, dataset.json says"):
+        verified.readable_split(copy, "train")
+    paths[0].write_bytes(original)
+    index = paths[1].with_suffix(".idx")
+    head, *lines = index.read_text().splitlines(keepends=True)
+    index.write_text(f"v1.2 {len(lines) - 1}\n" + "".join(lines[:-1]))  # consistent, its last sample dropped
+    with pytest.raises(shards.ShardError, match=rf"{index}: does not describe {paths[1].name}"):
+        verified.readable_split(copy, "train")
