@@ -266,7 +266,11 @@ def test_the_data_wait_is_high_for_a_slow_loader_and_low_for_a_fast_one(prepped,
         assert epoch["train_loss"] == pytest.approx(sum(losses) / steps)
         assert epoch["images_per_s"] == pytest.approx(steps * cfg.global_batch / epoch["seconds"])
     waits = [r["data_wait"] for r in records] + [e["data_wait"] for e in epochs]
-    assert all(w > 0.5 for w in waits) if delay else all(w < 0.2 for w in waits), waits
+    if delay:  # the delay's seconds show as waited, however long the steps take on a busy machine
+        assert all(e["data_wait"] * e["seconds"] >= 0.8 * delay * steps for e in epochs), epochs
+        assert all(w > 0.1 for w in waits), waits
+    else:
+        assert all(w < 0.2 for w in waits), waits
     assert [r["host_wait"] for r in records] == [r["data_wait"] for r in records]  # the CPU: the same
 
 
