@@ -191,11 +191,12 @@ class Pool:
         for process in processes:
             if process.is_alive():
                 process.terminate()  # a signal or an error: stop at once, unfinished units are redone
+        deadline = time.monotonic() + 2  # one wait for all: 16 workers stuck cost 2 s, not 32
         for process in processes:
             # A worker still starting runs the parent's SIGTERM handler, and Python drops the signal once _init
             # has set the default: it lives on, waiting for the call queue's lock that a killed sibling held,
             # and the shutdown below would wait for it forever (seen under load). SIGKILL cannot be dropped.
-            process.join(timeout=2)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()
