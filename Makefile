@@ -51,12 +51,13 @@ demo: $(STAMP) $(SAMPLE)/.done
 	$(BIN)/alexnet-predict $(DEMO_IMAGES) --checkpoint $(RUN)/best.pt --top 3
 	@echo "curves: $(RUN)/curves.png $(RUN)/filters.png   figures: $(RUN)/figures/{filters,predictions,neighbours}.png"
 
-# Lint (ruff: pyflakes, bugbear, isort, line length) and types (mypy), configured in pyproject.toml, then the tests,
-# printing each skip's reason (a skip outside tests/skip_policy.py's short list fails).
+# Lint (ruff: pyflakes, bugbear, isort, line length) and types (mypy), configured in pyproject.toml, then the tests
+# on every core (pytest-xdist; `.venv/bin/python -m pytest` alone runs them in one process), printing each skip's
+# reason (a skip outside tests/skip_policy.py's short list fails).
 test: $(STAMP)
 	$(BIN)/ruff check alexnet_pipeline tools tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n auto
 
 $(SHARDS)/dataset.json: $(SAMPLE)/.done
 	$(PREP)

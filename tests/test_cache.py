@@ -2,8 +2,10 @@
 as from the local copy, each shard fetched once per node per epoch, checked as it lands, evicted within a
 byte budget by the reading schedule; changed objects named and never read."""
 
+import collections
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -48,6 +50,9 @@ def test_a_loader_from_a_store_gives_the_local_loaders_batches_fetching_each_sha
     again = train_loader(remote, **options)  # a later run on this node: the copies are trusted, nothing fetched
     assert _exact(again, 2) == want and again.cache.downloads == 0
     assert [s3.gets("data", "train", n) for n in names] == [1] * len(names)
+    (cache.directory(tmp_path / "cache", remote) / "train" / names[0]).with_suffix(".idx").unlink()
+    third = train_loader(remote, **options)
+    assert _exact(third) == want[:len(third)] and third.cache.downloads == 1  # a copy without its index: fetched
 
 
 def test_an_object_changed_in_the_store_since_the_manifest_is_named_and_never_read(prepped, s3, tmp_path):
@@ -266,3 +271,92 @@ def test_a_shard_stays_in_use_for_the_margin_after_its_last_read_and_then_is_wan
     planned._position = (0, last + 3)
     assert i not in planned._wanted() and j in planned._wanted()
     assert planned._serves(i) == 1 and planned._serves(j) == 0  # counted as the next epoch's fetch
+
+
+class _HeldStore:
+    """A store in memory whose downloads wait until `release` is set: what is in flight can be counted."""
+
+    url = "mem://held"
+
+    def __init__(self, entries):
+        self.entries, self.release = entries, threading.Event()
+
+    def child(self, *parts: str) -> str:
+        return "/".join([self.url, *parts])
+
+    def stamps(self, split: str) -> dict:
+        return {e.name: (e.bytes, "tag") for e in self.entries}
+
+    def read_bytes(self, rel: str, what: str = "read") -> bytes:
+        self.release.wait(30)
+        return b"not the manifest's bytes"
+
+
+def _entries(sizes) -> list:
+    return [shards.ShardInfo(f"train-{i:06d}.tar", 4, size, "0" * 64) for i, size in enumerate(sizes)]
+
+
+def test_no_more_fetches_ahead_are_in_flight_than_there_are_threads(tmp_path):
+    """More would queue behind the threads, and a shard the reader needs now would wait behind them."""
+    from alexnet_pipeline.order import Order, Split
+
+    entries = _entries([1000] * 12)
+    store = _HeldStore(entries)
+    node = cache.NodeCache(store, "train", entries, tmp_path, Split(Order((4,) * 12, seed=2, window=1, streams=1), 2),
+                           read_ahead=8, threads=2)
+    try:
+        seen = set()
+        for _ in range(20):
+            time.sleep(0.05)
+            with node._cond:
+                seen.add(len(node._inflight))
+        assert seen == {2}, seen
+    finally:
+        store.release.set()
+        node.close()
+
+
+def _budgeted(tmp_path, sizes, budget, margin=1, threads=2) -> cache.NodeCache:
+    """A cache's plan and budget over a directory (no store, no threads): shards of 4 in one stream, batch 2."""
+    planned = _planned(margin)
+    planned.entries, planned.budget, planned.threads = _entries(sizes), budget, threads
+    planned.root, planned.dir, planned.split = tmp_path, tmp_path / "train", "train"
+    planned.dir.mkdir(parents=True, exist_ok=True)
+    planned.store = _HeldStore(planned.entries)
+    planned._cond, planned._closed = threading.Condition(), False
+    return planned
+
+
+def test_the_budgets_floor_is_the_most_the_node_holds_at_once_margins_and_fetches_included(tmp_path):
+    """Counted here step by step: a shard is held from `margin` steps before its first read to `margin`
+    after its last, in this epoch and the next, plus one shard per fetching thread."""
+    sizes, margin, threads = [1000 + 100 * i for i in range(12)], 2, 2
+    planned = _budgeted(tmp_path, sizes, None, margin, threads)
+    steps = planned.plan.steps
+    held = collections.Counter()
+    for e in (0, 1):
+        for i, (first, last) in planned.plan.uses(e, (0,)).items():
+            for t in range(e * steps + max(0, first - margin), e * steps + last + margin + 1):
+                held[t] += sizes[i]
+    need = max(held.values()) + threads * max(sizes)
+    planned.budget = need
+    planned._check_budget(0)  # exactly enough
+    planned.budget = need - 1
+    with pytest.raises(ShardError, match="is less than this node reads at once"):
+        planned._check_budget(0)
+
+
+def test_room_is_made_by_evicting_a_shard_read_later_never_one_in_use(tmp_path):
+    planned = _budgeted(tmp_path, [1000] * 12, budget=1500, margin=1)
+    planned._position = (0, 1)
+    order = list(planned.plan.uses(0, (0,)))
+    reading, wanted, last = order[0], order[1], order[-1]  # in use at step 1; in use within the margin; not soon
+    assert planned._next_use(0, 1)[reading] == planned._next_use(0, 1)[wanted] == -1
+    planned.path(reading).write_bytes(b"\0" * 1000)
+    with pytest.raises(cache._NoRoom):  # the only copy is in use: no room now, and none made by evicting it
+        planned._reserve(wanted, wait=False)
+    assert planned.path(reading).exists()
+    planned.path(reading).unlink()
+    planned.path(last).write_bytes(b"\0" * 1000)
+    reservation = planned._reserve(wanted, wait=False)
+    assert reservation.stat().st_size == 1000 and not planned.path(last).exists()

@@ -34,6 +34,11 @@ def test_a_checkpoint_round_trips_and_holds_plain_values_only(run_dir, tmp_path)
     assert again.epoch == ckpt.epoch == 1 and again.classes == ckpt.classes and again.class_names == ckpt.class_names
     assert all(torch.equal(again.weights[k], v) for k, v in ckpt.weights.items())
     assert again.preprocessing["mean"] == "pixel" and again.mean_to_subtract().shape == (224, 224, 3)
+    assert {"momentum", "rule"} <= set(raw["optimizer"]) and {"drops", "bad"} <= set(raw["schedule"])  # not crossed
+    assert again.training.schedule == ckpt.training.schedule
+    momentum = again.training.optimizer["momentum"]
+    assert momentum.keys() == ckpt.training.optimizer["momentum"].keys() and \
+        all(torch.equal(v, ckpt.training.optimizer["momentum"][k]) for k, v in momentum.items())
     best = Checkpoint.load(run_dir / train.BEST)
     assert best.training is None and ckpt.training is not None
 

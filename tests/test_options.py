@@ -112,3 +112,16 @@ def test_a_ranks_threads_are_its_machines_cores_over_the_ranks_on_that_machine(m
 def test_half_precision_output_is_refused_on_the_cpu(dtype, tmp_path):
     with pytest.raises(config.OptionError, match="option dtype: float16/bfloat16 output is for GPUs"):
         options.LoaderConfig(shards=tmp_path, split="train", dtype=dtype, device="cpu")
+
+
+def test_a_shuffle_window_of_zero_is_the_global_permutation_and_below_zero_is_refused(tmp_path):
+    assert options.LoaderConfig(shards=tmp_path, split="train", shuffle_window=0, device="cpu").shuffle_window == 0
+    with pytest.raises(config.OptionError, match="option shuffle_window"):
+        options.LoaderConfig(shards=tmp_path, split="train", shuffle_window=-1, device="cpu")
+
+
+def test_a_cache_size_that_is_not_a_size_is_refused_naming_the_option(tmp_path):
+    with pytest.raises(config.OptionError, match="option cache_size"):
+        options.LoaderConfig(shards="s3://bucket/data", split="train", cache_size="lots", device="cpu")
+    assert options.LoaderConfig(shards="s3://bucket/data", split="train", cache_size="2G", device="cpu").cache_bytes \
+        == 2 * 2**30

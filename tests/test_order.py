@@ -20,9 +20,10 @@ def test_an_epochs_order_is_every_sample_once_and_a_pure_function_of_its_inputs(
     assert np.array_equal(Order(SIZES, seed=3, window=2, streams=3).of_epoch(0), first)  # recomputed, the same
     for other in (order.of_epoch(1), Order(SIZES, seed=4, window=2, streams=3).of_epoch(0)):
         assert not np.array_equal(other, first) and sorted(other.tolist()) == sorted(first.tolist())
-    fixed = Order(SIZES, shuffle=False, streams=1)
-    assert np.array_equal(fixed.of_epoch(0), fixed.of_epoch(5))
-    assert fixed.of_epoch(0).tolist() == list(range(sum(SIZES)))
+    for window in (4, 0):  # shuffle off means the prepared order, whatever the window says
+        fixed = Order(SIZES, shuffle=False, window=window, streams=1)
+        assert np.array_equal(fixed.of_epoch(0), fixed.of_epoch(5))
+        assert fixed.of_epoch(0).tolist() == list(range(sum(SIZES)))
 
 
 def test_the_order_is_pinned_so_that_no_release_changes_a_checkpoints_meaning():
@@ -94,10 +95,12 @@ def test_a_run_resumed_on_another_number_of_ranks_sees_every_sample_once(before,
 
 def test_the_last_step_is_padded_with_the_epochs_last_sample():
     order = Order(SIZES, seed=0)
-    split = Split(order, 16, 1, 2)
-    samples, real = split.samples(0, split.positions(split.steps - 1))
-    assert not real.all() and (samples[~real] == order.of_epoch(0)[-1]).all()
-    assert real.sum() == len([p for p in range((split.steps - 1) * 16 + 1, split.steps * 16, 2) if p < order.n])
+    for rank in (0, 1):  # rank 0 holds position n itself, the first padding
+        split = Split(order, 16, rank, 2)
+        samples, real = split.samples(0, split.positions(split.steps - 1))
+        assert not real.all() and (samples[~real] == order.of_epoch(0)[-1]).all()
+        assert real.sum() == len([p for p in range((split.steps - 1) * 16 + rank, split.steps * 16, 2)
+                                  if p < order.n])
 
 
 def test_ranks_that_divide_the_streams_read_their_own_streams_and_so_mostly_their_own_shards():

@@ -343,6 +343,25 @@ def test_a_resume_inside_or_at_the_end_of_a_run_of_batches_is_exact(prepped, sto
     assert _exact([b for _ in range(2) for b in again]) == _exact(rest)
 
 
+def test_dali_draws_resume_on_another_number_of_ranks_with_the_same_global_batch(labelled_by_shard):
+    """A state saved by one rank with DALI's draws, resumed by two with half the batch each: the global batch
+    is the same, so the epoch goes on at the same sample; DALI's state is of one rank's draws and is left (the
+    two ranks draw afresh) rather than fed to a pipeline of another batch size."""
+    out, _ = labelled_by_shard
+    options = dict(shards=out, split="train", num_threads=1, draws="dali", shuffle_window=2, lighting_sigma=0)
+    whole = [y.tolist() for _, y in Loader(LoaderConfig(batch_size=4, **options), True)]
+    cut = Loader(LoaderConfig(batch_size=4, **options), True)
+    it = iter(cut)
+    next(it), next(it)
+    state = cut.state_dict()
+    assert state["world_size"] == 1 and "dali" in state
+    ranks = [Loader(LoaderConfig(batch_size=2, rank=r, world_size=2, **options), True, state) for r in range(2)]
+    assert [r._restore(state)[2] for r in ranks] == [None, None]
+    assert Loader(cut.cfg, True, state)._restore(state)[2] == state["dali"].numpy().tobytes()  # same ranks: kept
+    rest = [[a[0], b[0], a[1], b[1]] for (_, a), (_, b) in zip(*ranks, strict=True)]  # rank r: positions r, r+2
+    assert [[int(v) for v in batch] for batch in rest] == whole[2:]
+
+
 def test_one_loader_serves_every_epoch_with_one_pipeline(prepped, monkeypatch):
     from alexnet_pipeline import pipeline
 

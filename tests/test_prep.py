@@ -111,6 +111,8 @@ def test_manifest_contents(prepped):
     assert m["fingerprint"]["seed"] == 0
     for split in ("train", "val"):
         assert sum(s["samples"] for s in m["splits"][split]["shards"]) == m["splits"][split]["samples"]
+        names = [s["name"] for s in m["splits"][split]["shards"]]
+        assert len(names) > 1 and names == [f"{split}-{k:06d}.tar" for k in range(len(names))]
 
 
 def test_nothing_usable_and_not_imagenet_exit_2(tmp_path):
@@ -238,13 +240,19 @@ def test_out_that_is_a_file_is_one_line(sample, tmp_path):
 def test_an_interrupted_prep_says_one_line_and_leaves_no_workers(sample, tmp_path, sig, status):
     out = tmp_path / "o"
     args = ["--imagenet-root", str(sample[0] / "extracted"), "--out", str(out), "--workers", "2", "--shard-size", "5"]
-    # its own process group, as in a terminal: Ctrl-C (SIGINT) reaches every process of it
-    proc = held_prep(args, out, "units", start_new_session=True)
+    # its own process group, as in a terminal: Ctrl-C (SIGINT) reaches every process of it. Default handling
+    # of SIGINT too, as a terminal's shell gives: a background job of a script (CI's, say) inherits it ignored
+    proc = held_prep(args, out, "units", start_new_session=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
     else:
         proc.send_signal(sig)  # the parent alone, as `kill PID` does
-    err = proc.communicate(timeout=60)[1]
+    try:
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:  # the signal was lost: the held workers of the group must not live on
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == status, err
     assert err.strip().splitlines() == [f"alexnet-prep: interrupted by {sig.name}; run the same command again to "
                                         "resume"]
@@ -256,6 +264,16 @@ def test_more_workers_than_work_are_capped_and_said(sample, tmp_path):
     report = run(PrepConfig(sample[0] / "extracted", tmp_path / "o", splits=("val",), workers=1000,
                             progress=False))
     assert report.notes and "not 1000" in report.notes[0]
+
+
+def test_each_splits_image_count_is_its_own(sample, tmp_path):
+    """The images counted for val in a run of both splits are val's alone, as in a run of val only."""
+    def images(out, **options):
+        report = run(PrepConfig(sample[0] / "extracted", tmp_path / out, workers=2, progress=False, **options))
+        return {s.name: s.count for s in report.stages if s.name.endswith(" images")}
+
+    both, val = images("both"), images("val", splits=("val",))
+    assert both["val images"] == val["val images"] > 0 and both["train images"] > 0
 
 
 def test_a_symlink_loop_is_listed_as_skipped(sample, tmp_path):
@@ -514,6 +532,22 @@ def test_a_resume_redoes_a_work_file_a_crash_left_short_or_damaged_and_leaves_no
     assert [p for p in out.rglob("*") if ".tmp" in p.name] == []
 
 
+def test_a_run_killed_among_its_units_checks_the_work_files_it_finds_too(larger, tmp_path):
+    """Not only a resume after every unit was done: one killed in the units stage checks the work files it
+    finds (one holds wrong bytes under an intact trailer), redoes that one and ends with a clean run's bytes."""
+    source, clean = larger
+    out = tmp_path / "o"
+    args = ["--imagenet-root", str(source), "--out", str(out), "--shard-size", "4", "--workers", "1", "--no-progress"]
+    held_prep(args, out, "units").kill()  # one process, one unit done: the others not yet
+    victim, = (out / WORK).rglob("*.unit")
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = subprocess.run(PREP + args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == _files(clean)
+
+
 def test_prep_raises_its_soft_open_file_limit_to_the_hard_one(sample, tmp_path):
     setup = ("import resource; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)); import atexit; "
@@ -556,3 +590,24 @@ def test_the_samples_of_every_unit_are_collected_and_a_key_seen_twice_is_kept_on
     assert sorted(r.key for r in samples) == sorted([f"s{k}" for k in range(130)] + ["twice"])
     assert [(s["source"], s["reason"]) for s in skipped] == [
         ("train/u070:twice", "duplicate sample key (kept the one from train/u005)")]
+
+
+def test_the_samples_are_collected_in_the_splits_order_whatever_the_units_order(tmp_path):
+    """Val's units (class folders of the Kaggle layout, say) interleave its keys: the split is in key order
+    all the same. Train's rows follow their order keys, ties by key."""
+    from alexnet_pipeline.prep import command, units, workfiles
+
+    work = tmp_path / WORK
+    keys = {"val": [["v3", "v1"], ["v2", "v0", "v4"]], "train": [["t3", "t1"], ["t2", "t0", "t4"]]}
+    planned = {split: [units.FolderUnit(split, f"{split}/u{k}") for k in range(2)] for split in keys}
+    for split, unit_keys in keys.items():
+        for unit, ks in zip(planned[split], unit_keys, strict=True):
+            path = command._unit_path(work, unit)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            workfiles.write(path, [b"\xff\xd8"] * len(ks), {"keys": ks, "labels": [0] * len(ks), "skipped": []},
+                            None)
+    val = command._collect(planned["val"], work, 1, workers.Serial())[0]
+    assert [r.key for r in val] == ["v0", "v1", "v2", "v3", "v4"]
+    train = command._collect(planned["train"], work, 1, workers.Serial())[0]
+    assert [r.order for r in train] == sorted(r.order for r in train) and sorted(r.key for r in train) == \
+        ["t0", "t1", "t2", "t3", "t4"] and [r.key for r in train] != sorted(r.key for r in train)

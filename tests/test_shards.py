@@ -153,3 +153,9 @@ def test_verify_records_every_shard_so_the_next_loader_start_hashes_none(prepped
     for split in ("train", "val"):
         verified.readable_split(copy, split)
     assert hashed == []
+
+
+def test_the_first_shards_holding_a_number_of_samples_are_just_enough():
+    entries = [shards.ShardInfo(f"s{k}", n, 1, "") for k, n in enumerate([5, 7, 4])]
+    wanted = {1: 1, 5: 1, 6: 2, 12: 2, 13: 3, 16: 3, 100: 3, None: 3}
+    assert {n: shards.first_shards(entries, n) for n in wanted} == wanted

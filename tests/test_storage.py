@@ -1,6 +1,7 @@
 """Stores through fsspec (storage.py), against an S3 server on this machine: reads, listings, uploads; a set-up
 problem named at once; a store down for a while retried, one gone for good named after the retry time."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def test_a_store_reads_lists_and_uploads_and_an_object_replaced_gets_a_new_stamp
     store.upload(src, "sub/a.bin")
     assert store.read_bytes("sub/a.bin") == b"x" * 1000
     (size, tag), = store.stamps("sub").values()
-    assert size == 1000 and tag
+    assert size == 1000 and tag == hashlib.md5(b"x" * 1000).hexdigest()  # S3's ETag of one part, unquoted
     src.write_bytes(b"y" * 1000)
     store.upload(src, "sub/a.bin")
     assert store.stamps("sub") == {"a.bin": (1000, store.stamps("sub")["a.bin"][1])} and \
@@ -41,6 +42,11 @@ def test_a_missing_object_or_bucket_is_one_line_at_once(s3):
     with pytest.raises(storage.StoreError, match="reach the bucket"):
         storage.Store("s3://no-such-bucket/x", timeout=30).check()
     assert time.monotonic() - t0 < 10  # not retried for the 30 s a failing store gets
+
+
+def test_the_check_asks_for_the_bucket_so_a_location_not_written_yet_passes(s3):
+    storage.Store(s3.url("new", "prefix"), timeout=30).check()  # prep's new output: nothing under it yet
+    assert not storage.Store(s3.url("new"), timeout=30).exists("prefix")
 
 
 def test_a_store_down_for_a_while_is_retried_until_it_is_back(s3):

@@ -15,6 +15,11 @@ def test_a_sample_key_is_the_name_up_to_its_first_dot_with_odd_bytes_percent_enc
     assert units.sample_key("caf\udce9.jpg") == "caf%E9"  # a name that is not UTF-8 keeps its bytes
 
 
+def test_a_hugging_face_name_gives_the_folder_layouts_key_and_its_class():
+    assert units.hf_key("train/n01440764_10026_n01440764.JPEG") == ("n01440764_10026", "n01440764")
+    assert units.hf_key("test/ILSVRC2012_test_00000001.JPEG") == ("ILSVRC2012_test_00000001", None)
+
+
 def _archive(path, names):
     with tarfile.open(path, "w:gz") as tf:
         for name in names:
@@ -121,3 +126,39 @@ def test_a_class_tar_keeps_its_first_names_in_sorted_order_reads_a_member_of_the
                        ("n01440764_9", 3, 0, units.oversize(109, 105)), ("n01440764_1", 3, 101, ""),
                        ("n01440764_5", 3, 105, "")]  # exactly max_bytes: read
     assert [key for key, *_ in items(limit=2)] == ["n01440764_1", "n01440764_2"]
+
+
+def test_a_flat_tars_and_a_folders_member_of_exactly_the_limit_is_read_and_one_byte_more_is_not(tmp_path):
+    members = {"ILSVRC2012_val_00000001.JPEG": b"a" * 105, "ILSVRC2012_val_00000002.JPEG": b"b" * 106}
+    flat = tmp_path / "val.tar"
+    flat.write_bytes(_tar_bytes(members))
+    with tarfile.open(flat) as tf:
+        listed = tuple(units.TarMember(m.offset_data, m.size, m.name, 0) for m in tf.getmembers())
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, data in members.items():
+        (folder / name).write_bytes(data)
+    for unit in (units.TarUnit("val", "val/0", archive=str(flat), members=listed),
+                 units.FolderUnit("val", "val/f", files=tuple(units.FileEntry(str(folder / n), 0) for n in members))):
+        assert [(len(i.data), i.error) for i in unit.items(max_bytes=105)] == [(105, ""),
+                                                                               (0, units.oversize(106, 105))]
+
+
+def test_an_archives_reader_stops_once_its_units_are_filled_and_never_reads_the_rest(tmp_path):
+    """The units of a subset (--train-per-class) take an archive's first members: its reader stops there, so
+    neither the time nor a fault of the bytes after them (here, the archive cut short) reaches the run."""
+    import os
+
+    names = [f"img_{i}_n01440764.JPEG" for i in range(40)]
+    path = tmp_path / "a.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name in names:
+            data = os.urandom(4000)  # incompressible: the cut below falls well after the first members
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    path.write_bytes(path.read_bytes()[:80_000])
+    got = list(units.with_payloads(_units(str(path), names[:2], 1)))
+    assert [len(u.payload[0]) for u in got] == [4000, 4000]
+    with pytest.raises(units.ArchiveError, match="a.tar.gz: unreadable or truncated"):
+        list(units.with_payloads(_units(str(path), names, 20)))  # all of it: the cut is named

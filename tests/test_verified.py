@@ -11,17 +11,24 @@ import pytest
 from alexnet_pipeline import shards, verified
 
 
+def _read_only(copy, monkeypatch) -> list:
+    """`copy` unwritable to this process (tests run as root, for whom every directory is writable); the list
+    that collects the paths hashed from now on."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK and str(p).startswith(str(copy))
+                        else real_access(p, mode))
+    hashed, real = [], verified.file_sha256
+    monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
+    return hashed
+
+
 def test_a_read_only_copy_is_hashed_once_and_keeps_its_cache_per_user(prepped, tmp_path, monkeypatch):
     copy = tmp_path / "ro"
     shutil.copytree(prepped, copy, copy_function=shutil.copyfile)  # no times kept: every shard misses once
     (copy / verified.VERIFIED).unlink(missing_ok=True)
     home = tmp_path / "cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(home))
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK and str(p).startswith(str(copy))
-                        else real_access(p, mode))  # tests run as root, for whom every directory is writable
-    hashed, real = [], verified.file_sha256
-    monkeypatch.setattr(verified, "file_sha256", lambda p: hashed.append(p) or real(p))
+    hashed = _read_only(copy, monkeypatch)
     before = sorted(p.name for p in copy.iterdir())
     verified.readable_split(copy, "train")
     assert len(hashed) == len(shards.shard_paths(copy, "train"))
@@ -31,6 +38,25 @@ def test_a_read_only_copy_is_hashed_once_and_keeps_its_cache_per_user(prepped, t
     assert sorted(p.name for p in copy.iterdir()) == before  # nothing written into the read-only copy
     cached = list((home / "alexnet-pipeline").glob("verified-*.json"))
     assert len(cached) == 1 and len(json.loads(cached[0].read_text())) == len(shards.shard_paths(copy, "train"))
+
+
+
+def test_a_read_only_copy_that_kept_its_times_trusts_the_cache_it_carries(prepped, tmp_path, monkeypatch):
+    copy = tmp_path / "ro"
+    shutil.copytree(prepped, copy)  # times kept, and the writer's cache with them
+    assert (copy / verified.VERIFIED).is_file()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    hashed = _read_only(copy, monkeypatch)
+    verified.readable_split(copy, "train")
+    assert hashed == []
+
+
+
+def test_what_is_remembered_last_wins_over_what_the_cache_held(tmp_path):
+    """A shard re-hashed after its times changed: its new entry replaces the old one, not the other way round."""
+    verified.remember(tmp_path, {"train/a.tar": [10, 1, "old"], "train/b.tar": [20, 2, "kept"]})
+    verified.remember(tmp_path, {"train/a.tar": [10, 5, "new"]})
+    assert verified.read(tmp_path) == {"train/a.tar": [10, 5, "new"], "train/b.tar": [20, 2, "kept"]}
 
 
 TWO_RANKS = """

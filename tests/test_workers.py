@@ -86,6 +86,7 @@ def test_closing_the_pool_never_waits_for_a_worker_that_lived_through_its_sigter
 
 
 def _killed(ready: Path) -> None:
+    workers.note_busy("train/n01440764-0007")
     ready.write_text(str(os.getpid()))
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -95,7 +96,7 @@ def test_a_worker_killed_by_a_signal_is_the_one_named_not_the_others_stopped_aft
     with workers.pool(2, tmp_path) as pool:
         with pytest.raises(workers.WorkerDied) as died:
             pool.wait(pool.submit(_killed, ready))
-    assert f"worker {ready.read_text()} died (SIGKILL)" in str(died.value)
+    assert f"worker {ready.read_text()} died (SIGKILL) while preparing train/n01440764-0007" in str(died.value)
 
 
 def test_imap_keeps_at_most_ahead_items_in_flight(tmp_path):
@@ -111,3 +112,22 @@ def test_imap_keeps_at_most_ahead_items_in_flight(tmp_path):
         assert next(results) == 0 and len(taken) == 3  # the archive readers behind `items` must not run ahead
         assert list(results) == list(range(1, 10))
     assert list(workers.Serial().imap(abs, iter(range(4)))) == [0, 1, 2, 3]
+
+
+def test_one_worker_is_this_process_and_more_are_processes_started_at_once(tmp_path):
+    assert isinstance(workers.pool(1, tmp_path), workers.Serial)
+    with workers.pool(2, tmp_path) as pool:
+        assert isinstance(pool, workers.Pool) and len(pool._processes) == 2
+        assert len({pool.wait(pool.submit(os.getpid)) for _ in range(8)} - {os.getpid()}) >= 1
+
+
+def test_a_workers_note_of_its_unit_is_the_latest_one_alone(tmp_path, monkeypatch):
+    """The note a dead worker is named by: a shorter name written after a longer one leaves no tail of it."""
+    monkeypatch.setattr(workers, "_work", tmp_path)
+    monkeypatch.setattr(workers, "_busy_fd", None)
+    workers.note_busy("train/n01440764-0003")
+    workers.note_busy("val/7")
+    try:
+        assert workers.busy_path(tmp_path, os.getpid()).read_text() == "val/7"
+    finally:
+        os.close(workers._busy_fd)

@@ -40,3 +40,16 @@ def test_a_work_file_cut_short_or_with_one_byte_changed_is_not_intact(tmp_path):
     for broken in (data[:-1], data[:5], b"", data[:3] + bytes([data[3] ^ 1]) + data[4:]):
         path.write_bytes(broken)
         assert not workfiles.intact(path), len(broken)
+
+
+def test_a_work_file_larger_than_a_read_piece_is_checked_whole_and_its_magic_with_it(tmp_path):
+    """A class archive's unit holds tens of MB, read for the CRC in 4 MiB pieces: the CRC runs on across them.
+    The magic lies outside the CRC and is checked on its own."""
+    path = tmp_path / f"big{workfiles.SUFFIX}"
+    jpegs = [bytes([k]) * (3 << 20) for k in range(3)]  # 9 MiB: three pieces
+    workfiles.write(path, jpegs, {"keys": ["a", "b", "c"], "labels": [0, 1, 2], "skipped": []}, None)
+    assert workfiles.intact(path)
+    data = path.read_bytes()
+    for at in (5 << 20, len(data) - 1):  # a byte in the second piece; the magic's last byte
+        path.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1:])
+        assert not workfiles.intact(path), at
