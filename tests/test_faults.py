@@ -293,3 +293,18 @@ def test_a_skipped_file_whose_name_is_not_utf8_prints_escaped(sample, tmp_path):
                        capture_output=True, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
     assert b"caf\\udce9.JPEG: empty file" in r.stdout
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    """A full disk or a signal inside atomic_write: the file keeps its old bytes and nothing half-written is
+    left beside it (not even the dot-file a later sweep would find)."""
+    target = tmp_path / "dataset.json"
+    target.write_bytes(b"old")
+
+    def half(f):
+        f.write(b"half of it")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        files.atomic_write(target, half)
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["dataset.json"]

@@ -573,3 +573,17 @@ def test_decoding_only_the_crop_gives_the_full_decodes_pixels(prepped, draws):
         np.testing.assert_allclose(window["out"], whole["out"], atol=1.0)
         x, y = (int(round(float(whole[k]) * 32)) for k in ("x", "y"))
         np.testing.assert_allclose(window["image"], whole["image"][y:y + 224, x:x + 224], atol=2)
+
+
+def test_evaluation_reads_the_same_order_every_epoch_whatever_the_seed(labelled_by_shard):
+    """Shuffling is training's: an eval loader over a split (here train's, labelled 0, 1, ...) reads it in one
+    fixed order, every epoch, for any seed and whatever --shard-shuffle says."""
+    out, sizes = labelled_by_shard
+
+    def epochs(seed, n=1):
+        loader = Loader(LoaderConfig(shards=out, split="train", batch_size=4, num_threads=1, seed=seed,
+                                     shard_shuffle=True), False)
+        return [[int(v) for _, y in loader for v in y if v != PAD_LABEL] for _ in range(n)]
+
+    first, second = epochs(0, 2)
+    assert sorted(first) == list(range(sum(sizes))) and first == second == epochs(5)[0]

@@ -151,6 +151,12 @@ def test_a_non_finite_loss_is_named_by_the_step_it_came_at(prepped, tmp_path):
         trainer.run.close()
 
 
+def test_the_main_rank_is_rank_0_of_the_world_not_of_each_node():
+    cpu = torch.device("cpu")
+    assert World(rank=0, size=4, local_rank=0, device=cpu).main
+    assert not World(rank=2, size=4, local_rank=0, device=cpu).main  # the second node's first rank
+
+
 def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
     s = train.Schedule(train.TrainConfig(shards=tmp_path, out=tmp_path, patience=2, max_drops=2))
     lrs = []
@@ -295,6 +301,8 @@ def test_the_data_wait_is_high_for_a_slow_loader_and_low_for_a_fast_one(prepped,
     else:
         assert all(w < 0.2 for w in waits), waits
     assert [r["host_wait"] for r in records] == [r["data_wait"] for r in records]  # the CPU: the same
+    for r in records:  # the run's ETA: the rest of this epoch, and whole epochs after it (none after the last)
+        assert (r["eta_run_s"] == r["eta_epoch_s"]) == (r["epoch"] == 2), r
 
 
 def test_the_epochs_train_error_is_per_sample(prepped, tmp_path):

@@ -131,3 +131,13 @@ def test_a_workers_note_of_its_unit_is_the_latest_one_alone(tmp_path, monkeypatc
         assert workers.busy_path(tmp_path, os.getpid()).read_text() == "val/7"
     finally:
         os.close(workers._busy_fd)
+
+
+def test_closing_the_pool_removes_its_workers_notes(tmp_path):
+    """A worker's busy note and the test hook's held note are the pool's: gone with it, so a resumed run in the
+    same work directory never reads another run's."""
+    for note in (workers.busy_path(tmp_path, 123), workers.held_path(tmp_path, 123)):
+        note.write_text("train/n01440764-0001")
+    with workers.pool(2, tmp_path):
+        pass
+    assert list(tmp_path.iterdir()) == []
