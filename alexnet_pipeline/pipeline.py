@@ -79,10 +79,11 @@ class Source:
     queueing of the next run and cost 7% of the CPU loader's images/s (measured). The draws are computed in
     DALI's call: they are cheap, and DALI may call one external source several times before the other. Each
     counts the runs itself, so a loader can start at any saved step and jump to the next epoch (`jump`: what
-    was prepared is dropped). The samples are views into mapped shards that DALI copies as it takes them:
-    handed over without a copy (no_copy), the whole train graph ran about 5% slower against DALI's reader
-    (measured, CPU loader, alternating runs). An error while preparing (a store gone, a changed object) is
-    raised from DALI's call for that run."""
+    was prepared is dropped). The samples are views into mapped shards, handed to DALI without a copy
+    (no_copy): the reader alone 1.54x as fast, the whole CPU train graph the same (tools/no_copy_ab.py). DALI
+    reads them until prefetch runs later, so the runs handed over lately are kept (`recent`), and with them the
+    maps their views hold. An error while preparing (a store gone, a changed object) is raised from DALI's call
+    for that run."""
 
     def __init__(self, cfg: LoaderConfig, split: Split, reader: SampleReader, stats: dict, span: int,
                  host_draws: bool, alphas: bool, cache: NodeCache | None, depth: int = PREPARED):
@@ -91,7 +92,8 @@ class Source:
         self.base, self.columns = _base_mean(cfg, stats), _lighting_columns(cfg, stats).astype(np.float64)
         self.runs = -(-split.steps // cfg.batches_per_run)  # runs per epoch
         self.calls = 0  # DALI's calls for samples
-        # the shards of the runs DALI was given lately, searched after a failure
+        # the runs DALI was given lately (Batch, TensorListCPU): alive while DALI may read them without a copy,
+        # and their shards searched after a failure
         self.recent: collections.deque = collections.deque(maxlen=cfg.prefetch + 3)
         self.error: BaseException | None = None
         self._next, self._next_draws, self._generation, self._stopped = (0, 0), (0, 0), 0, False
@@ -157,7 +159,7 @@ class Source:
             raise prepared
         self.calls += 1
         batch, jpegs = prepared
-        self.recent.append(batch.shards)
+        self.recent.append(prepared)
         return jpegs, batch.labels
 
     def draws(self, info=None) -> tuple[np.ndarray, ...]:
@@ -180,7 +182,7 @@ class Source:
 
     def in_flight(self) -> list[int]:
         """The shards of the runs DALI may be working on (the failed one among them)."""
-        return list(dict.fromkeys(i for shards_ in self.recent for i in shards_))
+        return list(dict.fromkeys(i for batch, _ in self.recent for i in batch.shards))
 
 
 def _dali_draws(cfg: LoaderConfig, stats: dict, span: int, drawn: dict):
@@ -284,7 +286,7 @@ def build_pipeline(cfg: LoaderConfig, train: bool, source: Source, stats: dict, 
         raise ValueError(f"upto must be one of {STAGES}, got {upto!r}")
 
     def inputs():
-        jpg, label = fn.external_source(source.samples, num_outputs=2, batch=True, batch_info=True, no_copy=False)
+        jpg, label = fn.external_source(source.samples, num_outputs=2, batch=True, batch_info=True, no_copy=True)
         drawn, mean = {}, None
         if source.host_draws:
             draws = fn.external_source(source.draws, num_outputs=4 + expose, batch=True, batch_info=True)
