@@ -586,10 +586,10 @@ class StorageBench(Shards, Batch, Order, Decoding, Timing, Output, Record):
     """The train loader on the CPU (the whole graph, as alexnet-train uses it), images/s of whole epochs, each
     row against the local loader in the same run: this package's sample reader against DALI's own webdataset
     reader; the reader alone (bytes and labels into DALI, no decoding); and the same shards in a store (an S3
-    server on this machine, moto's, behind a proxy adding --latency-ms to every request; or --store) through
-    the node cache: the first epoch (nothing cached; against the local loader's first epoch, both timed from
-    the loader's construction), later epochs, and an epoch after the first with --cache-size a quarter of the
-    split; DALI's own s3:// reading for the record."""
+    server on this machine, moto's, behind a proxy adding --latency-ms to every request, both at nice 19; or
+    --store) through the node cache: the first epoch (nothing cached; against the local loader's first epoch,
+    both timed from the loader's construction), later epochs, and an epoch after the first with --cache-size a
+    quarter of the split; DALI's own s3:// reading for the record."""
 
     store: str | None = option(None, "a URL holding the same shards (alexnet-prep --out URL); default: publish "
                                "them to an S3 server started on this machine")
@@ -669,7 +669,8 @@ def storage_rates(bench: StorageBench) -> dict:
             if url is None:
                 from .loopback import Loopback
 
-                s3 = server = stack.enter_context(Loopback(latency=bench.latency_ms / 1000, proxy_process=True))
+                # nice: the server's work takes what the loader leaves idle (a real store's is on other machines)
+                s3 = server = stack.enter_context(Loopback(bench.latency_ms / 1000, proxy_process=True, nice=19))
                 stack.callback(os.environ.update, dict(os.environ))  # its endpoint and credentials go with it
                 stack.callback(os.environ.clear)
                 os.environ.update(s3.env)

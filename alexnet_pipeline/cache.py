@@ -332,7 +332,7 @@ class NodeCache:
                 if self._closed:
                     return
                 if self._position != self._no_room_at:  # a fetch ahead found no room: wait for the reader
-                    wanted = [i for i in self._wanted() if i not in self._present and i not in self._failed]
+                    wanted = [i for i in self._wanted() if not self._held(i) and i not in self._failed]
                     for i in wanted:
                         if len(self._inflight) >= self.threads:
                             break
@@ -343,6 +343,14 @@ class NodeCache:
                             except RuntimeError:  # the interpreter exits: its executors stop before atexit
                                 return  # closes a cache whose loader was never closed
                 self._cond.wait(0.5)
+
+    def _held(self, i: int) -> bool:
+        """Whether shard i's copy is in place (under _cond). A copy evicted since it came (by a fetch of a shard
+        read sooner, this rank's or another's of the node) is fetched again when its turn comes, not when the
+        reader finds it gone: under a budget smaller than the read-ahead, most copies fetched ahead go so."""
+        if i in self._present and not self.path(i).exists():
+            self._present.discard(i)
+        return i in self._present
 
     def _task(self, i: int, urgent: bool) -> None:
         try:
@@ -368,10 +376,8 @@ class NodeCache:
             while True:
                 if i in self._failed:
                     raise self._failed.pop(i)
-                if i in self._present:
-                    if self.path(i).exists():
-                        return self.path(i)
-                    self._present.discard(i)  # evicted by another rank of the node: fetched again
+                if self._held(i):
+                    return self.path(i)
                 if i not in self._inflight:
                     self._inflight.add(i)
                     self._pool.submit(self._task, i, True)

@@ -132,10 +132,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class Loopback:
     """moto's S3 server in a subprocess and the proxy in front of it (in this process, or with
-    `proxy_process` in another); `env` holds what a client needs (endpoint and test credentials)."""
+    `proxy_process` in another); `env` holds what a client needs (endpoint and test credentials). `nice`: the
+    subprocesses' scheduling priority (a benchmark's 19 leaves the cores to the loader it times, as a store on
+    other machines would, and lets serving take what the loader leaves idle)."""
 
-    def __init__(self, latency: float = 0.0, proxy_process: bool = False):
-        self.latency, self.proxy_process = latency, proxy_process
+    def __init__(self, latency: float = 0.0, proxy_process: bool = False, nice: int = 0):
+        self.latency, self.proxy_process, self.nice = latency, proxy_process, nice
         self._procs: list[subprocess.Popen] = []
         self.proxy: Proxy | None = None
 
@@ -154,6 +156,8 @@ class Loopback:
             self.proxy = Proxy(moto_port, self.latency)
             threading.Thread(target=self.proxy.serve_forever, daemon=True, name="s3-proxy").start()
             port = self.proxy.port
+        for proc in self._procs:
+            os.setpriority(os.PRIO_PROCESS, proc.pid, self.nice)
         self.endpoint = f"http://127.0.0.1:{port}"
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",

@@ -386,7 +386,7 @@ def undecodable(path: Path, most: int = 3) -> str:
     return f", samples {', '.join(bad[:most])}{more} do not decode"
 
 
-def iter_tar(data: bytes):
+def iter_tar(data: bytes | bytearray):
     """(name, bytes) of each regular member of an in-memory tar."""
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
         for m in tf:
@@ -395,7 +395,7 @@ def iter_tar(data: bytes):
                 yield m.name, f.read()
 
 
-def iter_samples(data: bytes):
+def iter_samples(data: bytes | bytearray):
     """The Samples of an in-memory shard, in order: consecutive members that share a key make one."""
     key, members = None, {}
     for name, payload in iter_tar(data):

@@ -3,7 +3,8 @@ any protocol fsspec knows). The one place that talks to a store: every read, lis
 remote dataset goes through `Store`, which says what went wrong in one line naming the URL.
 
 Credentials and endpoints come the way users set them for their store's own tools: for S3 the AWS_* variables,
-~/.aws, AWS_ENDPOINT_URL for MinIO and other S3-compatible stores (boto reads them; nothing here does).
+~/.aws, AWS_ENDPOINT_URL for MinIO and other S3-compatible stores (boto reads them, and signs the URLs that
+S3 objects are read by; only AWS_CA_BUNDLE is read here too, for those reads).
 
 Failures, by kind:
 - the store unreachable or failing (refused connections, timeouts, 5xx): retried with backoff for up to
@@ -18,7 +19,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import ssl
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .config import UserError
@@ -70,6 +75,24 @@ def _fatal(e: BaseException) -> bool:
                       ImportError)):
         return True
     return isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM)
+
+
+def _http_error(e: urllib.error.HTTPError) -> Exception:
+    """An S3 error response as the exception fsspec would raise for it: a missing object or bucket
+    FileNotFoundError, a refusal PermissionError (both set-up problems), a server's trouble ConnectionError
+    (retried)."""
+    try:
+        code = re.search(rb"<Code>([^<]*)</Code>", e.read() or b"")
+    except OSError:
+        code = None
+    text = f"HTTP {e.code} {e.reason}" + (f" ({code.group(1).decode(errors='replace')})" if code else "")
+    if e.code == 404:
+        return FileNotFoundError(text)
+    if e.code in (401, 403):
+        return PermissionError(text)
+    if 400 <= e.code < 500 and e.code not in (408, 429):
+        return ValueError(text)  # a request the store will always refuse
+    return ConnectionError(text)
 
 
 def _short(e: BaseException) -> str:
@@ -138,9 +161,35 @@ class Store:
         """A fresh filesystem object after a failure: a dropped connection pool is not reused."""
         self.fs = self._filesystem(fresh=True)
 
-    def read_bytes(self, rel: str, what: str = "read") -> bytes:
+    def read_bytes(self, rel: str, what: str = "read") -> bytes | bytearray:
         """The whole object `rel` (one request); `what` names the act in an error ("download")."""
+        if self.protocol in ("s3", "s3a"):
+            return self._call(rel, what, lambda: self._signed_get(rel))
         return self._call(rel, what, lambda: self.fs.cat_file(self._path(rel)))
+
+    def _signed_get(self, rel: str) -> bytearray:
+        """An S3 object by a GET of its presigned URL (boto signs it with the user's credentials and endpoint),
+        its body read straight into one buffer of its Content-Length. s3fs's cat_file gathers a body in
+        aiohttp's small chunks and joins them: 0.83 CPU-s per 403 MB on a 2-core machine, against 0.39 this
+        way, time that a loader on few cores spends decoding instead."""
+        url = self.fs.sign(self._path(rel), expiration=3600)
+        bundle = os.environ.get("AWS_CA_BUNDLE")  # as boto honours it
+        context = ssl.create_default_context(cafile=bundle) if bundle and url.startswith("https:") else None
+        try:
+            with urllib.request.urlopen(url, timeout=60, context=context) as response:
+                size = int(response.headers.get("Content-Length", -1))
+                if size < 0:
+                    return bytearray(response.read())
+                body, got = bytearray(size), 0
+                view = memoryview(body)
+                while got < size:
+                    n = response.readinto(view[got:])
+                    if not n:
+                        raise ConnectionError(f"the connection closed after {got:,} of {size:,} bytes")
+                    got += n
+                return body
+        except urllib.error.HTTPError as e:
+            raise _http_error(e) from None
 
     def exists(self, rel: str) -> bool:
         self.fs.invalidate_cache(self._path(rel))
@@ -199,7 +248,7 @@ def store(url: str) -> Store:
     return _stores[key]
 
 
-def read_bytes(where) -> bytes:
+def read_bytes(where) -> bytes | bytearray:
     """The bytes of a local file or of one object named by its URL (FileNotFoundError for a missing local
     file; a missing object is a StoreError)."""
     if not is_url(where):

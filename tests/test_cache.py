@@ -78,9 +78,11 @@ def test_an_object_changed_in_the_store_since_the_manifest_is_named_and_never_re
     assert f"train/train-{victim:06d}.tar" not in copies and len(copies) == len(sizes) - 1
 
 
-def test_an_object_resized_in_the_store_is_named_before_any_work(remote, s3, tmp_path):
+@pytest.mark.parametrize("resize", [lambda data: data[:-512], lambda data: data + b"\0" * 512],
+                         ids=["shorter", "longer"])
+def test_an_object_resized_in_the_store_is_named_before_any_work(remote, s3, tmp_path, resize):
     key = f"{s3.bucket}/data/train/train-000001.tar"
-    s3.fs().pipe(key, s3.fs().cat_file(key)[:-512])
+    s3.fs().pipe(key, resize(s3.fs().cat_file(key)))
     with pytest.raises(ShardError, match=r"train-000001.tar: \d+ bytes in the store, dataset.json says \d+"):
         train_loader(remote, batch_size=4, num_threads=1, cache_dir=tmp_path / "cache")
 
@@ -141,6 +143,29 @@ def test_a_budget_of_a_quarter_of_the_split_serves_every_epoch_within_it(prepped
     # evicted and fetched again, never twice for one epoch's reading (the loader reads into the next epoch ahead)
     assert max(loader.cache.fetched.values()) == 1 and loader.cache.downloads > len(sizes)
     assert sum(s3.gets("data", "train", f"train-{i:06d}.tar") for i in range(len(sizes))) == loader.cache.downloads
+
+
+def test_under_a_budget_smaller_than_the_read_ahead_the_reader_never_waits_for_a_copy_evicted_early(
+        prepped, s3, tmp_path, monkeypatch):
+    """With room for 14 shards of 40 and 16 wanted ahead, a copy fetched ahead is often evicted for one read
+    sooner: it is fetched again ahead of the reader, not when the reader finds it gone."""
+    sizes = [3] * 40
+    local = numbered(prepped, tmp_path / "numbered", sizes)
+    publish_to(s3.loopback, local, s3.url("data"))
+    room = max(s.bytes for s in shards.load_manifest(local).splits["train"].shards) * 14
+    urgent, task = [], cache.NodeCache._task
+    monkeypatch.setattr(cache.NodeCache, "_task", lambda self, i, now: (urgent.append(now), task(self, i, now))[1])
+    options = dict(batch_size=2, num_threads=1, streams=1, shuffle_window=1, read_ahead=16)
+    loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(room), **options)
+    want = train_loader(local, **options)
+    for epoch in range(3):
+        if epoch == 1:
+            urgent.clear()  # the first epoch's start may ask before the first fetch ahead
+        for (x, y), (wx, wy) in zip(loader, want, strict=True):
+            assert torch.equal(y, wy) and torch.equal(x, wx)
+            time.sleep(0.005)  # a training step: the fetches ahead keep up with it
+    loader.close()
+    assert urgent.count(False) > len(sizes) and urgent.count(True) == 0
 
 
 def test_a_budget_below_what_a_node_reads_at_once_is_one_line(remote, tmp_path):
@@ -360,3 +385,24 @@ def test_room_is_made_by_evicting_a_shard_read_later_never_one_in_use(tmp_path):
     planned.path(last).write_bytes(b"\0" * 1000)
     reservation = planned._reserve(wanted, wait=False)
     assert reservation.stat().st_size == 1000 and not planned.path(last).exists()
+
+
+def test_another_splits_copies_count_against_the_budget_and_go_first(tmp_path):
+    planned = _budgeted(tmp_path, [1000] * 12, budget=2500, margin=1)
+    planned._position = (0, 1)
+    order = list(planned.plan.uses(0, (0,)))
+    wanted, later = order[1], order[-1]
+    (tmp_path / "val").mkdir()
+    other = tmp_path / "val" / "val-000000.tar"
+    other.write_bytes(b"\0" * 1000)
+    planned.path(later).write_bytes(b"\0" * 1000)
+    reservation = planned._reserve(wanted, wait=False)  # 3,000 bytes with it: one copy must go, val's first
+    assert reservation.stat().st_size == 1000 and not other.exists() and planned.path(later).exists()
+
+
+def test_the_prefetcher_wants_the_shards_in_use_and_read_ahead_more_in_reading_order():
+    planned = _planned(margin=0, read_ahead=3)
+    order = list(planned.plan.uses(0, (0,)))
+    assert planned._wanted() == order[:4]  # at step 0: the one in use (one stream), then three ahead
+    planned._position = (0, planned.plan.steps - 1)  # the last step: the rest of the epoch, then the next's
+    assert planned._wanted() == [order[-1], *list(planned.plan.uses(1, (0,)))[:3]]

@@ -2,6 +2,7 @@
 problem named at once; a store down for a while retried, one gone for good named after the retry time."""
 
 import hashlib
+import http.server
 import os
 import subprocess
 import sys
@@ -42,6 +43,84 @@ def test_a_missing_object_or_bucket_is_one_line_at_once(s3):
     with pytest.raises(storage.StoreError, match="reach the bucket"):
         storage.Store("s3://no-such-bucket/x", timeout=30).check()
     assert time.monotonic() - t0 < 10  # not retried for the 30 s a failing store gets
+
+
+def test_a_local_store_stamps_a_replaced_file_of_the_same_size_anew(tmp_path):
+    store = storage.Store(f"file://{tmp_path}")
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+    os.utime(tmp_path / "a.bin", (1_000_000, 1_000_000))
+    (size, tag), = store.stamps("").values()
+    (tmp_path / "a.bin").write_bytes(b"y" * 100)
+    assert size == 100 and tag and store.stamps("")["a.bin"] == (100, store.stamps("")["a.bin"][1]) and \
+        store.stamps("")["a.bin"][1] != tag
+
+
+def test_an_s3_object_is_one_signed_get_read_whole(s3):
+    data = os.urandom(3 * 2**20 + 17)
+    s3.fs().pipe(f"{s3.bucket}/big.bin", data)
+    assert storage.Store(s3.url()).read_bytes("big.bin") == data
+    assert s3.gets("big.bin") == 1
+
+
+class _Scripted(http.server.ThreadingHTTPServer):
+    """An HTTP server on this machine answering each GET with the next of `answers`: (status, body, the
+    Content-Length it claims)."""
+
+    def __init__(self, answers: list[tuple[int, bytes, int]]):
+        self.answers, self.asked = answers, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(handler):  # noqa: N805 (the server is self)
+                status, body, length = self.answers[self.asked]
+                self.asked += 1
+                handler.send_response(status)
+                handler.send_header("Content-Length", str(length))
+                handler.send_header("Connection", "close")
+                handler.end_headers()
+                handler.wfile.write(body)
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def store(self, monkeypatch) -> storage.Store:
+        """An s3:// Store whose signed URLs all point here."""
+        store = storage.Store("s3://bucket/prefix", timeout=30)
+        monkeypatch.setattr(store.fs, "sign", lambda path, expiration: f"http://127.0.0.1:{self.server_port}/o")
+        monkeypatch.setattr(storage.Store, "_reconnect", lambda store: None)  # keeps the patched signer
+        monkeypatch.setattr(storage, "RETRY_FIRST", 0.01)
+        return store
+
+
+def test_a_body_cut_short_is_retried_and_never_returned_short(s3, monkeypatch):
+    full = os.urandom(1000)
+    server = _Scripted([(200, full[:400], 1000), (503, b"<Code>SlowDown</Code>", 21), (200, full, 1000)])
+    assert server.store(monkeypatch).read_bytes("o") == full
+    assert server.asked == 3
+    server.shutdown()
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+def test_a_store_that_is_slow_throttles_or_fails_is_retried(s3, monkeypatch, status):
+    body = b"<Error><Code>SlowDown</Code></Error>"
+    server = _Scripted([(status, body, len(body)), (200, b"payload", 7)])
+    assert server.store(monkeypatch).read_bytes("o") == b"payload" and server.asked == 2
+    server.shutdown()
+
+
+@pytest.mark.parametrize("status,code,named", [(404, "NoSuchKey", "no such object or bucket"),
+                                               (403, "AccessDenied", "$"),
+                                               (400, "AuthorizationHeaderMalformed", "$")])
+def test_an_s3_refusal_is_one_line_at_once(s3, monkeypatch, status, code, named):
+    body = f"<Error><Code>{code}</Code></Error>".encode()
+    server = _Scripted([(status, body, len(body))] * 3)
+    with pytest.raises(storage.StoreError, match=rf"^s3://bucket/prefix/o: cannot download: HTTP {status} "
+                                                 rf".*\({code}\).*{named}"):
+        server.store(monkeypatch).read_bytes("o", "download")
+    assert server.asked == 1  # not retried
+    server.shutdown()
 
 
 def test_the_check_asks_for_the_bucket_so_a_location_not_written_yet_passes(s3):
