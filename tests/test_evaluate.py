@@ -55,3 +55,4 @@ def test_error_counts_match_predictions_and_skip_padding(prepped):
     assert counts.tolist() == expected and expected[2] == expected[0]
     e = evaluate.errors(counts)
     assert e["images"] == loader.n_samples and abs(e["top1_error"] - (1 - expected[1] / expected[0])) < 1e-12
+    assert evaluate.errors(torch.tensor([8, 2, 6])) == {"images": 8, "top1_error": 0.75, "top5_error": 0.25}

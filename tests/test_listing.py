@@ -29,6 +29,7 @@ def test_a_folder_lists_its_regular_files_and_dead_links_in_name_order(tmp_path)
         st = os.stat(p) if p.exists() else None
         want.append((name, st.st_size, st.st_mtime_ns) if st else (name, -1, -1))
     assert folder.entries() == want and folder.count == 6
+    assert folder.names() == [name for name, *_ in want]  # every name, not only those of the first rows
     back = listing.Listing.from_bytes(listing.Listing([folder]).to_bytes())
     assert back.files() == {f"train/n01440764/{n}": (s, m) for n, s, m in want}
 

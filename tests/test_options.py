@@ -108,6 +108,13 @@ def test_a_ranks_threads_are_its_machines_cores_over_the_ranks_on_that_machine(m
     assert options.default_threads() == 16
 
 
+@pytest.mark.parametrize("device", ["cpux", "cuda:1x", "autox", "gpu"])
+def test_a_device_that_is_not_one_is_refused_naming_it(device, tmp_path):
+    with pytest.raises(config.OptionError, match="option device: must be auto, cpu, cuda or cuda:N"):
+        options.LoaderConfig(shards=tmp_path, split="train", device=device)
+    assert options.LoaderConfig(shards=tmp_path, split="train", device="cpu").device == "cpu"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_output_is_refused_on_the_cpu(dtype, tmp_path):
     with pytest.raises(config.OptionError, match="option dtype: float16/bfloat16 output is for GPUs"):

@@ -264,6 +264,8 @@ def test_more_workers_than_work_are_capped_and_said(sample, tmp_path):
     report = run(PrepConfig(sample[0] / "extracted", tmp_path / "o", splits=("val",), workers=1000,
                             progress=False))
     assert report.notes and "not 1000" in report.notes[0]
+    report = run(PrepConfig(sample[0] / "extracted", tmp_path / "one", splits=("val",), workers=1, progress=False))
+    assert not any(" workers, not " in note for note in report.notes)  # not capped: nothing to say
 
 
 def test_each_splits_image_count_is_its_own(sample, tmp_path):
@@ -274,6 +276,13 @@ def test_each_splits_image_count_is_its_own(sample, tmp_path):
 
     both, val = images("both"), images("val", splits=("val",))
     assert both["val images"] == val["val images"] > 0 and both["train images"] > 0
+
+
+def test_a_file_beside_the_class_folders_is_skipped_once_under_its_own_split(sample, tmp_path):
+    root = _tiny_tree(tmp_path / "r", sample)
+    (root / "train" / "README.txt").write_text("not a class")
+    report = run(PrepConfig(root, tmp_path / "o", workers=1, progress=False))
+    assert [(s["split"], Path(s["source"]).name) for s in report.skipped] == [("train", "README.txt")]
 
 
 def test_a_symlink_loop_is_listed_as_skipped(sample, tmp_path):

@@ -39,16 +39,6 @@ def test_temporary_files_of_a_killed_checkpoint_write_are_removed(prepped, tmp_p
     assert not list(out.glob(".*.tmp*"))
 
 
-def test_resuming_a_finished_run_adds_nothing(prepped, tmp_path, capsys):
-    out = tmp_path / "run"
-    cfg = dict(shards=prepped, out=out, epochs=1, **{**TINY, "final_tencrop": True})
-    train.run(train.TrainConfig(**cfg))
-    before = (out / rundir.LOG).read_text()
-    result = train.run(train.TrainConfig(resume=True, **cfg))
-    assert result["finished"] and "finished already" in capsys.readouterr().out
-    assert (out / rundir.LOG).read_text() == before  # one ten-crop line, not two
-
-
 @pytest.mark.parametrize("main,extra", [("train_main", []), ("train_main", ["--resume"])])
 def test_out_that_is_a_file_is_one_line(prepped, tmp_path, capsys, main, extra):
     (tmp_path / "f").write_text("x")

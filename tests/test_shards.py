@@ -94,6 +94,22 @@ def test_verify_names_a_bad_index_and_a_missing_manifest(prepped, tmp_path):
     assert "no manifest" in shards.verify(tmp_path)[0]
 
 
+def test_verify_takes_labels_from_zero_to_the_last_class_and_names_one_past_it(prepped, tmp_path):
+    import dataclasses
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepped, copy)
+    (copy / ".verified.json").unlink(missing_ok=True)
+    manifest = shards.load_manifest(copy)
+    n = len(manifest.classes)
+    path = shards.shard_paths(copy, "val")[0]
+    first, *rest = shards.iter_samples(path.read_bytes())
+    for label, problems in ((n - 1, []), (n, [f"{path}: {first.key}: label {n} out of range"])):
+        manifest.splits["val"].shards[0] = shards.write_shard(path, [dataclasses.replace(first, label=label), *rest])
+        shards.write_manifest(copy, manifest)
+        assert shards.verify(copy) == problems
+
+
 def test_tar_bytes_depend_only_on_content():
     a = shards.build_shard([shards.Sample("k1", b"abc", 3), shards.Sample("k2", b"d" * 700, 0)])
     b = shards.build_shard([shards.Sample("k1", b"abc", 3), shards.Sample("k2", b"d" * 700, 0)])

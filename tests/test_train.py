@@ -12,13 +12,30 @@ import torch
 import torch.multiprocessing as mp
 from conftest import read_samples
 
-from alexnet_pipeline import build, train
+from alexnet_pipeline import build, rundir, train
 from alexnet_pipeline.config import UserError
 from alexnet_pipeline.distributed import World
 from alexnet_pipeline.model import AlexNet, AlexNetConfig
 from alexnet_pipeline.pipeline import PAD_LABEL, Loader
 
 TINY = dict(width=0.0625, global_batch=8, log_every=1, num_threads=1, final_tencrop=False)
+
+
+def test_resuming_a_finished_run_adds_nothing(prepped, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = dict(shards=prepped, out=out, epochs=1, **{**TINY, "device": "cpu", "final_tencrop": True})
+    train.run(train.TrainConfig(**cfg))
+    before = (out / rundir.LOG).read_text()
+    result = train.run(train.TrainConfig(resume=True, **cfg))
+    assert result["finished"] and "finished already" in capsys.readouterr().out
+    assert (out / rundir.LOG).read_text() == before  # one ten-crop line, not two
+
+
+def test_the_logs_durations_read_as_hours_and_minutes_or_minutes_and_seconds():
+    from alexnet_pipeline.runlog import duration
+
+    assert [duration(s) for s in (59.9, 61, 3599, 3600, 3700, 90061)] == \
+        ["0m59s", "1m01s", "59m59s", "1h00m", "1h01m", "25h01m"]
 
 
 def _records(run_dir, kind="train"):

@@ -126,6 +126,9 @@ def test_a_class_tar_keeps_its_first_names_in_sorted_order_reads_a_member_of_the
                        ("n01440764_9", 3, 0, units.oversize(109, 105)), ("n01440764_1", 3, 101, ""),
                        ("n01440764_5", 3, 105, "")]  # exactly max_bytes: read
     assert [key for key, *_ in items(limit=2)] == ["n01440764_1", "n01440764_2"]
+    unit = units.ClassTarUnit("train", "train/n01440764", archive=str(outer), offset=0, size=len(inner), label=3)
+    # a bad image is named where a user finds it: the class tar inside the archive, then the member
+    assert next(unit.items()).source == f"{outer}:n01440764.tar/n01440764_7.JPEG"
 
 
 def test_a_flat_tars_and_a_folders_member_of_exactly_the_limit_is_read_and_one_byte_more_is_not(tmp_path):
