@@ -77,10 +77,11 @@ def _fatal(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOENT, errno.EACCES, errno.EPERM)
 
 
-def _http_error(e: urllib.error.HTTPError) -> Exception:
-    """An S3 error response as the exception fsspec would raise for it: a missing object or bucket
-    FileNotFoundError, a refusal PermissionError (both set-up problems), a server's trouble ConnectionError
-    (retried)."""
+def _http_error(e: urllib.error.HTTPError) -> Exception | None:
+    """An S3 error response to a presigned GET: a missing object FileNotFoundError (a set-up problem), a
+    server's trouble ConnectionError (retried); None for any other (a refusal, a redirect to the bucket's
+    region, a malformed request), which the caller asks again through s3fs: botocore follows region redirects
+    and names refusals in its own words."""
     try:
         code = re.search(rb"<Code>([^<]*)</Code>", e.read() or b"")
     except OSError:
@@ -88,11 +89,9 @@ def _http_error(e: urllib.error.HTTPError) -> Exception:
     text = f"HTTP {e.code} {e.reason}" + (f" ({code.group(1).decode(errors='replace')})" if code else "")
     if e.code == 404:
         return FileNotFoundError(text)
-    if e.code in (401, 403):
-        return PermissionError(text)
-    if 400 <= e.code < 500 and e.code not in (408, 429):
-        return ValueError(text)  # a request the store will always refuse
-    return ConnectionError(text)
+    if e.code >= 500 or e.code in (408, 429):
+        return ConnectionError(text)
+    return None
 
 
 def _short(e: BaseException) -> str:
@@ -167,7 +166,7 @@ class Store:
             return self._call(rel, what, lambda: self._signed_get(rel))
         return self._call(rel, what, lambda: self.fs.cat_file(self._path(rel)))
 
-    def _signed_get(self, rel: str) -> bytearray:
+    def _signed_get(self, rel: str) -> bytes | bytearray:
         """An S3 object by a GET of its presigned URL (boto signs it with the user's credentials and endpoint),
         its body read straight into one buffer of its Content-Length. s3fs's cat_file gathers a body in
         aiohttp's small chunks and joins them: 0.83 CPU-s per 403 MB on a 2-core machine, against 0.39 this
@@ -189,7 +188,10 @@ class Store:
                     got += n
                 return body
         except urllib.error.HTTPError as e:
-            raise _http_error(e) from None
+            error = _http_error(e)
+            if error is None:
+                return self.fs.cat_file(self._path(rel))
+            raise error from None
 
     def exists(self, rel: str) -> bool:
         self.fs.invalidate_cache(self._path(rel))
