@@ -89,15 +89,19 @@ def test_an_object_resized_in_the_store_is_named_before_any_work(remote, s3, tmp
 
 def test_a_copy_without_its_record_or_a_download_left_by_a_killed_process_is_never_read(prepped, remote, tmp_path):
     """A file at a copy's name that the cache did not record (a half-written file, say) and a dead process's
-    download are not read: the shard is fetched again, whole, and the batches are the local loader's."""
+    download are not read: the shard is fetched again, whole, and the batches are the local loader's. A dead
+    process's reservation goes too: it would hold its bytes of the budget for good."""
     root = cache.directory(tmp_path / "cache", remote)
     (root / "train").mkdir(parents=True)
     (root / "train" / "train-000000.tar").write_bytes(b"\0" * 1000)
     (root / "train" / "train-000000.idx").write_text("v1.2 1\n")
     dead = root / "train" / ".train-000001.tar.part999999999-1"
     dead.write_bytes(b"partial")
+    held = root / "train" / ".train-000002.tar.reserve999999999-1"  # room a dead fetch held in the budget
+    with open(held, "wb") as f:
+        f.truncate(10**12)
     loader = train_loader(remote, batch_size=4, num_threads=1, cache_dir=tmp_path / "cache")
-    assert not dead.exists()
+    assert not dead.exists() and not held.exists()
     assert _exact(loader) == _exact(train_loader(prepped, batch_size=4, num_threads=1))
     assert loader.cache.downloads == len(shards.load_manifest(prepped).splits["train"].shards)
 

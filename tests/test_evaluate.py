@@ -4,6 +4,7 @@ import torch
 from alexnet_pipeline import augment, evaluate
 from alexnet_pipeline.model import AlexNet, AlexNetConfig
 from alexnet_pipeline.pipeline import PAD_LABEL, Loader, LoaderConfig, eval_loader
+from alexnet_pipeline.shards import load_manifest
 
 
 def _model(classes=4):
@@ -56,3 +57,12 @@ def test_error_counts_match_predictions_and_skip_padding(prepped):
     e = evaluate.errors(counts)
     assert e["images"] == loader.n_samples and abs(e["top1_error"] - (1 - expected[1] / expected[0])) < 1e-12
     assert evaluate.errors(torch.tensor([8, 2, 6])) == {"images": 8, "top1_error": 0.75, "top5_error": 0.25}
+
+
+def test_the_eval_command_gives_center_errors_and_with_tencrop_ten_crop_errors_too(prepped, trained):
+    base = dict(shards=prepped, checkpoint=trained / "checkpoint.pt", device="cpu", batch_size=5)
+    center = evaluate.run(evaluate.EvalConfig(**base))
+    n_val = sum(e.samples for e in load_manifest(prepped).splits["val"].shards)
+    assert "tencrop" not in center and center["center"]["images"] == n_val and center["epoch"] == 2
+    both = evaluate.run(evaluate.EvalConfig(**base, tencrop=True))
+    assert both["center"] == center["center"] and both["tencrop"]["images"] == n_val

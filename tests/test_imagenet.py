@@ -113,3 +113,22 @@ def test_the_devkit_is_read_once_per_find(sample, monkeypatch):
     monkeypatch.setattr(imagenet, "_read_devkit", lambda source, data: reads.append(1) or real(source, data))
     source = imagenet.find(sample[0] / "archives")
     assert source.units["val"] and source.class_names and len(reads) == 1
+
+
+def test_a_tar_cut_between_two_members_is_named_truncated_though_tarfile_reads_it_without_a_word(tmp_path):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for name in ("a.JPEG", "b.JPEG"):
+            info = tarfile.TarInfo(name)
+            info.size = 700
+            tf.addfile(info, io.BytesIO(b"j" * 700))
+    whole = buf.getvalue()
+    (tmp_path / "whole.tar").write_bytes(whole)
+    assert sorted(imagenet._tar_index(tmp_path / "whole.tar")) == ["a.JPEG", "b.JPEG"]
+    for cut in (512 + 1024, 2 * (512 + 1024)):  # after the first member; after the second, before the marker
+        (tmp_path / "cut.tar").write_bytes(whole[:cut])
+        with pytest.raises(imagenet.LayoutError, match="cut.tar: truncated \\(no end-of-archive marker"):
+            imagenet._tar_index(tmp_path / "cut.tar")

@@ -96,3 +96,15 @@ def test_archives_are_listed_once_then_from_the_cache_while_they_keep_size_and_t
     os.utime(archive, ns=(archive.stat().st_atime_ns, archive.stat().st_mtime_ns + 10**9))
     found = imagenet.find(hf, cache=listing.ArchiveCache(tmp_path / "o"))
     assert listed == ["val_images.tar.gz"] and found.units["val"]
+
+
+def test_a_listings_bytes_are_the_same_whatever_order_its_folders_were_listed_in(tmp_path):
+    """Folders are listed by workers in whatever order they finish: the listing (and the digest a resume
+    compares) must not depend on it."""
+    rels = ["train/n02", "train/n01", "val"]
+    for k, rel in enumerate(rels):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / f"{k}.JPEG").write_bytes(b"x" * (k + 1))
+    folders = [listing.scan(str(tmp_path), rel) for rel in rels]
+    one, other = listing.Listing(folders), listing.Listing(folders[::-1])
+    assert one.to_bytes() == other.to_bytes() and one.digest() == other.digest()

@@ -132,3 +132,21 @@ def test_a_cache_size_that_is_not_a_size_is_refused_naming_the_option(tmp_path):
         options.LoaderConfig(shards="s3://bucket/data", split="train", cache_size="lots", device="cpu")
     assert options.LoaderConfig(shards="s3://bucket/data", split="train", cache_size="2G", device="cpu").cache_bytes \
         == 2 * 2**30
+
+
+def test_auto_is_this_ranks_gpu_where_torch_sees_one_and_the_cpu_where_it_sees_none(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert options.resolve_device("auto", 3) == torch.device("cpu")
+    with pytest.raises(config.OptionError, match="torch sees no GPU"):
+        options.resolve_device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert options.resolve_device("auto", 3) == torch.device("cuda", 3)
+    assert options.resolve_device("cuda", 2) == torch.device("cuda", 2)
+
+
+def test_a_dali_run_holds_batches_per_run_batches(tmp_path):
+    cfg = options.LoaderConfig(shards=tmp_path, split="train", batch_size=6, batches_per_run=4)
+    assert cfg.run_size == 24

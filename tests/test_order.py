@@ -152,3 +152,11 @@ def test_a_streams_samples_are_the_same_every_epoch_so_a_nodes_shards_are_too():
 def test_a_rank_outside_its_world_has_no_part(rank, world):
     with pytest.raises(ValueError):
         Split(Order(SIZES), 2 * max(world, 1), rank, world)
+
+
+@pytest.mark.parametrize("sizes", [(), (3, 0, 2), (4, -1)])
+def test_an_order_over_no_shards_or_an_empty_one_is_refused(sizes):
+    """A shard of no samples would have no sample to start its stream's turn with: refused when the order is
+    made, not met mid-epoch."""
+    with pytest.raises(ValueError, match="at least one sample each"):
+        Order(sizes)

@@ -223,6 +223,26 @@ def test_an_abandoned_epoch_does_not_shift_the_next_epochs(prepped, per_run, tak
     assert loader.epoch == 2
 
 
+def test_an_epoch_left_right_after_its_last_batch_is_over_and_nothing_of_the_next_is_dropped(prepped):
+    """A loop that stops on an epoch's last batch (a signal there) has finished that epoch: the runs DALI made
+    ahead belong to the next one and are kept. Dropped and made again, they would draw DALI's random crops
+    anew, and the next epoch would not be the undisturbed loader's."""
+    options = dict(batch_size=4, num_threads=1, draws="dali", lighting_sigma=0)
+
+    def exact(loader):
+        return [(y.tolist(), x.numpy().tobytes()) for x, y in loader]
+
+    reference = train_loader(prepped, **options)
+    exact(reference)
+    whole = exact(reference)
+    loader = train_loader(prepped, **options)
+    for i, _ in enumerate(loader):
+        if i + 1 == len(loader):
+            break  # the last batch taken; the loop never asks for the epoch's end
+    assert loader.position == len(loader)
+    assert exact(loader) == whole and loader.epoch == 2
+
+
 def _epoch_labels(shards_dir, epochs, **options):
     """Per epoch, the labels in the order the train loader yields them (padding left out)."""
     loader = train_loader(shards_dir, batch_size=4, num_threads=1, lighting_sigma=0, **options)

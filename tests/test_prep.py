@@ -620,3 +620,11 @@ def test_the_samples_are_collected_in_the_splits_order_whatever_the_units_order(
     train = command._collect(planned["train"], work, 1, workers.Serial())[0]
     assert [r.order for r in train] == sorted(r.order for r in train) and sorted(r.key for r in train) == \
         ["t0", "t1", "t2", "t3", "t4"] and [r.key for r in train] != sorted(r.key for r in train)
+
+
+@pytest.mark.parametrize("splits", [(), ("train", "train"), ("val", "train", "val")])
+def test_no_split_or_a_split_named_twice_is_refused_naming_the_option(tmp_path, splits):
+    from alexnet_pipeline.config import OptionError
+
+    with pytest.raises(OptionError, match="option splits"):
+        PrepConfig(imagenet_root=tmp_path, out=tmp_path / "out", splits=splits)

@@ -121,3 +121,25 @@ def test_a_bug_keeps_its_traceback(prepped, tmp_path, monkeypatch):
         cli.train_main(["--shards", str(prepped), "--out", str(tmp_path / "run"), *ARGS])
     with pytest.raises(UserError):  # while a user's mistake is a UserError, which the CLI prints as one line
         train.TrainConfig(shards=prepped, out=tmp_path, lr=-1.0)
+
+
+def test_a_resume_keeps_the_log_up_to_the_checkpoints_step_and_only_a_resuming_rank_reads_the_checkpoint(
+        trained, tmp_path):
+    """Lines a run logged after its last checkpoint (then died) are dropped on resume: the resumed run logs
+    those steps again. Ranks other than 0 read the checkpoint only when resuming."""
+    from alexnet_pipeline.checkpoint import Checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    step = Checkpoint.load(run / rundir.CHECKPOINT, resumable=True).step
+    kept = (run / rundir.LOG).read_text()
+    assert step > 2 and _steps(run)[-1] == step
+    with open(run / rundir.LOG, "a") as f:
+        f.writelines(json.dumps({"kind": "train", "step": s, "losses": [1.0]}) + "\n" for s in (step + 1, step + 2))
+    assert rundir.RunDir(run, main=False).start(resume=False) is None
+    assert rundir.RunDir(run, main=False).start(resume=True).step == step
+    assert (run / rundir.LOG).read_text().count("\n") == kept.count("\n") + 2  # the other ranks write nothing
+    main = rundir.RunDir(run)
+    assert main.start(resume=True).step == step
+    main.close()
+    assert (run / rundir.LOG).read_text() == kept

@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -15,6 +16,16 @@ def test_index_equals_what_wds2idx_writes(prepped, tmp_path):
     for tar in shards.shard_paths(prepped, "train")[:2]:
         subprocess.run([wds2idx, str(tar), str(tmp_path / "x.idx")], check=True, capture_output=True)
         assert (tmp_path / "x.idx").read_text() == tar.with_suffix(".idx").read_text()
+
+
+def test_an_indexs_extent_is_its_sample_count_and_the_end_of_its_last_members_data(prepped):
+    """What a loader checks an index against the manifest's bytes by: an index pointing past its shard is
+    caught only if the extent is where the last member's data ends, not where it starts."""
+    for tar in shards.shard_paths(prepped, "train")[:2]:
+        with tarfile.open(tar) as tf:
+            members = tf.getmembers()
+        samples = sum(m.name.endswith(".jpg") for m in members)
+        assert shards.index_extent(tar.with_suffix(".idx")) == (samples, members[-1].offset_data + members[-1].size)
 
 
 def test_readable_by_the_webdataset_library(prepped, sample):

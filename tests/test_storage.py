@@ -1,6 +1,7 @@
 """Stores through fsspec (storage.py), against an S3 server on this machine: reads, listings, uploads; a set-up
 problem named at once; a store down for a while retried, one gone for good named after the retry time."""
 
+import errno
 import hashlib
 import http.server
 import os
@@ -226,3 +227,63 @@ def test_a_size_that_is_not_one_is_refused(text):
     with pytest.raises(ValueError):
         storage.parse_size(text)
     assert storage.size_problem(text)
+
+
+@pytest.mark.parametrize("n,text", [(1023, "1023 B"), (2**10, "1.0 KiB"), (2**30, "1.0 GiB"),
+                                    (3 * 2**29, "1.5 GiB"), (2**40, "1.0 TiB")])
+def test_sizes_print_in_the_largest_unit_they_fill(n, text):
+    assert storage.human(n) == text
+
+
+def _bare_store(monkeypatch, fs=None) -> tuple[storage.Store, list[float]]:
+    """A Store of `fs` (no network) whose waits are recorded instead of slept."""
+    slept: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    monkeypatch.setattr(storage.Store, "_reconnect", lambda self: None)
+    store = storage.Store.__new__(storage.Store)
+    store.url, store.timeout, store.fs = "s3://b/p", 40.0, fs
+    return store, slept
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.ENOENT])
+def test_a_refusal_raised_as_any_kind_of_os_error_is_one_line_at_once(monkeypatch, code):
+    """fsspec's stores raise their own OSError subclasses (aiohttp's ClientOSError, say): one carrying EACCES,
+    EPERM or ENOENT is a set-up problem that no retry cures, named at once like a PermissionError."""
+    class ClientOSError(OSError):
+        pass
+
+    store, slept = _bare_store(monkeypatch)
+    tries = []
+
+    def refused():
+        tries.append(1)
+        raise ClientOSError(code, os.strerror(code))
+
+    with pytest.raises(storage.StoreError, match=rf"^s3://b/p/x: cannot read: .*{os.strerror(code)}"):
+        store._call("x", "read", refused)
+    assert tries == [1] and slept == []
+
+
+def test_a_delete_that_fails_for_a_while_is_tried_again_and_one_already_gone_is_done(monkeypatch):
+    class Fs:
+        removed: list[str] = []
+        fail = 1
+
+        @staticmethod
+        def _strip_protocol(url):
+            return url.split("://", 1)[1]
+
+        def rm_file(self, path):
+            self.removed.append(path)
+            if self.fail:
+                self.fail -= 1
+                raise ConnectionError("connection reset")
+            if len(self.removed) > 2:
+                raise FileNotFoundError(path)
+
+    fs = Fs()
+    store, slept = _bare_store(monkeypatch, fs)
+    store.delete("dataset.json")
+    assert fs.removed == ["b/p/dataset.json"] * 2 and slept == [storage.RETRY_FIRST]
+    store.delete("dataset.json")  # no such object now: what was asked
+    assert len(fs.removed) == 3 and slept == [storage.RETRY_FIRST]

@@ -155,6 +155,7 @@ def test_the_feed_round_runs_as_its_three_calls_on_tiny_data(tmp_path):
     (tmp_path / "nodali" / "sitecustomize.py").write_text(NO_DALI)
     base = {**os.environ, "DEVICE": "cpu", "FEED_CLASSES": "3", "FEED_TRAIN": "10", "FEED_VAL": "2", "WIDTH": "0.0625",
             "BATCH": "4", "STEPS": "2", "REPEATS": "1", "EPOCHS": "2", "MAKERS": "2", "COMMIT": "0123abc",
+            "BOX_SCALE": "4",
             "PY": sys.executable, "PYTHONPATH": str(tmp_path / "nodali")}
     script = ["bash", str(ROOT / "tools" / "gpu_check.sh")]
 

@@ -191,6 +191,14 @@ def test_schedule_divides_on_plateau_at_most_max_drops_times(tmp_path):
     assert lrs == pytest.approx([0.02, 0.002, 0.002, 0.0002])
 
 
+
+def test_after_a_plateau_drop_the_schedule_waits_its_patience_again_before_the_next():
+    s = train.Schedule(train.TrainConfig(shards=".", out=".", patience=2, max_drops=3))
+    lrs = []
+    for epoch in range(7):  # never better than the first epoch
+        s.after_epoch(epoch, 0.9)
+        lrs.append(s.lr)
+    assert lrs == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001, 0.0001, 0.00001])
 def test_signal_at_an_epochs_last_batch_finishes_that_epoch_then_stops(prepped, tmp_path):
     cfg = train.TrainConfig(shards=prepped, out=tmp_path / "cut", epochs=2, device="cpu", **TINY)
     batches = len(Loader(build.loader_config(cfg, World(0, 1, 0, torch.device("cpu")), "train"), True))

@@ -129,6 +129,20 @@ def test_a_read_only_directory_whose_manifest_cannot_be_read_keeps_its_cache_per
     assert path.parent == tmp_path / "xdg" / "alexnet-pipeline" and path.name.startswith("verified-")
 
 
+def test_a_read_only_copys_cache_is_keyed_on_its_manifest_so_another_dataset_at_its_path_is_hashed_anew(
+        tmp_path, monkeypatch):
+    (tmp_path / "s").mkdir()
+    monkeypatch.setattr(verified.os, "access", lambda path, mode: False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    manifest = tmp_path / "s" / shards.MANIFEST
+    manifest.write_text('{"version": 4, "seed": 0}')
+    first = verified.cache_path(tmp_path / "s")
+    manifest.write_text('{"version": 4, "seed": 1}')  # the dataset replaced in place (another prep, a new copy)
+    assert verified.cache_path(tmp_path / "s") != first
+    manifest.write_text('{"version": 4, "seed": 0}')
+    assert verified.cache_path(tmp_path / "s") == first
+
+
 def test_a_damaged_shard_is_named_though_shards_hashed_after_it_are_intact(prepped, tmp_path):
     copy = tmp_path / "s"
     shutil.copytree(prepped, copy, copy_function=shutil.copyfile)  # new times: every shard is hashed

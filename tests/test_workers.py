@@ -141,3 +141,21 @@ def test_closing_the_pool_removes_its_workers_notes(tmp_path):
     with workers.pool(2, tmp_path):
         pass
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_held_processes_are_read_from_their_notes_alone(tmp_path):
+    for name in (".held-123", ".busy-5", ".held-77", "held-9"):
+        (tmp_path / name).write_text("units")
+    assert workers.held(tmp_path) == [77, 123]
+
+
+def test_the_images_done_counter_adds_up_in_a_worker_and_is_optional(monkeypatch):
+    import multiprocessing as mp
+
+    monkeypatch.setattr(workers, "counter", None)
+    workers.count(5)  # one worker, no progress bar: nothing to add to
+    shared = mp.Value("q", 0)
+    monkeypatch.setattr(workers, "counter", shared)
+    workers.count()
+    workers.count(4)
+    assert shared.value == 5

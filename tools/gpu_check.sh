@@ -26,7 +26,8 @@
 #
 # Sizes come from the environment, so that tests/test_tools.py runs the whole round on the CPU on tiny data,
 # from a fake bundle and with an interpreter that lacks DALI (DEVICE=cpu FEED_CLASSES=... PY=...); the defaults
-# are the GPU round's.
+# are the GPU round's. BOX_SCALE multiplies every box when the round runs (not in --plan): the dry run's tiny
+# commands on a 2-core CPU that the rest of the test suite keeps busy start slower than the GPU machine's.
 set -uo pipefail
 # ---- the plan (seconds) --------------------------------------------------------------------------------------
 LIMIT=600        # call 3's timeout_s: the most a device command may run
@@ -112,9 +113,9 @@ install() {
 }
 boxed() {  # boxed NAME COMMAND...: NAME's box, hard; its output to $WORK/logs/NAME.txt; how it ended printed
   # (a function of this script runs as `bash THIS _fn FUNCTION`: timeout runs programs, not functions)
-  local name=$1 t0=$SECONDS status; shift
-  timeout -k "$GRACE" "${BOX[$name]}" "$@" > "$WORK/logs/$name.txt" 2>&1; status=$?
-  echo "$name: exit $status after $((SECONDS - t0)) s of ${BOX[$name]}$( ((status == 124 || status == 137)) && echo \
+  local name=$1 t0=$SECONDS status box=$((${BOX[$1]} * ${BOX_SCALE:-1})); shift
+  timeout -k "$GRACE" "$box" "$@" > "$WORK/logs/$name.txt" 2>&1; status=$?
+  echo "$name: exit $status after $((SECONDS - t0)) s of $box$( ((status == 124 || status == 137)) && echo \
 ' (its box ran out)')"
   quiet < "$WORK/logs/$name.txt" | grep -E "^epoch [0-9]+/[0-9]+:|images/s|img/s|passed|failed|skipped|rror" | tail -n 6
   return "$status"
