@@ -122,7 +122,7 @@ def test_a_cached_copy_that_rots_is_named_by_the_digest_removed_and_fetched_agai
     with pytest.raises(ShardError, match=r"train-000001.tar \(this node's copy of s3://.*/data/train/"
                                          r"train-000001.tar\): its bytes differ .* since it was fetched"):
         rotten.wait_for_digest()
-    assert not copy.exists()
+    assert not copy.exists() and not copy.with_name(f".{copy.name}.json").exists()  # its record went with it
     again = train_loader(remote, **options)
     assert _exact(again) == want and again.cache.downloads == 1
 
@@ -215,6 +215,14 @@ def test_a_store_down_for_a_while_mid_epoch_delays_the_epoch_and_one_gone_for_go
     with pytest.raises(StoreGone, match=rf"{s3.url('data', 'train')}/train-\d+\.tar: cannot download .*gave up "
                                         r"after retrying for 2 s"):
         _exact(gone)
+    s3.loopback.down = False  # back: a shard whose fetch gave up is fetched when it is asked for again
+    for i in range(len(gone.cache.entries)):
+        try:
+            path = gone.cache.need(i)
+        except StoreGone:  # a failure met while the store was down, reported once
+            path = gone.cache.need(i)
+        assert path.stat().st_size == gone.cache.entries[i].bytes
+    gone.close()
 
 
 def test_node_ranks_come_from_torchruns_environment(monkeypatch):

@@ -55,6 +55,19 @@ def test_best_pt_given_to_resume_is_one_line_naming_what_it_lacks(prepped, run_d
                           "--threads", "1", "--batch-size", "4", "--json"]) == 0
 
 
+def test_a_checkpoint_continues_only_on_its_classes_in_their_order(run_dir):
+    """Labels are class positions: the same classes in another order would train every image as another."""
+    ckpt = Checkpoint.load(run_dir / train.CHECKPOINT, resumable=True)
+    ckpt.check_run(list(ckpt.classes), ckpt.config, {}, "SHARDS")
+    with pytest.raises(UserError, match="trained on other classes than SHARDS holds"):
+        ckpt.check_run(list(reversed(ckpt.classes)), ckpt.config, {}, "SHARDS")
+
+
+def test_a_plain_load_keeps_a_checkpoints_training_state_and_a_best_pt_has_none(run_dir):
+    assert Checkpoint.load(run_dir / train.CHECKPOINT).training is not None
+    assert Checkpoint.load(run_dir / train.BEST).training is None
+
+
 def test_a_checkpoint_from_a_newer_version_is_refused_naming_it(run_dir, tmp_path):
     raw = torch.load(run_dir / train.BEST, weights_only=True)
     raw["format"] = FORMAT + 1

@@ -552,6 +552,20 @@ def test_an_index_consistent_with_itself_but_short_of_the_manifests_count_is_ref
         train_loader(copy, batch_size=4, num_threads=1)
 
 
+def test_the_digest_of_a_stores_cached_copies_passes_intact_ones_and_keeps_them(prepped, tmp_path):
+    """Shards from a store (file:// here) read through the node cache: a later loader trusts the copies it
+    finds, and its background digest hashes them; finding them the manifest's bytes, it reports nothing and
+    removes nothing."""
+    options = dict(batch_size=4, num_threads=1, shuffle_window=1)
+    fetched = train_loader(f"file://{prepped}", cache_dir=tmp_path / "cache", **options)
+    assert _exact(fetched) == _exact(train_loader(prepped, **options))
+    fetched.close()
+    trusted = train_loader(f"file://{prepped}", cache_dir=tmp_path / "cache", **options)
+    assert trusted.cache.downloads == 0 and trusted.cache.trusted
+    trusted.wait_for_digest()
+    assert len(list((tmp_path / "cache").rglob("*.tar"))) == len(shards.shard_paths(prepped, "train"))
+
+
 def test_a_background_digest_slower_than_an_epoch_still_stops_that_epochs_end(prepped, tmp_path, monkeypatch):
     import threading
 

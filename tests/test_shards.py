@@ -28,6 +28,17 @@ def test_an_indexs_extent_is_its_sample_count_and_the_end_of_its_last_members_da
         assert shards.index_extent(tar.with_suffix(".idx")) == (samples, members[-1].offset_data + members[-1].size)
 
 
+def test_an_index_of_another_number_of_samples_than_the_manifests_is_refused_naming_it(prepped, tmp_path):
+    info = shards.load_manifest(prepped).splits["train"].shards[0]
+    idx = tmp_path / "x.idx"
+    head, *lines = shards.shard_paths(prepped, "train")[0].with_suffix(".idx").read_text().splitlines(keepends=True)
+    idx.write_text(head + "".join(lines))
+    assert len(shards.read_index(idx, info).jpg_offsets) == info.samples
+    idx.write_text(f"v1.2 {len(lines) - 1}\n" + "".join(lines[:-1]))  # consistent, its last sample dropped
+    with pytest.raises(shards.ShardError, match=f"x.idx: does not describe {info.name} \\({info.samples - 1} samples"):
+        shards.read_index(idx, info)
+
+
 def test_readable_by_the_webdataset_library(prepped, sample):
     import webdataset as wds
 

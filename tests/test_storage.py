@@ -287,3 +287,28 @@ def test_a_delete_that_fails_for_a_while_is_tried_again_and_one_already_gone_is_
     assert fs.removed == ["b/p/dataset.json"] * 2 and slept == [storage.RETRY_FIRST]
     store.delete("dataset.json")  # no such object now: what was asked
     assert len(fs.removed) == 3 and slept == [storage.RETRY_FIRST]
+
+
+def test_a_listing_stamps_the_objects_directly_under_it_not_its_folders(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "dataset.json").write_text("{}")
+    (tmp_path / "data" / "train" / "a.tar").write_bytes(b"x" * 3)
+    store = storage.Store(f"file://{tmp_path}", timeout=5)
+    assert set(store.stamps("data")) == {"dataset.json"}
+    assert store.stamps("data/train")["a.tar"][0] == 3
+
+
+def test_the_commands_retry_time_reaches_the_stores_already_made(monkeypatch):
+    monkeypatch.setattr(storage, "_stores", {})
+    monkeypatch.setattr(storage, "_timeout", [120.0])
+    made = storage.store("file:///tmp/elsewhere")
+    storage.configure(9)
+    assert made.timeout == 9 and storage.store("file:///tmp/another").timeout == 9
+
+
+def test_the_cache_root_honours_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert storage.default_cache_root() == tmp_path / "xdg" / "alexnet-pipeline"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert storage.default_cache_root() == tmp_path / "home" / ".cache" / "alexnet-pipeline"
