@@ -161,17 +161,22 @@ def test_a_store_down_for_a_while_is_retried_until_it_is_back(s3):
     assert time.monotonic() - t0 >= 1.4
 
 
-def test_the_waits_between_tries_double_up_to_the_most_within_the_retry_time(monkeypatch):
+def _bare_store(monkeypatch, fs=None) -> tuple[storage.Store, list[float]]:
+    """A Store of `fs` (no network) whose waits are recorded instead of slept."""
     slept: list[float] = []
+    monkeypatch.setattr(storage.time, "sleep", slept.append)
+    monkeypatch.setattr(storage.Store, "_reconnect", lambda self: None)
+    store = storage.Store.__new__(storage.Store)
+    store.url, store.timeout, store.fs = "s3://b/p", 40.0, fs
+    return store, slept
 
+
+def test_the_waits_between_tries_double_up_to_the_most_within_the_retry_time(monkeypatch):
     def failing():
         raise ConnectionError("refused")
 
-    monkeypatch.setattr(storage.time, "sleep", slept.append)  # a clock that moves only by the waits
-    monkeypatch.setattr(storage.time, "monotonic", lambda: sum(slept))
-    monkeypatch.setattr(storage.Store, "_reconnect", lambda self: None)
-    store = storage.Store.__new__(storage.Store)  # no filesystem: _call alone
-    store.url, store.timeout = "s3://b/p", 40.0
+    store, slept = _bare_store(monkeypatch)  # no filesystem: _call alone
+    monkeypatch.setattr(storage.time, "monotonic", lambda: sum(slept))  # a clock that moves only by the waits
     with pytest.raises(storage.StoreGone, match="gave up after retrying for 40 s"):
         store._call("x", "read", failing)
     assert slept == [0.5, 1, 2, 4, 8, 10, 10, 4.5]  # doubling from RETRY_FIRST, at most RETRY_MAX, to the deadline
@@ -235,16 +240,6 @@ def test_sizes_print_in_the_largest_unit_they_fill(n, text):
     assert storage.human(n) == text
 
 
-def _bare_store(monkeypatch, fs=None) -> tuple[storage.Store, list[float]]:
-    """A Store of `fs` (no network) whose waits are recorded instead of slept."""
-    slept: list[float] = []
-    monkeypatch.setattr(storage.time, "sleep", slept.append)
-    monkeypatch.setattr(storage.Store, "_reconnect", lambda self: None)
-    store = storage.Store.__new__(storage.Store)
-    store.url, store.timeout, store.fs = "s3://b/p", 40.0, fs
-    return store, slept
-
-
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.ENOENT])
 def test_a_refusal_raised_as_any_kind_of_os_error_is_one_line_at_once(monkeypatch, code):
     """fsspec's stores raise their own OSError subclasses (aiohttp's ClientOSError, say): one carrying EACCES,
@@ -266,8 +261,9 @@ def test_a_refusal_raised_as_any_kind_of_os_error_is_one_line_at_once(monkeypatc
 
 def test_a_delete_that_fails_for_a_while_is_tried_again_and_one_already_gone_is_done(monkeypatch):
     class Fs:
-        removed: list[str] = []
-        fail = 1
+        def __init__(self):
+            self.removed: list[str] = []
+            self.fail = 1
 
         @staticmethod
         def _strip_protocol(url):
