@@ -39,6 +39,7 @@ from .options import (
     Decoding,
     Device,
     ImageNetRoot,
+    LoaderConfig,
     Network,
     Order,
     Output,
@@ -230,19 +231,21 @@ def _loader_rate(bench, cfg, train: bool, sync) -> float:
     return _stream_rate(Loader(cfg, train).wait_for_digest().endless(), bench.steps, bench.repeats, sync)
 
 
-def _run_rate(bench, cfg, train: bool, sync, upto: str) -> float:
+def _run_rate(bench, cfg, train: bool, sync, upto: str) -> tuple[float, LoaderConfig]:
     """images/s of the same pipeline stopped early (pipeline.STAGES): "decode", the decoder's ceiling, or
-    "read", the graph's CPU side (reading and the random draws, no image work)."""
+    "read", the graph's CPU side (reading and the random draws, no image work); and the loader's config (its
+    runs set)."""
     from .pipeline import Loader
 
-    pipe = Loader(cfg, train, digest=False).graph(upto=upto)
-    runs = -(-bench.steps // cfg.batches_per_run)
+    loader = Loader(cfg, train, digest=False)
+    pipe, cfg = loader.graph(upto=upto), loader.cfg
+    runs = -(-bench.steps // cfg.per_run)
 
     def take():
         for _ in range(runs):
             pipe.run()
         return runs * cfg.run_size
-    return _iter_rate(take, bench.repeats, 1, sync)
+    return _iter_rate(take, bench.repeats, 1, sync), cfg
 
 
 def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
@@ -254,7 +257,7 @@ def _stage_rates(bench: PipelineBench, cfg, train: bool) -> dict:
     dev = torch.device(cfg.device)
     sync = _sync_for(dev)
     rates = {"dali": _loader_rate(bench, cfg, train, sync), "decode_only": _run_rate(bench, cfg, train, sync,
-                                                                                     "decode")}
+                                                                                     "decode")[0]}
     if train:
         rates["dali_same_order"] = _loader_rate(bench, dataclasses.replace(cfg, shard_shuffle=False), train, sync)
     gc.collect()  # DALI's thread pools go with their pipelines
@@ -280,7 +283,6 @@ def _to_device(batches, device, dtype=None, channels_last=False):
 
 def pipeline_rates(bench: PipelineBench) -> dict:
     """images/s for train and ten-crop eval: (a) DALI loader, (b) DataLoader + PIL baseline, (c) decode only."""
-    from .options import LoaderConfig
 
     result = {**to_json(bench), "threads": bench.num_threads or default_threads()}
     for name, train, split, tencrop in (("train", True, "train", False), ("tencrop_eval", False, "val", True)):
@@ -338,7 +340,7 @@ class LoaderBench(Shards, Device, Batch, Decoding, Timing, Steps, Output, Record
 def _base_loader(bench: LoaderBench):
     """The defaults' LoaderConfig: the bench's options, in the dtype and layout alexnet-train feeds its step."""
     from .build import batch_format
-    from .options import LoaderConfig, resolve_device
+    from .options import resolve_device
 
     device = resolve_device(bench.device)
     return LoaderConfig(**{**subset(bench, LoaderConfig), "device": str(device), **batch_format(device)},
@@ -388,9 +390,10 @@ def loader_rates(bench: LoaderBench) -> dict:
             loader = Loader(cfg, True, digest=digest).wait_for_digest()
             digest = False
             rate = _stream_rate(loader.endless(), bench.steps, bench.repeats, sync)
+            cfg = loader.cfg  # its runs set
             del loader
         else:
-            rate = _run_rate(bench, cfg, True, sync, row["what"])
+            rate, cfg = _run_rate(bench, cfg, True, sync, row["what"])
         result["rows"].append({**row, "dali_batch": cfg.run_size, "threads": cfg.threads, "images_per_s": rate})
         gc.collect()  # this row's pipeline and threads go before the next one's
         on_row(result)
@@ -644,7 +647,6 @@ def storage_rates(bench: StorageBench) -> dict:
     from contextlib import ExitStack
 
     from . import storage
-    from .options import LoaderConfig
     from .pipeline import Loader, webdataset_pipeline
     from .prep.publish import publish
     from .shards import load_manifest, shard_paths
@@ -694,7 +696,7 @@ def storage_rates(bench: StorageBench) -> dict:
                 "store_cached": lambda: _epoch_rate(lambda: Loader(remote, True, digest=False), 1, skip=1),
                 "store_quarter_cache": lambda: cold(budget, skip=1)}
             for name, pipe in alone.items():
-                rows[name] = functools.partial(_pipe_rate, pipe, runs, local.run_size)
+                rows[name] = functools.partial(_pipe_rate, pipe, runs, reader.cfg.run_size)
             shares: dict[str, list[float]] = {k: [] for k in rows if k.startswith("store")}
             busy: dict[str, list[float]] = {k: [] for k in rows}
 
@@ -722,7 +724,7 @@ def storage_rates(bench: StorageBench) -> dict:
                 urls = [storage.join(url, "train", e.name) for e in entries]
                 pipe = webdataset_pipeline(reader, urls)
                 pipe.run()  # its first run waits for its 4,096-sample shuffle buffer to fill
-                rate = _pipe_rate(pipe, max(1, runs // 10), local.run_size)
+                rate = _pipe_rate(pipe, max(1, runs // 10), reader.cfg.run_size)
                 result["images_per_s"]["dali_s3"] = rate
                 result["over_local"]["dali_s3"] = rate / result["images_per_s"]["local"]
                 on_row(result)

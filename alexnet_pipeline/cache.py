@@ -250,7 +250,7 @@ class NodeCache:
             raise ShardError(f"--cache-size {human(self.budget)} is less than this node reads at once from "
                              f"{self.store.url}/{self.split}: {human(need)} ({shards_at_most} shards open in the "
                              f"windows of its streams, and {self.threads} being fetched); raise --cache-size, or "
-                             "lower --shuffle-window or --streams")
+                             "lower --shuffle-window, --streams or --batches-per-run")
 
     def _usage(self) -> tuple[int, list[tuple[Path, int]]]:
         """Bytes the dataset's directory holds or has reserved, and its complete copies (path, bytes)."""

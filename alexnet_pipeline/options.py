@@ -186,6 +186,12 @@ class Order(Seed):
                         choices=DRAWS, scope="train", recipe=True)
 
 
+# DALI's cost per run on the CPU graph: on 2 cores the train loader made 1,722 / 2,094 / 2,626 / ~2,900 images/s
+# with runs of 32 / 64 / 128 / 256-512 images, and level beyond (docs/results.md, "Runs of 256 images on the CPU").
+# A GPU keeps one batch a run until the feed round measures it there.
+CPU_RUN_IMAGES = 256
+
+
 @dataclass(kw_only=True)
 class Decoding:
     """How samples are read and decoded; none of it changes what a batch holds."""
@@ -203,9 +209,11 @@ class Decoding:
     # table (hw_decoder_load x threads) decides it on ImageNet-sized data; until then 0.9 stays, unmeasured.
     hw_decoder_load: float = option(0.9, "share of each batch for the hardware JPEG decoder of A100/H100 GPUs "
                                     "(mixed decoding; the rest is CUDA decoding)", minimum=0.0, maximum=1.0)
-    batches_per_run: int = option(1, "batches DALI makes per run: one run of batch_size x this many samples, "
-                                  "sliced into batches in order (DALI's cost per run is amortised over more "
-                                  "images; the batches, their order and padding are the same)", minimum=1)
+    batches_per_run: int | None = option(None, "batches DALI makes per run: one run of batch_size x this many "
+                                         "samples, sliced into batches in order (DALI's cost per run is amortised "
+                                         "over more images; the batches, their order and padding are the same); "
+                                         f"default: runs of at least {CPU_RUN_IMAGES} images (ten-crop views) on "
+                                         "the CPU, at most an epoch's batches; 1 on a GPU", minimum=1)
     preallocate: bool = option(False, "mixed decoding: preallocate the decoder's buffers for 256x256 images "
                                "(every prepared image is)")
     stream_ordered: bool = option(False, "GPU: order DALI's outputs on torch's current CUDA stream "
@@ -319,6 +327,22 @@ class LoaderConfig(Shards, Device, Batch, Augmentation, Order, Decoding, Tensors
         return self.crop_decode and not self.gpu_decoding
 
     @property
+    def per_run(self) -> int:
+        """Batches per DALI run, in a loader's config (runs_for sets them)."""
+        assert self.batches_per_run is not None, "a loader's config (runs_for) sets batches_per_run"
+        return self.batches_per_run
+
+    @property
     def run_size(self) -> int:
-        """Samples per DALI run: batches_per_run batches."""
-        return self.batch_size * self.batches_per_run
+        """Samples per DALI run."""
+        return self.batch_size * self.per_run
+
+    def runs_for(self, steps: int) -> "LoaderConfig":
+        """This config with batches_per_run set for a loader of `steps` batches an epoch: as given, or the
+        default (a GPU: 1; the CPU: runs of CPU_RUN_IMAGES images or views, no more than the epoch's batches,
+        whose excess would be padding decoded for nothing)."""
+        if self.batches_per_run is not None:
+            return self
+        views = self.batch_size * (10 if self.tencrop else 1)
+        runs = 1 if self.on_gpu else min(-(-CPU_RUN_IMAGES // views), max(1, steps))
+        return dataclasses.replace(self, batches_per_run=runs)

@@ -90,7 +90,7 @@ class Source:
         self.cfg, self.split, self.reader, self.span, self.cache = cfg, split, reader, span, cache
         self.host_draws, self.alphas = host_draws, alphas
         self.base, self.columns = _base_mean(cfg, stats), _lighting_columns(cfg, stats).astype(np.float64)
-        self.runs = -(-split.steps // cfg.batches_per_run)  # runs per epoch
+        self.runs = -(-split.steps // cfg.per_run)  # runs per epoch
         self.calls = 0  # DALI's calls for samples
         # the runs DALI was given lately (Batch, TensorListCPU): alive while DALI may read them without a copy,
         # and their shards searched after a failure
@@ -120,11 +120,11 @@ class Source:
         with self._lock:
             generation, (epoch, run) = self._generation, self._next
             self._next = self._count(epoch, run)
-        step = run * self.cfg.batches_per_run
+        step = run * self.cfg.per_run
         try:
             if self.cache is not None:
                 self.cache.advance(epoch, step)
-            batch = self.reader.read(epoch, step, self.cfg.batches_per_run)
+            batch = self.reader.read(epoch, step, self.cfg.per_run)
             # DALI's tensors built here too: 0.2 ms a batch off the thread that runs DALI (measured)
             return generation, (batch, TensorListCPU([TensorCPU(a) for a in batch.jpegs], contiguous=False))
         except BaseException as e:  # noqa: BLE001 (raised from DALI's call for this run)
@@ -166,14 +166,14 @@ class Source:
         with self._lock:
             epoch, run = self._next_draws
             self._next_draws = self._count(epoch, run)
-        return self._draws(epoch, run * self.cfg.batches_per_run)
+        return self._draws(epoch, run * self.cfg.per_run)
 
     def _draws(self, epoch: int, step: int) -> tuple[np.ndarray, ...]:
         cfg, g = self.cfg, self.split.batch
-        start, count = step * g, cfg.batches_per_run * g  # the run's global positions, sliced to this rank's
+        start, count = step * g, cfg.per_run * g  # the run's global positions, sliced to this rank's
         x, y, flip, alpha = augment.counter_draws((cfg.seed, epoch), start, count, cfg.lighting_sigma,
                                                   self.span + augment.CROP)
-        at = self.split.positions(step, cfg.batches_per_run) - start
+        at = self.split.positions(step, cfg.per_run) - start
         x, y, flip, alpha = x[at], y[at], flip[at], alpha[at]
         out = [x / self.span, y / self.span, flip, self.base - alpha @ self.columns.T]
         out += [alpha] if self.alphas else []
@@ -321,7 +321,7 @@ def webdataset_pipeline(loader: "Loader", locations: list, upto: str = "all"):
     draws_of = loader._source()
 
     def draws(info):  # one rank's (epoch 0's), by DALI's run count
-        return draws_of._draws(0, info.iteration * cfg.batches_per_run)
+        return draws_of._draws(0, info.iteration * cfg.per_run)
 
     def inputs():
         jpg, label = fn.readers.webdataset(
@@ -465,12 +465,13 @@ class Loader:
                  samples: int | None = None, digest: bool = True):
         if train and cfg.tencrop:
             raise OptionError("option tencrop: ten crops are for evaluation (eval_loader), not training")
-        self.cfg, self.train = cfg, train
         manifest, entries, paths, cache_root = _open_split(cfg, samples)
         self.classes, self.n_samples = manifest.classes, sum(e.samples for e in entries)
         order = Order(tuple(e.samples for e in entries), cfg.seed, shuffle=train and cfg.shard_shuffle,
                       window=cfg.shuffle_window if train else 1, streams=cfg.streams)
         self.split = Split(order, cfg.batch_size * cfg.world_size, cfg.rank, cfg.world_size)
+        cfg = self.cfg = cfg.runs_for(self.split.steps)  # per_run set from here on
+        self.train = train
         self.epoch, self._position, dali = first_epoch, 0, None
         if state is not None:
             self.epoch, self._position, dali = self._restore(state)
@@ -478,7 +479,7 @@ class Loader:
         if cache_root is not None:
             self.cache = NodeCache(storage.store(str(cfg.shards)), cfg.split_name, entries, cache_root, self.split,
                                    budget=cfg.cache_bytes, read_ahead=cfg.read_ahead, first_epoch=self.epoch,
-                                   margin=(cfg.prefetch + 1 + PREPARED) * cfg.batches_per_run)
+                                   margin=(cfg.prefetch + 1 + PREPARED) * cfg.per_run)
             weakref.finalize(self, self.cache.close)
         self._entries, self._paths = entries, paths
         self._stats = shards.load_stats(cfg.shards)
@@ -506,7 +507,7 @@ class Loader:
         host_draws = self.train and self.cfg.draws == "host" and draws
         source = Source(self.cfg, self.split, SampleReader(self.split, self._entries, need), self._stats, self._span,
                         host_draws=host_draws, alphas=alphas, cache=self.cache)
-        source.jump(self.epoch, self._position // self.cfg.batches_per_run)
+        source.jump(self.epoch, self._position // self.cfg.per_run)
         return source
 
     def graph(self, expose: bool = False, upto: str = "all"):
@@ -549,7 +550,7 @@ class Loader:
         state: dict = {"epoch": epoch, "step": position, "global_batch": self.split.batch,
                        "world_size": self.cfg.world_size}
         if self.train and self.cfg.draws == "dali":
-            dali = self._before_run if position % self.cfg.batches_per_run else self.pipe.checkpoint()
+            dali = self._before_run if position % self.cfg.per_run else self.pipe.checkpoint()
             assert dali is not None  # mid-run, _next_run kept the state before the run
             state["dali"] = torch.frombuffer(bytearray(dali), dtype=torch.uint8)
         return state
@@ -583,7 +584,7 @@ class Loader:
 
     def _next_run(self):
         """One DALI run as torch tensors (images, labels)."""
-        if self.cfg.batches_per_run > 1 and self.train and self.cfg.draws == "dali":
+        if self.cfg.per_run > 1 and self.train and self.cfg.draws == "dali":
             self._before_run = self.pipe.checkpoint()
         outs = self._run()
         return self._to_torch(outs[0]), self._to_torch(outs[1]).view(-1)
@@ -617,7 +618,7 @@ class Loader:
     def __iter__(self):
         if self._position and not self._resuming:
             self._finish_abandoned_epoch()
-        per_run, size = self.cfg.batches_per_run, self.cfg.batch_size
+        per_run, size = self.cfg.per_run, self.cfg.batch_size
         # a resumed loader continues its epoch, inside a run of several batches if it stopped in one
         held = self._next_run() if self._resuming and self._position % per_run else None
         self._resuming = False

@@ -59,8 +59,8 @@ def test_an_object_changed_in_the_store_since_the_manifest_is_named_and_never_re
     sizes = [3, 5, 1, 4, 2, 6]
     local = numbered(prepped, tmp_path / "numbered", sizes)
     publish_to(s3.loopback, local, s3.url("data"))
-    options = dict(batch_size=2, num_threads=1, lighting_sigma=0, streams=1, shuffle_window=1, shard_shuffle=False,
-                   cache_dir=tmp_path / "cache")
+    options = dict(batch_size=2, num_threads=1, batches_per_run=1, lighting_sigma=0, streams=1, shuffle_window=1,
+                   shard_shuffle=False, cache_dir=tmp_path / "cache")
     train_loader(s3.url("data"), **options).close()  # every shard cached once
     victim = 3  # read in the middle of the epoch
     key = f"{s3.bucket}/data/train/train-{victim:06d}.tar"
@@ -134,7 +134,7 @@ def test_a_budget_of_a_quarter_of_the_split_serves_every_epoch_within_it(prepped
     local = numbered(prepped, tmp_path / "numbered", sizes)
     publish_to(s3.loopback, local, s3.url("data"))
     quarter = sum(s.bytes for s in shards.load_manifest(local).splits["train"].shards) // 4
-    options = dict(batch_size=2, num_threads=1, streams=1, shuffle_window=1, read_ahead=1)
+    options = dict(batch_size=2, num_threads=1, batches_per_run=1, streams=1, shuffle_window=1, read_ahead=1)
     loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter), **options)
     want = train_loader(local, **options)
     root, most, epochs = cache.directory(tmp_path / "cache", s3.url("data")), 0, 3
@@ -159,7 +159,7 @@ def test_under_a_budget_smaller_than_the_read_ahead_the_reader_never_waits_for_a
     room = max(s.bytes for s in shards.load_manifest(local).splits["train"].shards) * 14
     urgent, task = [], cache.NodeCache._task
     monkeypatch.setattr(cache.NodeCache, "_task", lambda self, i, now: (urgent.append(now), task(self, i, now))[1])
-    options = dict(batch_size=2, num_threads=1, streams=1, shuffle_window=1, read_ahead=16)
+    options = dict(batch_size=2, num_threads=1, batches_per_run=1, streams=1, shuffle_window=1, read_ahead=16)
     loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(room), **options)
     want = train_loader(local, **options)
     for epoch in range(3):

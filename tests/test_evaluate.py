@@ -22,9 +22,9 @@ def test_ten_crop_equals_ten_forward_passes_with_averaged_softmax(prepped):
     with np.load(prepped / "stats.npz") as z:
         mean = augment.mean_to_subtract({k: z[k] for k in z.files}, "channel")
     # the reference: the decoded images of the same pipeline, cropped by the numpy oracle, one view at a time
-    cfg = LoaderConfig(shards=prepped, split="val", batch_size=5, num_threads=2, mean="channel")
-    pipe = Loader(cfg, train=False).graph(expose=True)
-    loader = eval_loader(prepped, batch_size=5, num_threads=2, tencrop=True, mean="channel")
+    cfg = LoaderConfig(shards=prepped, split="val", batch_size=5, num_threads=2, mean="channel", batches_per_run=1)
+    pipe = Loader(cfg, train=False).graph(expose=True)  # a run per batch, as the loader below
+    loader = eval_loader(prepped, batch_size=5, num_threads=2, tencrop=True, mean="channel", batches_per_run=1)
     checked, first = 0, None
     for probs, labels in evaluate.predictions(model, loader, tencrop=True):
         first = probs if first is None else first

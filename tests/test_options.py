@@ -149,4 +149,21 @@ def test_auto_is_this_ranks_gpu_where_torch_sees_one_and_the_cpu_where_it_sees_n
 
 def test_a_dali_run_holds_batches_per_run_batches(tmp_path):
     cfg = options.LoaderConfig(shards=tmp_path, split="train", batch_size=6, batches_per_run=4)
-    assert cfg.run_size == 24
+    assert cfg.run_size == 24 and cfg.runs_for(2) is cfg  # given: kept, even beyond the epoch's batches
+
+
+@pytest.mark.parametrize("batch_size,tencrop,steps,per_run", [
+    (64, False, 100, 4), (100, False, 100, 3), (256, False, 100, 1), (512, False, 100, 1),  # >= 256 images
+    (32, False, 5, 5),  # no more than the epoch's batches (the rest would be padding, decoded for nothing)
+    (16, True, 100, 2),  # ten-crop views count: 160 views a batch
+    (8, False, 0, 1)])
+def test_a_cpu_loaders_runs_hold_at_least_256_images_by_default(tmp_path, batch_size, tencrop, steps, per_run):
+    cfg = options.LoaderConfig(shards=tmp_path, split="val", batch_size=batch_size, tencrop=tencrop, device="cpu")
+    assert cfg.batches_per_run is None and options.CPU_RUN_IMAGES == 256
+    assert cfg.runs_for(steps).per_run == per_run
+
+
+def test_a_gpu_loader_makes_one_batch_a_run_by_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(options, "resolve_device", lambda name: name)  # as if torch saw a GPU (none here)
+    cfg = options.LoaderConfig(shards=tmp_path, split="train", batch_size=8, device="cuda:0")
+    assert cfg.runs_for(100).per_run == 1

@@ -64,7 +64,7 @@ def test_the_feed_record_is_made_from_the_stages_outputs(prepped, tmp_path, caps
     assert record["data_wait"] == statistics.median(r["data_wait"] for r in later)
     assert record["host_wait"] == statistics.median(r["host_wait"] for r in later)
     assert record["fed_over_synthetic"] == record["train_logged"] / record["synthetic"]
-    assert [row["what"] for row in record["loader_alone"]].count("train") == 4
+    assert [row["what"] for row in record["loader_alone"]].count("train") == 5
 
 
 def test_a_record_from_partial_outputs_keeps_what_exists_and_names_what_is_missing(prepped, tmp_path):

@@ -45,7 +45,7 @@ def main() -> None:
         for flag in ((False, True) if round_ % 2 == 0 else (True, False)):
             _no_copy[0] = flag
             pipe, runs = pipes[flag]
-            alone = _pipe_rate(pipe, runs, cfg.run_size)
+            alone = _pipe_rate(pipe, runs, loader.cfg.run_size)  # the loaders' runs are alike
             graph = _epoch_rate(lambda: Loader(cfg, True, digest=False), 1, skip=1)
             if round_:
                 rows[f"alone_{flag}"].append(alone)
