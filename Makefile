@@ -53,11 +53,11 @@ demo: $(STAMP) $(SAMPLE)/.done
 
 # Lint (ruff: pyflakes, bugbear, isort, line length) and types (mypy), configured in pyproject.toml, then the tests
 # on every core (pytest-xdist; `.venv/bin/python -m pytest` alone runs them in one process), printing each skip's
-# reason (a skip outside tests/skip_policy.py's short list fails).
+# reason (a skip outside tests/skip_policy.py's short list fails) and the ten slowest tests.
 test: $(STAMP)
 	$(BIN)/ruff check alexnet_pipeline tools tests
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -rs -n auto
+	$(BIN)/python -m pytest -q -rs -n auto --durations=10
 
 $(SHARDS)/dataset.json: $(SAMPLE)/.done
 	$(PREP)

@@ -63,13 +63,14 @@ class NodeCache:
 
     def __init__(self, store: Store, split: str, entries: list[ShardInfo], root: Path, plan: Split,
                  budget: int | None = None, read_ahead: int = 16, threads: int = 4, first_epoch: int = 0,
-                 margin: int = 3):
+                 margin: int = 3, fallback_margins: tuple[int, ...] = ()):
         self.store, self.split, self.entries, self.plan = store, split, entries, plan
         self.root, self.dir = Path(root), Path(root) / split
         self.dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(self.root / "SOURCE", f"{store.url}\n".encode(), durable=False)
         # margin: the steps another rank of the node may lag behind this one (DALI's runs made ahead): a shard
-        # in use from `margin` steps before its first read to `margin` after its last is never evicted
+        # in use from `margin` steps before its first read to `margin` after its last is never evicted. Under a
+        # budget too small for it, the first of fallback_margins (shorter runs the loader may make) that fits.
         self.budget, self.read_ahead, self.threads, self.margin = budget, read_ahead, min(threads, read_ahead), margin
         self.node = node_ranks(plan.rank, plan.world)
         self._cond = threading.Condition()
@@ -84,7 +85,7 @@ class NodeCache:
         self.trusted = self._validate(store.stamps(split))  # copies found intact from an earlier run
         self._present |= self.trusted
         if budget is not None:
-            self._check_budget(first_epoch)
+            self._fit_budget(first_epoch, (margin, *fallback_margins))
         self._closed = False
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="shard-fetch")
         self._thread = threading.Thread(target=self._prefetch, daemon=True, name="shard-prefetch")
@@ -228,10 +229,26 @@ class NodeCache:
                     out[i] = -1
         return out
 
+    def _fit_budget(self, epoch: int, margins: tuple[int, ...]) -> None:
+        """self.margin: the first of `margins` whose need the budget holds; none: refused (_check_budget), naming
+        the last one's need."""
+        for self.margin in margins:
+            if self._need(epoch)[0] <= (self.budget or 0):
+                return
+        self._check_budget(epoch)
+
     def _check_budget(self, epoch: int) -> None:
-        """Refuse a budget below the most the node holds at once in this epoch and the next (the shards in
-        use, each from self.margin before its first use to self.margin after its last) plus a fetch per
-        thread."""
+        """Refuse a budget below what the node holds at once (_need)."""
+        need, shards_at_most = self._need(epoch)
+        if self.budget is not None and self.budget < need:
+            raise ShardError(f"--cache-size {human(self.budget)} is less than this node reads at once from "
+                             f"{self.store.url}/{self.split}: {human(need)} ({shards_at_most} shards open in the "
+                             f"windows of its streams, and {self.threads} being fetched); raise --cache-size, or "
+                             "lower --shuffle-window, --streams or --batches-per-run")
+
+    def _need(self, epoch: int) -> tuple[int, int]:
+        """(bytes, shards): the most the node holds at once in this epoch and the next (the shards in use, each
+        from self.margin before its first use to self.margin after its last) plus a fetch per thread."""
         sizes = np.array([e.bytes for e in self.entries], np.int64)
         steps, most, shards_at_most = self.plan.steps, 0, 0
         live = np.zeros(2 * steps + 2 * self.margin + 2, np.int64)
@@ -245,12 +262,7 @@ class NodeCache:
                 count[b + 1] -= 1
         at = int(np.argmax(np.cumsum(live)))
         most, shards_at_most = int(np.cumsum(live)[at]), int(np.cumsum(count)[at])
-        need = most + self.threads * int(sizes.max())
-        if self.budget is not None and self.budget < need:
-            raise ShardError(f"--cache-size {human(self.budget)} is less than this node reads at once from "
-                             f"{self.store.url}/{self.split}: {human(need)} ({shards_at_most} shards open in the "
-                             f"windows of its streams, and {self.threads} being fetched); raise --cache-size, or "
-                             "lower --shuffle-window, --streams or --batches-per-run")
+        return most + self.threads * int(sizes.max()), shards_at_most
 
     def _usage(self) -> tuple[int, list[tuple[Path, int]]]:
         """Bytes the dataset's directory holds or has reserved, and its complete copies (path, bytes)."""

@@ -41,7 +41,7 @@ from nvidia.dali.backend import TensorCPU, TensorListCPU
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from . import augment, shards, storage, verified
-from .cache import NodeCache, directory
+from .cache import NodeCache, directory, node_ranks
 from .config import OptionError, documented_fields
 from .options import LoaderConfig
 from .order import Order, Split
@@ -449,6 +449,19 @@ def _open_split(cfg: LoaderConfig, samples: int | None):
     return manifest, entries, [root / split / e.name for e in entries], root
 
 
+def _in_flight(cfg: LoaderConfig) -> int:
+    """DALI runs a loader has in flight: those DALI made ahead, the one in use, the source's prepared ones."""
+    return cfg.prefetch + 1 + PREPARED
+
+
+def _lag(cfg: LoaderConfig) -> int:
+    """The node cache's margin per batch of a run: the runs by which another rank of the node may lag (those
+    in flight); a rank alone on its node needs only the run it reads (the views handed to DALI keep their
+    shard's map after an eviction). On 2 cores, with a quarter of the split as budget, the margin of the runs in
+    flight left room only for runs of one batch (0.72x the local loader)."""
+    return _in_flight(cfg) if len(node_ranks(cfg.rank, cfg.world_size)) > 1 else 1
+
+
 class Loader:
     """Iterable of (images, labels) torch tensors on the loader's device; len() is batches per epoch.
 
@@ -470,6 +483,7 @@ class Loader:
         order = Order(tuple(e.samples for e in entries), cfg.seed, shuffle=train and cfg.shard_shuffle,
                       window=cfg.shuffle_window if train else 1, streams=cfg.streams)
         self.split = Split(order, cfg.batch_size * cfg.world_size, cfg.rank, cfg.world_size)
+        given = cfg.batches_per_run is not None
         cfg = self.cfg = cfg.runs_for(self.split.steps)  # per_run set from here on
         self.train = train
         self.epoch, self._position, dali = first_epoch, 0, None
@@ -477,9 +491,13 @@ class Loader:
             self.epoch, self._position, dali = self._restore(state)
         self.cache: NodeCache | None = None
         if cache_root is not None:
+            lag = _lag(cfg)
+            margins = [lag * k for k in ([cfg.per_run] if given else range(cfg.per_run, 0, -1))]
             self.cache = NodeCache(storage.store(str(cfg.shards)), cfg.split_name, entries, cache_root, self.split,
                                    budget=cfg.cache_bytes, read_ahead=cfg.read_ahead, first_epoch=self.epoch,
-                                   margin=(cfg.prefetch + 1 + PREPARED) * cfg.per_run)
+                                   margin=margins[0], fallback_margins=tuple(margins[1:]))
+            # a bounded cache holds the shards of the runs in flight: the default runs shrink until it can
+            cfg = self.cfg = dataclasses.replace(cfg, batches_per_run=self.cache.margin // lag)
             weakref.finalize(self, self.cache.close)
         self._entries, self._paths = entries, paths
         self._stats = shards.load_stats(cfg.shards)

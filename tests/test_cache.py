@@ -129,14 +129,20 @@ def test_a_cached_copy_that_rots_is_named_by_the_digest_removed_and_fetched_agai
 
 def test_a_budget_of_a_quarter_of_the_split_serves_every_epoch_within_it(prepped, s3, tmp_path):
     """40 shards; the cache may hold 10. Every epoch is the local loader's, each shard is fetched at most once
-    per epoch, and the directory never holds more than the budget."""
+    per epoch, and the directory never holds more than the budget. The default DALI runs (at least 256 images on
+    the CPU: the whole epoch here) would keep every shard in use: they shrink until the budget holds them; the
+    same runs asked for are refused in one line."""
     sizes = [3] * 40
     local = numbered(prepped, tmp_path / "numbered", sizes)
     publish_to(s3.loopback, local, s3.url("data"))
     quarter = sum(s.bytes for s in shards.load_manifest(local).splits["train"].shards) // 4
-    options = dict(batch_size=2, num_threads=1, batches_per_run=1, streams=1, shuffle_window=1, read_ahead=1)
+    options = dict(batch_size=2, num_threads=1, streams=1, shuffle_window=1, read_ahead=1)
     loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter), **options)
     want = train_loader(local, **options)
+    assert 1 <= loader.cfg.per_run < want.cfg.per_run == len(want)
+    with pytest.raises(ShardError, match="is less than this node reads at once"):
+        train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter),
+                     batches_per_run=want.cfg.per_run, **options)
     root, most, epochs = cache.directory(tmp_path / "cache", s3.url("data")), 0, 3
     for _ in range(epochs):
         for (x, y), (wx, wy) in zip(loader, want, strict=True):
