@@ -186,8 +186,8 @@ class Order(Seed):
                         choices=DRAWS, scope="train", recipe=True)
 
 
-# DALI's cost per run on the CPU graph: on 2 cores the train loader made 1,722 / 2,094 / 2,626 / ~2,900 images/s
-# with runs of 32 / 64 / 128 / 256-512 images, and level beyond (docs/results.md, "Runs of 256 images on the CPU").
+# DALI's cost per run on the CPU graph: on 2 cores the train loader made 2,456 / 2,777 / 3,056 images/s with runs
+# of 64 / 128 / 256 images (tools/run_size_ab.py), and level beyond 256 (docs/results.md, "Runs of 256 images on the CPU").
 # A GPU keeps one batch a run until the feed round measures it there.
 CPU_RUN_IMAGES = 256
 
