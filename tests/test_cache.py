@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import numbered, publish_to, shard_of
 
-from alexnet_pipeline import cache, shards
+from alexnet_pipeline import cache, shards, storage
 from alexnet_pipeline.pipeline import PAD_LABEL, ShardError, train_loader
 
 
@@ -140,6 +140,9 @@ def test_a_budget_of_a_quarter_of_the_split_serves_every_epoch_within_it(prepped
     loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter), **options)
     want = train_loader(local, **options)
     assert 1 <= loader.cfg.per_run < want.cfg.per_run == len(want)
+    roomy = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(4 * quarter), **options)
+    assert roomy.cfg.per_run == want.cfg.per_run  # a budget that holds the default runs keeps them
+    roomy.close()
     with pytest.raises(ShardError, match="is less than this node reads at once"):
         train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter),
                      batches_per_run=want.cfg.per_run, **options)
@@ -387,6 +390,24 @@ def test_the_budgets_floor_is_the_most_the_node_holds_at_once_margins_and_fetche
     planned.budget = need - 1
     with pytest.raises(ShardError, match="is less than this node reads at once"):
         planned._check_budget(0)
+
+
+def test_a_budget_takes_the_widest_margin_it_holds_and_refuses_when_it_holds_none(tmp_path):
+    """The margins of the loader's run lengths, widest first: an ample budget keeps the widest (the default
+    runs), a tighter one the first it holds (shorter runs), one below the narrowest is refused naming its need."""
+    planned = _budgeted(tmp_path, [1000] * 12, None, margin=1)
+    need = {}
+    for m in (4, 2, 1):
+        planned.margin = m
+        need[m] = planned._need(0)[0]
+    assert need[4] > need[2] > need[1]
+    for budget, kept in ((need[4], 4), (need[4] - 1, 2), (need[2], 2), (need[1], 1)):
+        planned.budget = budget
+        planned._fit_budget(0, (4, 2, 1))
+        assert planned.margin == kept, (budget, planned.margin)
+    planned.budget = need[1] - 1
+    with pytest.raises(ShardError, match=f"is less than this node reads at once from .*: {storage.human(need[1])}"):
+        planned._fit_budget(0, (4, 2, 1))
 
 
 def test_room_is_made_by_evicting_a_shard_read_later_never_one_in_use(tmp_path):

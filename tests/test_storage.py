@@ -240,6 +240,23 @@ def test_sizes_print_in_the_largest_unit_they_fill(n, text):
     assert storage.human(n) == text
 
 
+@pytest.mark.parametrize("error", [ValueError("Invalid bucket name 'B_1'"), ImportError("Install s3fs to access S3"),
+                                   IsADirectoryError("x"), NotADirectoryError("x")])
+def test_a_bad_name_or_a_missing_package_is_one_line_at_once_not_retried(monkeypatch, error):
+    """A malformed bucket name (fsspec's ValueError), a protocol whose package is missing (ImportError) or a
+    path that is a directory: no retry cures them, so they are named at once, not retried until StoreGone."""
+    store, slept = _bare_store(monkeypatch)
+    tries = []
+
+    def failing():
+        tries.append(1)
+        raise error
+
+    with pytest.raises(storage.StoreError, match=rf"^s3://b/p/x: cannot read: .*{error}"):
+        store._call("x", "read", failing)
+    assert tries == [1] and slept == []
+
+
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.ENOENT])
 def test_a_refusal_raised_as_any_kind_of_os_error_is_one_line_at_once(monkeypatch, code):
     """fsspec's stores raise their own OSError subclasses (aiohttp's ClientOSError, say): one carrying EACCES,
