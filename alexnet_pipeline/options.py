@@ -187,7 +187,8 @@ class Order(Seed):
 
 
 # DALI's cost per run on the CPU graph: on 2 cores the train loader made 2,456 / 2,777 / 3,056 images/s with runs
-# of 64 / 128 / 256 images (tools/run_size_ab.py), and level beyond 256 (docs/results.md, "Runs of 256 images on the CPU").
+# of 64 / 128 / 256 images (tools/run_size_ab.py), and no more with 512 (docs/results.md, "Runs of 256 images on
+# the CPU").
 # A GPU keeps one batch a run until the feed round measures it there.
 CPU_RUN_IMAGES = 256
 
