@@ -140,6 +140,7 @@ def test_a_budget_of_a_quarter_of_the_split_serves_every_epoch_within_it(prepped
     loader = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(quarter), **options)
     want = train_loader(local, **options)
     assert 1 <= loader.cfg.per_run < want.cfg.per_run == len(want)
+    assert loader.cache.margin == loader.cfg.per_run  # a rank alone on its node keeps only the run it reads
     roomy = train_loader(s3.url("data"), cache_dir=tmp_path / "cache", cache_size=str(12 * quarter), **options)
     assert roomy.cfg.per_run == want.cfg.per_run  # a budget that holds the default runs (3 splits) keeps them
     roomy.close()

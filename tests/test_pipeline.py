@@ -623,3 +623,16 @@ def test_evaluation_reads_the_same_order_every_epoch_whatever_the_seed(labelled_
 
     first, second = epochs(0, 2)
     assert sorted(first) == list(range(sum(sizes))) and first == second == epochs(5)[0]
+
+
+def test_the_cache_margin_is_the_run_alone_for_a_lone_rank_and_the_runs_in_flight_for_a_shared_node(monkeypatch):
+    """Another rank of the node may lag by the runs in flight (DALI's ahead, the one in use, the prepared ones);
+    a rank alone on its node needs only the run it reads."""
+    from alexnet_pipeline import pipeline
+
+    cfg = LoaderConfig(shards="s3://bucket/data", split="train", device="cpu", rank=1, world_size=4, prefetch=3)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert pipeline._lag(cfg) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert pipeline._lag(cfg) == 3 + 1 + pipeline.PREPARED
